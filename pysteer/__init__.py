@@ -1,0 +1,54 @@
+"""pysteer: fast hooked inference for Hugging Face causal LMs.
+
+Steering (per-head bias injection, activation scaling, SAE feature edits, low-rank edits) inside
+``generate()`` with the KV cache, activation tracing to disk, and the research recipes built on them.
+
+``import pysteer`` is lean: it never initialises CUDA and imports neither Triton nor the CUDA
+extension; heavier submodules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import ops  # registers the torch.library ops (cheap; no CUDA, no Triton)
+from ._backend import BackendUnavailable, backend_status, resolve_backend
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (loaded on first access)
+_LAZY = {
+    "steer": "pysteer.steering",
+    "SteeringHandle": "pysteer.steering",
+    "HeadBias": "pysteer.interventions",
+    "HeadScale": "pysteer.interventions",
+    "VectorAdd": "pysteer.interventions",
+    "VectorScale": "pysteer.interventions",
+    "save": "pysteer.io",
+    "load": "pysteer.io",
+    "directions": "pysteer.directions",
+    "SAE": "pysteer.sae",
+    "trace": "pysteer.tracing",
+    "trace_dataset": "pysteer.tracing",
+    "TraceReader": "pysteer.tracing",
+    "generate": "pysteer.fast",
+    "recipes": "pysteer.recipes",
+    "models": "pysteer.models",
+}
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'pysteer' has no attribute {name!r}")
+    module = importlib.import_module(target)
+    value = module if target.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["BackendUnavailable", "backend_status", "resolve_backend", "ops", *_LAZY]
