@@ -7,11 +7,13 @@ set here, before pysteer (or its kernels) can be imported. On a CUDA machine set
 
 import os
 
-if os.environ.get("PYSTEER_TEST_TRITON_INTERPRET", "1" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "0") == "1":
+import torch
+
+_default = "0" if torch.cuda.is_available() else "1"
+if os.environ.get("PYSTEER_TEST_TRITON_INTERPRET", _default) == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def cuda_available() -> bool:
