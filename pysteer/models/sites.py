@@ -77,10 +77,14 @@ def resolve_site(model: nn.Module, site: str | Site, spec: ArchSpec | None = Non
     return ResolvedSite(s, layer, False, geo.d_model, 1)
 
 
-def install_site_hook(resolved: ResolvedSite, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+def install_site_hook(
+    resolved: ResolvedSite, fn: Callable[[Tensor], Tensor | None], *, prepend: bool = False
+) -> RemovableHandle:
     """Run ``fn`` on the site tensor ``[B, S, width]``; a returned tensor replaces it.
 
-    Per-instance module hooks (no class patching); ``torch.compile`` inlines them.
+    Per-instance module hooks (no class patching); ``torch.compile`` inlines them. Steering
+    installs its hooks with ``prepend=True`` so that hooks added normally (tracing) see the
+    steered tensor.
     """
     if resolved.pre:
 
@@ -90,7 +94,7 @@ def install_site_hook(resolved: ResolvedSite, fn: Callable[[Tensor], Tensor | No
                 return None
             return (out, *args[1:])
 
-        return resolved.module.register_forward_pre_hook(pre_hook)
+        return resolved.module.register_forward_pre_hook(pre_hook, prepend=prepend)
 
     def post_hook(module, args, output):
         if isinstance(output, tuple):
@@ -99,4 +103,4 @@ def install_site_hook(resolved: ResolvedSite, fn: Callable[[Tensor], Tensor | No
         out = fn(output)
         return out
 
-    return resolved.module.register_forward_hook(post_hook)
+    return resolved.module.register_forward_hook(post_hook, prepend=prepend)
