@@ -1,0 +1,238 @@
+"""Interventions: plain dataclasses, validated once against a model, compiled to table rows.
+
+Affine interventions (``HeadBias``, ``HeadScale``, ``VectorAdd``, ``VectorScale``) at one site and
+in one config compose into a single affine row ``x * m + a`` of that site's steering table. They
+apply in list order: ``[VectorAdd(a1), VectorScale(m2)]`` is ``(x + a1) * m2 = x * m2 + a1 * m2``.
+Other interventions (e.g. SAE feature edits) implement ``make_applier`` and run after the affine
+row at the same site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .models.sites import Site, parse_site
+from .models.specs import ModelGeometry
+
+HeadSpec = int | Sequence[int] | None
+
+
+def _heads(head: HeadSpec, n_heads: int, what: str) -> list[int]:
+    if head is None:
+        return list(range(n_heads))
+    heads = [head] if isinstance(head, int) else [int(h) for h in head]
+    if not heads:
+        raise ValueError(f"{what}: empty head list")
+    for h in heads:
+        if not 0 <= h < n_heads:
+            raise ValueError(f"{what}: head {h} out of range, the model has {n_heads} heads")
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"{what}: repeated head in {heads}")
+    return heads
+
+
+def _as_tensor(value, what: str) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, Tensor) else value.detach().float().cpu()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what}: contains NaN or inf")
+    return t
+
+
+def _per_head(value, heads: list[int], head_dim: int, what: str, scalar_ok: bool) -> Tensor:
+    """Broadcast ``value`` to ``[len(heads), head_dim]``: scalar, ``[D]``, ``[n, 1]`` or ``[n, D]``."""
+    t = _as_tensor(value, what)
+    n = len(heads)
+    if t.dim() == 0:
+        if not scalar_ok:
+            raise ValueError(f"{what}: expected a vector of size head_dim={head_dim}, got a scalar")
+        return t.expand(n, head_dim).clone()
+    if t.dim() == 1 and t.shape[0] == head_dim:
+        return t.expand(n, head_dim).clone()
+    if t.dim() == 1 and scalar_ok and t.shape[0] == n:
+        return t[:, None].expand(n, head_dim).clone()
+    if t.dim() == 2 and t.shape[0] == n and t.shape[1] in (1, head_dim):
+        return t.expand(n, head_dim).clone()
+    raise ValueError(
+        f"{what}: shape {tuple(t.shape)} does not fit {n} head(s) of head_dim={head_dim} "
+        f"(expected [{head_dim}], [{n}, {head_dim}]" + (f", [{n}] or a scalar)" if scalar_ok else ")")
+    )
+
+
+@dataclass(frozen=True)
+class AffineTerms:
+    """What one intervention contributes to one site's row: ``m`` and ``a`` are ``[H, D]`` or None."""
+
+    site: Site
+    m: Tensor | None
+    a: Tensor | None
+
+
+@dataclass
+class HeadBias:
+    """Add a bias to the output of attention heads (at ``attn.heads``, before the output projection).
+
+    Either ``vector`` (added as ``alpha * vector``) or ``direction`` (normalised, added as
+    ``alpha * sigma * direction / |direction|``, the ITI form) is given.
+
+    Args:
+        layer: decoder layer index.
+        head: head index, a list of heads, or None for all heads.
+        vector: ``[D]`` (same for each head) or ``[n_heads_listed, D]``.
+        direction: ``[D]`` or ``[n, D]``; each head's direction is normalised to unit length.
+        alpha: strength.
+        sigma: per-head standard deviation along the direction (scalar or ``[n]``), ITI's sigma.
+    """
+
+    layer: int
+    head: HeadSpec = None
+    vector: Tensor | None = None
+    direction: Tensor | None = None
+    alpha: float = 1.0
+    sigma: float | Tensor = 1.0
+
+    @property
+    def site(self) -> Site:
+        return Site(int(self.layer), "attn.heads")
+
+    def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
+        what = f"HeadBias(layer={self.layer})"
+        _check_layer(self.layer, geo, what)
+        heads = _heads(self.head, geo.n_heads, what)
+        if (self.vector is None) == (self.direction is None):
+            raise ValueError(f"{what}: give exactly one of vector= or direction=")
+        if self.vector is not None:
+            v = _per_head(self.vector, heads, geo.head_dim, what + ".vector", scalar_ok=False) * float(self.alpha)
+        else:
+            d = _per_head(self.direction, heads, geo.head_dim, what + ".direction", scalar_ok=False)
+            norm = d.norm(dim=-1, keepdim=True)
+            if (norm == 0).any():
+                raise ValueError(f"{what}: direction has zero norm")
+            sigma = _as_tensor(self.sigma, what + ".sigma")
+            sigma = sigma.reshape(-1, 1) if sigma.dim() else sigma
+            if sigma.dim() and sigma.shape[0] != len(heads):
+                raise ValueError(f"{what}: sigma has {sigma.shape[0]} entries for {len(heads)} heads")
+            v = d / norm * sigma * float(self.alpha)
+        a = torch.zeros(geo.n_heads, geo.head_dim)
+        a[heads] = v
+        return AffineTerms(self.site, None, a)
+
+
+@dataclass
+class HeadScale:
+    """Scale the output of attention heads (at ``attn.heads``).
+
+    Args:
+        layer: decoder layer index.
+        head: head index, a list of heads, or None for all heads.
+        scale: scalar, ``[n]`` (one per listed head), ``[D]`` or ``[n, D]``.
+    """
+
+    layer: int
+    head: HeadSpec = None
+    scale: float | Tensor = 1.0
+
+    @property
+    def site(self) -> Site:
+        return Site(int(self.layer), "attn.heads")
+
+    def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
+        what = f"HeadScale(layer={self.layer})"
+        _check_layer(self.layer, geo, what)
+        heads = _heads(self.head, geo.n_heads, what)
+        s = _per_head(self.scale, heads, geo.head_dim, what + ".scale", scalar_ok=True)
+        m = torch.ones(geo.n_heads, geo.head_dim)
+        m[heads] = s
+        return AffineTerms(self.site, m, None)
+
+
+def _site_width(site: Site, geo: ModelGeometry) -> tuple[int, int]:
+    if site.kind == "attn.heads":
+        return geo.n_heads, geo.head_dim
+    return 1, geo.d_model
+
+
+@dataclass
+class VectorAdd:
+    """Add ``alpha * vector`` at a site (CAA / repeng style steering vector).
+
+    Args:
+        site: e.g. ``"layers.6.resid"``; at ``attn.heads`` the vector is ``[H*D]``.
+        vector: ``[width]`` of the site.
+        alpha: strength.
+    """
+
+    site_name: str
+    vector: Tensor = field(default=None)  # type: ignore[assignment]
+    alpha: float = 1.0
+
+    @property
+    def site(self) -> Site:
+        return parse_site(self.site_name)
+
+    def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
+        site = self.site
+        _check_layer(site.layer, geo, f"VectorAdd({site})")
+        H, D = _site_width(site, geo)
+        if self.vector is None:
+            raise ValueError(f"VectorAdd({site}): vector is required")
+        v = _as_tensor(self.vector, f"VectorAdd({site}).vector")
+        if v.dim() != 1 or v.shape[0] != H * D:
+            raise ValueError(f"VectorAdd({site}): vector must be [{H * D}], got {tuple(v.shape)}")
+        return AffineTerms(site, None, v.reshape(H, D) * float(self.alpha))
+
+
+@dataclass
+class VectorScale:
+    """Multiply the activation at a site by ``scale`` (scalar or ``[width]``)."""
+
+    site_name: str
+    scale: float | Tensor = 1.0
+
+    @property
+    def site(self) -> Site:
+        return parse_site(self.site_name)
+
+    def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
+        site = self.site
+        _check_layer(site.layer, geo, f"VectorScale({site})")
+        H, D = _site_width(site, geo)
+        s = _as_tensor(self.scale, f"VectorScale({site}).scale")
+        if s.dim() == 0:
+            s = s.expand(H * D)
+        if s.dim() != 1 or s.shape[0] != H * D:
+            raise ValueError(f"VectorScale({site}): scale must be a scalar or [{H * D}], got {tuple(s.shape)}")
+        return AffineTerms(site, s.reshape(H, D).clone(), None)
+
+
+def _check_layer(layer: int, geo: ModelGeometry, what: str) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < geo.n_layers:
+        raise ValueError(f"{what}: layer {layer!r} out of range, the model has {geo.n_layers} layers")
+
+
+AFFINE_TYPES = (HeadBias, HeadScale, VectorAdd, VectorScale)
+
+
+def is_affine(iv) -> bool:
+    return hasattr(iv, "affine_terms")
+
+
+def compile_affine(interventions: Sequence, geo: ModelGeometry) -> dict[Site, tuple[Tensor, Tensor]]:
+    """Compose the affine interventions of one config into ``{site: (m [H,D], a [H,D])}`` (fp32, CPU)."""
+    rows: dict[Site, tuple[Tensor, Tensor]] = {}
+    for iv in interventions:
+        if not is_affine(iv):
+            continue
+        terms = iv.affine_terms(geo)
+        H, D = _site_width(terms.site, geo)
+        m, a = rows.get(terms.site, (torch.ones(H, D), torch.zeros(H, D)))
+        if terms.m is not None:
+            m = m * terms.m
+            a = a * terms.m  # a later scale also scales earlier additive terms of the row
+        if terms.a is not None:
+            a = a + terms.a
+        rows[terms.site] = (m, a)
+    return rows

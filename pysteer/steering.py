@@ -1,0 +1,645 @@
+"""Patch a Hugging Face causal LM with steering; return a handle that undoes it bit-exactly.
+
+``steer(model, interventions)`` validates everything, then either *folds* static steering into
+the projection weights (free at run time) or installs *dynamic* steering: one hook per site that
+applies the affine steering op ``x * M[r] + A[r]`` with preallocated tables ``M, A [C, H, D]``
+and a row index ``r`` per token. Row 0 of every table is the identity and is never written.
+
+The row index is computed once per forward, in a pre-hook on the decoder stack, from the batch
+row's config (``handle.rows``) and the position rule. Positions are counted from each sequence's
+first real token (``attention_mask.cumsum - 1``), so left padding and the KV cache are handled:
+padding tokens are never steered, and a decode step knows whether its token is in the prompt.
+
+Tables and the per-row config index are updated **in place** (``update``, ``set_alpha``, ``rows``),
+so a compiled model sees the same tensors and does not recompile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._backend import resolve_backend
+from .interventions import compile_affine, is_affine
+from .models.sites import ResolvedSite, Site, install_site_hook, resolve_site
+from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, proj_weight_in_out
+from .ops.affine import affine_steer
+
+log = logging.getLogger("pysteer")
+
+POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
+MODES = ("auto", "fold", "dynamic")
+FOLDABLE_KINDS = ("attn.heads", "attn.out", "mlp.out")
+
+Positions = str | Sequence[int] | Sequence[Sequence[int]]
+
+
+@dataclass
+class SteeringSpec:
+    """Named configs of interventions plus a position rule: what ``pysteer.save`` writes.
+
+    Attributes:
+        configs: ``{name: [intervention, ...]}``; the first config is the default for every batch row.
+        positions: ``"all" | "prompt" | "generated" | "last_prompt"``, a list of positions (negative
+            ones count back from the end of the prompt: ``-1`` is the last prompt token), or one such
+            list per batch row.
+        metadata: free-form JSON-able information (e.g. how a recipe produced the steering).
+    """
+
+    configs: dict[str, list]
+    positions: Positions = "all"
+    metadata: dict = field(default_factory=dict)
+
+
+def _normalise_configs(interventions) -> tuple[dict[str, list], Positions | None, dict]:
+    if isinstance(interventions, SteeringSpec):
+        return {k: list(v) for k, v in interventions.configs.items()}, interventions.positions, interventions.metadata
+    if isinstance(interventions, Mapping):
+        configs = {str(k): list(v) for k, v in interventions.items()}
+    elif is_affine(interventions) or hasattr(interventions, "make_applier"):
+        configs = {"default": [interventions]}
+    else:
+        configs = {"default": list(interventions)}
+    if not configs:
+        raise ValueError("steer: no configs given")
+    return configs, None, {}
+
+
+def _check_positions(positions: Positions) -> None:
+    if isinstance(positions, str):
+        if positions not in POSITION_RULES:
+            raise ValueError(f"unknown position rule {positions!r}; use one of {POSITION_RULES} or a list of positions")
+        return
+    seq = list(positions)
+    if not seq:
+        raise ValueError("positions: empty list")
+    if all(isinstance(p, int) for p in seq):
+        return
+    if all(isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(q, int) for q in p) for p in seq):
+        return
+    raise ValueError("positions: expected a rule name, a list of ints, or one list of ints per batch row")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-model state: position bookkeeping and one dispatcher hook per site
+# ------------------------------------------------------------------------------------------------
+
+
+class _ModelState:
+    """Everything pysteer attached to one model instance (dynamic steering only)."""
+
+    def __init__(self, model: nn.Module):
+        self.spec: ArchSpec = get_spec(model)
+        self.geo: ModelGeometry = geometry(model, self.spec)
+        self.model_ref = weakref.ref(model)
+        self.handles: list[SteeringHandle] = []
+        self.site_handles: dict[Site, list[SteeringHandle]] = {}
+        self.site_hooks: dict[Site, RemovableHandle] = {}
+        stack_path = self.spec.layers.rsplit(".", 1)[0]
+        self.stack = get_submodule(model, stack_path)
+        self.root_hook: RemovableHandle | None = None
+        self.prompt_len: Tensor | None = None  # [B] real prompt tokens per row, set at prefill
+
+    # -- positions ---------------------------------------------------------------------------------
+    def _root_pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("pysteer: the forward got neither input_ids nor inputs_embeds")
+        B, S = ref.shape[0], ref.shape[1]
+        device = ref.device
+        mask = kwargs.get("attention_mask")
+        past_len = _past_length(kwargs)
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= S:
+            m = mask.to(torch.long)
+            pos = (m.cumsum(-1) - 1)[:, -S:]
+            valid = m[:, -S:].bool()
+        else:
+            pos = (torch.arange(S, device=device) + past_len).expand(B, S)
+            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        # A forward with an empty cache is a prefill: it fixes each row's prompt length (real tokens);
+        # decode steps keep it. Without a cache every forward is a prefill. The test stays a tensor op
+        # when the cache length is a tensor (static caches), so it neither syncs nor breaks a graph.
+        new_len = valid.sum(-1)
+        if self.prompt_len is None or self.prompt_len.shape[0] != B or not isinstance(past_len, Tensor):
+            if self.prompt_len is None or self.prompt_len.shape[0] != B or past_len == 0:
+                self.prompt_len = new_len
+        else:
+            self.prompt_len = torch.where(past_len == 0, new_len, self.prompt_len)
+        for h in self.handles:
+            h._compute_rows(pos, valid, self.prompt_len)
+        return None
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def attach(self, handle: SteeringHandle, sites: Sequence[Site]) -> None:
+        model = self.model_ref()
+        if self.root_hook is None:
+            self.root_hook = self.stack.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True)
+        self.handles.append(handle)
+        for site in sites:
+            self._attach_site(model, handle, site)
+
+    def _attach_site(self, model, handle: SteeringHandle, site: Site) -> None:
+        lst = self.site_handles.setdefault(site, [])
+        lst.append(handle)
+        if site not in self.site_hooks:
+            resolved = resolve_site(model, site, self.spec)
+            self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site, resolved), prepend=True)
+
+    def _make_site_fn(self, site: Site, resolved: ResolvedSite):
+        handles = self.site_handles[site]
+
+        def site_fn(x: Tensor) -> Tensor:
+            for h in handles:
+                x = h._apply(site, x)
+            return x
+
+        return site_fn
+
+    def detach(self, handle: SteeringHandle) -> None:
+        if handle in self.handles:
+            self.handles.remove(handle)
+        for site in list(self.site_handles):
+            lst = self.site_handles[site]
+            if handle in lst:
+                lst.remove(handle)
+            if not lst:
+                self.site_hooks.pop(site).remove()
+                del self.site_handles[site]
+        if not self.handles and self.root_hook is not None:
+            self.root_hook.remove()
+            self.root_hook = None
+            self.prompt_len = None
+
+
+_STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
+
+
+def _state(model: nn.Module) -> _ModelState:
+    st = _STATES.get(model)
+    if st is None:
+        st = _STATES[model] = _ModelState(model)
+    return st
+
+
+def _past_length(kwargs) -> int | Tensor:
+    """Tokens already in the cache: a Python int, or a 0-dim tensor (never synchronised to the host)."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel():
+        return cache_position[0]
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return past.get_seq_length()
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple cache
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# folding into projection weights
+# ------------------------------------------------------------------------------------------------
+
+
+class _FoldSlot:
+    """Original weights of one projection plus the folded edits applied to it, in order."""
+
+    def __init__(self, module: nn.Module, layout: str):
+        self.module = module
+        self.layout = layout
+        self.orig_weight = module.weight.detach().clone()
+        bias = getattr(module, "bias", None)
+        self.orig_bias = bias.detach().clone() if bias is not None else None
+        self.entries: list[tuple[int, str, Tensor, Tensor]] = []  # (handle id, "in"|"out", m, a)
+
+    def recompute(self) -> None:
+        mod = self.module
+        if not self.entries:
+            with torch.no_grad():
+                mod.weight.copy_(self.orig_weight)
+                if self.orig_bias is None:
+                    if getattr(mod, "bias", None) is not None:
+                        mod.register_parameter("bias", None)
+                else:
+                    mod.bias.copy_(self.orig_bias)
+            return
+        in_f, out_f = proj_weight_in_out(mod, self.layout)
+        dev = self.orig_weight.device
+        m_in, a_in = torch.ones(in_f, device=dev), torch.zeros(in_f, device=dev)
+        m_out, a_out = torch.ones(out_f, device=dev), torch.zeros(out_f, device=dev)
+        for _, side, m, a in self.entries:
+            if side == "in":
+                m_in, a_in = m_in * m, a_in * m + a
+            else:
+                m_out, a_out = m_out * m, a_out * m + a
+        W = self.orig_weight.float()
+        b = self.orig_bias.float() if self.orig_bias is not None else torch.zeros(out_f, device=dev)
+        if self.layout == "linear":  # y = W x + b, W [out, in]
+            b = b + W @ a_in
+            W = W * m_in[None, :] * m_out[:, None]
+        else:  # Conv1D: y = x W + b, W [in, out]
+            b = b + a_in @ W
+            W = W * m_in[:, None] * m_out[None, :]
+        b = b * m_out + a_out
+        with torch.no_grad():
+            mod.weight.copy_(W.to(mod.weight.dtype))
+            if getattr(mod, "bias", None) is None:
+                mod.bias = nn.Parameter(b.to(mod.weight.dtype), requires_grad=False)
+            else:
+                mod.bias.copy_(b.to(mod.bias.dtype))
+
+
+_FOLD_SLOTS: weakref.WeakKeyDictionary[nn.Module, _FoldSlot] = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------------------------
+# the handle
+# ------------------------------------------------------------------------------------------------
+
+_handle_ids = itertools.count(1)
+
+
+class SteeringHandle:
+    """Steering attached to one model; use as a context manager or call ``remove()``.
+
+    Attributes:
+        mode: ``"fold"`` or ``"dynamic"`` (what ``"auto"`` resolved to).
+        backend: op backend used by dynamic steering.
+        config_names: names of the configs, in row order (row 1 is the first).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interventions,
+        positions: Positions | None = None,
+        mode: str = "auto",
+        backend: str | None = None,
+        capacity: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"steer: unknown mode {mode!r}; use one of {MODES}")
+        configs, spec_positions, metadata = _normalise_configs(interventions)
+        positions = positions if positions is not None else (spec_positions if spec_positions is not None else "all")
+        _check_positions(positions)
+        spec = get_spec(model)
+        geo = geometry(model, spec)
+        # ---- validate and compile everything before touching the model ----
+        compiled = {name: compile_affine(ivs, geo) for name, ivs in configs.items()}
+        custom = {name: [iv for iv in ivs if not is_affine(iv)] for name, ivs in configs.items()}
+        for name, ivs in configs.items():
+            for iv in ivs:
+                if not is_affine(iv) and not hasattr(iv, "make_applier"):
+                    raise TypeError(f"steer: config {name!r}: {type(iv).__name__} is not an intervention")
+        has_custom = any(custom.values())
+        fold_reason = self._fold_blocker(compiled, has_custom, positions)
+        if mode == "fold" and fold_reason:
+            raise ValueError(f"steer(mode='fold'): cannot fold: {fold_reason}; use mode='dynamic'")
+        self.mode = "fold" if mode == "fold" or (mode == "auto" and not fold_reason) else "dynamic"
+        self.model_ref = weakref.ref(model)
+        self.id = next(_handle_ids)
+        self.spec, self.geo = spec, geo
+        self.configs = configs
+        self.positions = positions
+        self.metadata = metadata
+        self.config_names = list(configs)
+        self.removed = False
+        self._device = next(model.parameters()).device
+        self.backend = resolve_backend(backend, self._device) if self.mode == "dynamic" else "torch"
+        self._compiled = compiled
+        if self.mode == "fold":
+            self._fold(model)
+            return
+        # ---- dynamic: tables, row buffers, custom appliers ----
+        n_cfg = len(configs)
+        self.capacity = max(capacity or 0, n_cfg)
+        C = 1 + self.capacity
+        sites = sorted({s for rows in compiled.values() for s in rows})
+        self.tables: dict[Site, tuple[Tensor, Tensor]] = {}
+        for site in sites:
+            self._new_table(site, C)
+        self.appliers: dict[Site, list] = {}
+        for row, name in enumerate(configs, start=1):
+            self._write_row(row, compiled[name])
+        for row, name in enumerate(configs, start=1):
+            for iv in custom[name]:
+                site = iv.site
+                appliers = self.appliers.setdefault(site, [])
+                applier = next((a for a in appliers if a.accepts(iv)), None)
+                if applier is None:
+                    applier = iv.make_applier(model, resolve_site(model, site, spec), C, self._device)
+                    appliers.append(applier)
+                applier.write_row(row, iv)
+        self._free_rows = list(range(1 + n_cfg, C))
+        self._adhoc_rows: list[int] = []
+        self._batch_rows: Tensor | None = None  # [n] int32: config row per batch row
+        self._pinned_prompt_len: Tensor | None = None
+        self._rows: Tensor | None = None  # [B*S] int32, computed per forward
+        self._pos_table: Tensor | None = None
+        self._build_position_table()
+        _state(model).attach(self, sorted(set(sites) | set(self.appliers)))
+
+    # -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _fold_blocker(compiled, has_custom: bool, positions) -> str | None:
+        if len(compiled) != 1:
+            return "several configs (per-request steering needs the dynamic op)"
+        if positions != "all":
+            return f"positions={positions!r} (folding applies to every token, prompt included)"
+        if has_custom:
+            return "non-affine interventions (e.g. SAE edits) do not fold"
+        for rows in compiled.values():
+            for site in rows:
+                if site.kind not in FOLDABLE_KINDS:
+                    return f"site {site} is not a projection input/output (only {FOLDABLE_KINDS} fold)"
+        return None
+
+    def _fold(self, model: nn.Module) -> None:
+        (rows,) = self._compiled.values()
+        self._fold_modules: list[nn.Module] = []
+        layers = get_submodule(model, self.spec.layers)
+        planned = []
+        for site, (m, a) in rows.items():
+            layer = layers[site.layer]
+            if site.kind in ("attn.heads", "attn.out"):
+                proj = get_submodule(layer, self.spec.attn_out_proj)
+            else:
+                proj = get_submodule(layer, self.spec.mlp_out_proj)
+            side = "in" if site.kind == "attn.heads" else "out"
+            planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
+        for proj, side, m, a in planned:
+            slot = _FOLD_SLOTS.get(proj)
+            if slot is None:
+                slot = _FOLD_SLOTS[proj] = _FoldSlot(proj, self.spec.proj_layout)
+            dev = slot.orig_weight.device
+            slot.entries.append((self.id, side, m.to(dev), a.to(dev)))
+            slot.recompute()
+            self._fold_modules.append(proj)
+
+    def _unfold(self) -> None:
+        for proj in dict.fromkeys(self._fold_modules):
+            slot = _FOLD_SLOTS.get(proj)
+            if slot is None:
+                continue
+            slot.entries = [e for e in slot.entries if e[0] != self.id]
+            slot.recompute()
+            if not slot.entries:
+                del _FOLD_SLOTS[proj]
+        self._fold_modules = []
+
+    def _new_table(self, site: Site, C: int) -> None:
+        H, D = (self.geo.n_heads, self.geo.head_dim) if site.kind == "attn.heads" else (1, self.geo.d_model)
+        M = torch.ones(C, H, D, dtype=torch.float32, device=self._device)
+        A = torch.zeros(C, H, D, dtype=torch.float32, device=self._device)
+        self.tables[site] = (M, A)
+
+    def _write_row(self, row: int, site_rows: dict[Site, tuple[Tensor, Tensor]]) -> None:
+        """Write one config's rows in place; sites the config does not touch get the identity."""
+        for site, (M, A) in self.tables.items():
+            m, a = site_rows.get(site, (None, None))
+            with torch.no_grad():
+                if m is None:
+                    M[row].fill_(1.0)
+                    A[row].zero_()
+                else:
+                    M[row].copy_(m)
+                    A[row].copy_(a)
+
+    def _build_position_table(self) -> None:
+        """Explicit positions become a boolean lookup ``[n_rows, n_pos]`` (one row shared, or one per batch row)."""
+        p = self.positions
+        if isinstance(p, str):
+            self._pos_table = None
+            return
+        lists = [list(p)] if all(isinstance(q, int) for q in p) else [list(q) for q in p]
+        self._pos_lists = lists
+        self._pos_table = None  # built lazily on the first forward, once the prompt length is known
+
+    # -- per forward -------------------------------------------------------------------------------
+    def _compute_rows(self, pos: Tensor, valid: Tensor, prompt_len: Tensor) -> None:
+        B, S = pos.shape
+        if self._pinned_prompt_len is not None:
+            prompt_len = self._pinned_prompt_len.to(pos.device)
+        br = self._batch_rows
+        if br is None:
+            br = torch.ones(B, dtype=torch.int32, device=pos.device)
+        elif br.shape[0] != B:
+            if B % br.shape[0]:
+                raise ValueError(
+                    f"pysteer: handle.rows() was given {br.shape[0]} batch rows but the batch has {B}"
+                )
+            br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
+        pl = prompt_len[:, None]
+        rule = self.positions
+        if rule == "all":
+            sel = valid
+        elif rule == "prompt":
+            sel = valid & (pos < pl)
+        elif rule == "generated":
+            sel = valid & (pos >= pl)
+        elif rule == "last_prompt":
+            sel = valid & (pos == pl - 1)
+        else:
+            sel = valid & self._explicit_mask(pos, pl, B)
+        self._rows = torch.where(sel, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
+
+    def _explicit_mask(self, pos: Tensor, pl: Tensor, B: int) -> Tensor:
+        lists = self._pos_lists
+        if len(lists) not in (1, B):
+            raise ValueError(f"pysteer: positions were given for {len(lists)} batch rows but the batch has {B}")
+        width = max(len(q) for q in lists)
+        P = torch.full((len(lists), width), -(10**9), dtype=torch.long, device=pos.device)
+        for i, q in enumerate(lists):
+            P[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+        # negative positions count back from the end of the prompt: -1 is the last prompt token
+        P = P.expand(B, width) if len(lists) == 1 else P
+        target = torch.where(P < 0, P + pl, P)
+        return (pos[:, :, None] == target[:, None, :]).any(-1)
+
+    def _apply(self, site: Site, x: Tensor) -> Tensor:
+        rows = self._rows
+        if rows is None:
+            return x
+        W = x.shape[-1]
+        T = x.numel() // W  # [B, S, W], or [B*S, W] where a model flattens tokens (OPT's MLP)
+        if rows.shape[0] != T:
+            raise RuntimeError(
+                f"pysteer: {site} saw {T} tokens but the decoder stack's forward announced "
+                f"{rows.shape[0]}; call the model (or its decoder stack), not a single layer"
+            )
+        tab = self.tables.get(site)
+        H = self.geo.n_heads if site.kind == "attn.heads" else 1
+        y = x.reshape(T, H, W // H)
+        if tab is not None:
+            y = affine_steer(y, rows, tab[0], tab[1], self.backend)
+        for applier in self.appliers.get(site, ()):
+            y = applier.apply(y, rows)
+        return y.reshape(x.shape)
+
+    # -- public API ------------------------------------------------------------------------------
+    def rows(self, per_request: Sequence | None) -> SteeringHandle:
+        """Choose the config of each batch row: a config name, a list of interventions, or None (unsteered).
+
+        ``None`` as the whole argument resets every row to the first config. Lists of interventions
+        are written into free table rows in place (no recompilation).
+        """
+        self._require_dynamic("rows")
+        if per_request is None:
+            self._batch_rows = None
+            return self
+        for row in self._adhoc_rows:
+            self._free_rows.append(row)
+        self._adhoc_rows = []
+        idx = []
+        pending = []
+        for item in per_request:
+            if item is None:
+                idx.append(0)
+            elif isinstance(item, str):
+                if item not in self.configs:
+                    raise KeyError(f"rows: unknown config {item!r}; known: {self.config_names}")
+                idx.append(1 + self.config_names.index(item))
+            else:
+                ivs = [item] if is_affine(item) else list(item)
+                if any(not is_affine(iv) for iv in ivs):
+                    raise TypeError("rows: ad-hoc configs may hold affine interventions only")
+                compiled = compile_affine(ivs, self.geo)
+                missing = [s for s in compiled if s not in self.tables]
+                if missing:
+                    raise ValueError(
+                        f"rows: ad-hoc config steers {missing[0]}, which this handle has no table for; "
+                        "include that site in one of the handle's configs"
+                    )
+                pending.append(compiled)
+                idx.append(-len(pending))
+        if len(pending) > len(self._free_rows):
+            raise ValueError(
+                f"rows: {len(pending)} ad-hoc configs but only {len(self._free_rows)} free table rows; "
+                "pass capacity= to steer()"
+            )
+        for k, compiled in enumerate(pending, start=1):
+            row = self._free_rows.pop(0)
+            self._adhoc_rows.append(row)
+            self._write_row(row, compiled)
+            idx = [row if i == -k else i for i in idx]
+        t = torch.tensor(idx, dtype=torch.int32, device=self._device)
+        if self._batch_rows is not None and self._batch_rows.shape == t.shape:
+            self._batch_rows.copy_(t)
+        else:
+            self._batch_rows = t
+        return self
+
+    def update(self, interventions, config: str | None = None) -> SteeringHandle:
+        """Replace one config's interventions (same sites or a subset), in place."""
+        name = config or self.config_names[0]
+        if name not in self.configs:
+            raise KeyError(f"update: unknown config {name!r}; known: {self.config_names}")
+        ivs = [interventions] if is_affine(interventions) else list(interventions)
+        compiled = compile_affine(ivs, self.geo)
+        if self.mode == "fold":
+            if set(compiled) - set(self._compiled[name]):
+                raise ValueError("update: a folded handle cannot steer new sites; remove it and steer again")
+            self.configs[name] = ivs
+            self._compiled[name] = compiled
+            self._unfold()
+            self._fold(self.model_ref())
+            return self
+        new_sites = [s for s in compiled if s not in self.tables]
+        if new_sites:
+            raise ValueError(f"update: {new_sites[0]} has no table in this handle; steer it in a new handle")
+        self.configs[name] = ivs
+        self._compiled[name] = compiled
+        self._write_row(1 + self.config_names.index(name), compiled)
+        return self
+
+    def set_alpha(self, alpha: float, config: str | None = None) -> SteeringHandle:
+        """Set ``alpha`` on every intervention of a config (all configs when None) that has one; in place."""
+        names = [config] if config else self.config_names
+        for name in names:
+            ivs = self.configs[name]
+            for iv in ivs:
+                if hasattr(iv, "alpha"):
+                    iv.alpha = float(alpha)
+            self.update(ivs, name)
+        return self
+
+    @contextmanager
+    def prompt_length(self, lengths: int | Sequence[int]) -> Iterator[SteeringHandle]:
+        """Treat the first ``lengths`` tokens as the prompt (for full forwards of generated text)."""
+        self._require_dynamic("prompt_length")
+        t = torch.as_tensor(lengths, dtype=torch.long, device=self._device).reshape(-1)
+        self._pinned_prompt_len = t
+        try:
+            yield self
+        finally:
+            self._pinned_prompt_len = None
+
+    def spec_(self) -> SteeringSpec:
+        return SteeringSpec(dict(self.configs), self.positions, dict(self.metadata))
+
+    def remove(self) -> None:
+        """Undo everything: folded weights are restored from the kept originals, hooks removed."""
+        if self.removed:
+            return
+        model = self.model_ref()
+        if self.mode == "fold":
+            self._unfold()
+        elif model is not None:
+            _state(model).detach(self)
+        self.removed = True
+
+    def _require_dynamic(self, what: str) -> None:
+        if self.mode != "dynamic":
+            raise ValueError(f"{what}: needs mode='dynamic' (this handle folded its steering into the weights)")
+        if self.removed:
+            raise ValueError(f"{what}: the handle was removed")
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else self.mode
+        return f"SteeringHandle({state}, configs={self.config_names}, positions={self.positions!r}, backend={self.backend})"
+
+
+def steer(
+    model: nn.Module,
+    interventions,
+    positions: Positions | None = None,
+    mode: str = "auto",
+    backend: str | None = None,
+    capacity: int | None = None,
+) -> SteeringHandle:
+    """Steer ``model`` (a Hugging Face causal LM instance; nothing class-level is patched).
+
+    Args:
+        model: the model to patch.
+        interventions: one intervention, a list (one config), ``{name: list}`` (per-request configs,
+            selected per batch row with ``handle.rows``), or a ``SteeringSpec`` (``pysteer.load``).
+        positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``, a list of
+            positions counted from each sequence's first real token (negative: from the prompt's end),
+            or one such list per batch row.
+        mode: ``"fold"`` folds into projection weights (static, all positions, one config, sites
+            ``attn.heads``/``attn.out``/``mlp.out``; prompt tokens are steered too), ``"dynamic"`` uses
+            the steering op, ``"auto"`` folds when that is exact and uses the op otherwise.
+        backend: op backend for dynamic steering (``cuda | triton | torch | auto``; default
+            ``PYSTEER_BACKEND`` or auto).
+        capacity: table rows to preallocate for configs (for ad-hoc per-request configs).
+
+    Returns:
+        A ``SteeringHandle``; ``handle.remove()`` (or leaving its ``with`` block) restores the
+        model bit-exactly.
+    """
+    return SteeringHandle(model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity)
