@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -53,18 +53,30 @@ def _gencode_flags(archs: str) -> list[str]:
 class NvccBuildExt(build_ext):
     """Compiles ``csrc/*.cu`` with nvcc into one shared object; never fatal in ``auto`` mode."""
 
+    def build_extensions(self) -> None:
+        self._skipped: set[str] = set()
+        super().build_extensions()
+        # An extension that was skipped has no file to copy: without this, editable installs
+        # (which copy build outputs into the source tree) and wheels fail on the missing .so.
+        self.extensions = [ext for ext in self.extensions if ext.name not in self._skipped]
+
     def build_extension(self, ext: Extension) -> None:
+        if not self._build_nvcc(ext):
+            self._skipped.add(ext.name)
+
+    def _build_nvcc(self, ext: Extension) -> bool:
+        """Build ``ext``; return False when it was skipped (and the install is pure Python)."""
         mode = os.environ.get("PYSTEER_BUILD_CUDA", "auto").strip().lower()
         if mode in ("0", "false", "no", "off"):
             print("pysteer: PYSTEER_BUILD_CUDA=0, installing pure Python (no pysteer._C)")
-            return
+            return False
         nvcc, where = _find_nvcc()
         if nvcc is None:
             msg = f"pysteer: not building the CUDA extension: {where}"
             if mode in ("1", "true", "yes", "on"):
                 raise RuntimeError(msg + " (PYSTEER_BUILD_CUDA=1 requires it)")
             print(msg + "; installing pure Python")
-            return
+            return False
         import pybind11
 
         out = Path(self.get_ext_fullpath(ext.name))
@@ -97,13 +109,26 @@ class NvccBuildExt(build_ext):
             if mode in ("1", "true", "yes", "on"):
                 raise
             print(f"pysteer: CUDA extension build failed ({err}); installing pure Python", file=sys.stderr)
-            return
-        if self.inplace:
-            return
-        # setuptools copies from build_lib for --inplace; for regular builds the output is already there.
+            return False
+        # setuptools' run() builds into build_lib and copies to the source tree for --inplace and
+        # editable installs.
+        return True
+
+
+class PysteerDistribution(Distribution):
+    """Adds ``pysteer.kernels`` (directory ``kernels/``, mapped by ``package-dir``) to the packages.
+
+    ``[tool.setuptools.packages.find]`` in pyproject.toml matches directory names, so it never finds
+    ``kernels/`` as ``pysteer.kernels``, and pyproject's package list overrides ``setup(packages=)``.
+    """
+
+    def parse_config_files(self, *args, **kwargs) -> None:
+        super().parse_config_files(*args, **kwargs)
+        if (ROOT / "kernels" / "__init__.py").exists() and "pysteer.kernels" not in (self.packages or []):
+            self.packages = [*(self.packages or []), "pysteer.kernels"]
 
 
 cu_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
 ext_modules = [Extension("pysteer._C", sources=cu_sources)] if cu_sources else []
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})
+setup(distclass=PysteerDistribution, ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})
