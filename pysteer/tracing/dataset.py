@@ -616,6 +616,19 @@ def _merged_manifest(out_dir: Path, base: dict[str, Any], world: int) -> dict[st
 # ----------------------------------------------------------------------------- entry point
 
 
+def resolve_max_length(model: nn.Module, max_length: int | None) -> int:
+    """``max_length``, or by default ``min(1024, the model's max_position_embeddings)``; checked."""
+    cfg = model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if max_length is None:
+        return min(1024, max_pos) if max_pos else 1024
+    if max_length < 1 or (max_pos and max_length > max_pos):
+        raise ValueError(
+            f"max_length={max_length} must be in [1, {max_pos}] (the model's max_position_embeddings)"
+        )
+    return int(max_length)
+
+
 def trace_dataset(
     model: nn.Module,
     data: Iterable[str] | Iterable[Sequence[int]] | Iterable[Tensor] | Tensor,
@@ -682,15 +695,7 @@ def trace_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    if max_length is None:
-        max_length = min(1024, max_pos) if max_pos else 1024
-    if max_length < 1 or (max_pos and max_length > max_pos):
-        raise ValueError(
-            f"max_length={max_length} must be in [1, {max_pos}] (the model's max_position_embeddings)"
-        )
+    max_length = resolve_max_length(model, max_length)
     device = next(model.parameters()).device
 
     stores: dict[str, _Store] = {}

@@ -139,6 +139,18 @@ class _Selector:
         self.positions = positions
         self.offset = 0  # absolute position of the current call's first token
         self.mask: Tensor | None = None  # [B, offset + S] attention mask of the current call
+        self.batch_seq: tuple[int, int] | None = None  # (B, S) of the current call's input
+
+    def as_bsw(self, x: Tensor) -> Tensor:
+        """Site tensors are ``[B, S, W]``, except where a model flattens tokens (OPT's MLP runs on
+        ``[B*S, W]``): restore the batch and sequence dims from the call's input shape."""
+        if (
+            x.dim() == 2
+            and self.batch_seq is not None
+            and x.shape[0] == self.batch_seq[0] * self.batch_seq[1]
+        ):
+            return x.view(*self.batch_seq, x.shape[-1])
+        return x
 
     def select(self, x: Tensor) -> Tensor:
         """``x`` ``[B, S, W]`` -> ``[B, S', W]`` with the requested positions."""
@@ -199,10 +211,17 @@ def trace(
             cache._new_run()
         selector.offset = past
         selector.mask = _attention_mask(args, kwargs)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        selector.batch_seq = (
+            tuple(inputs.shape[:2]) if isinstance(inputs, Tensor) and inputs.dim() >= 2 else None
+        )
 
     def make_capture(name: str):
         def capture(x: Tensor) -> None:
-            kept = selector.select(x.detach())
+            x = selector.as_bsw(x.detach())
+            kept = selector.select(x)
             if device is not None:
                 kept = kept.to(device)
             if kept.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
