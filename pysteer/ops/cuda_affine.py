@@ -42,10 +42,10 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
         BackendUnavailable: ``pysteer._C`` is not built.
     """
     check_affine_args(x, rows, M, A)
-    device = require_cuda(_OP, x=x, rows=rows, M=M, A=A)
     x_code = dtype_code(x, _OP, "x")
     dtype_code(M, _OP, "M")
     dtype_code(A, _OP, "A")
+    device = require_cuda(_OP, x=x, rows=rows, M=M, A=A)
     ext = extension()
     if M.dtype != A.dtype:
         M, A = M.float(), A.float()
@@ -91,9 +91,10 @@ def affine_steer_backward(
         raise ValueError(f"affine_steer_backward: grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
     if grad.dtype != x.dtype:
         raise ValueError(f"affine_steer_backward: grad is {grad.dtype}, x is {x.dtype}")
-    device = require_cuda(_OP, grad=grad, x=x, rows=rows, M=M, A=A)
     x_code = dtype_code(x, _OP, "x")
+    dtype_code(M, _OP, "M")
     dtype_code(A, _OP, "A")
+    device = require_cuda(_OP, grad=grad, x=x, rows=rows, M=M, A=A)
     ext = extension()
     T, H, D = x.shape
     dx = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
