@@ -514,3 +514,19 @@ def test_cli_traces_the_default_model(tmp_path, capsys):
     # a changed configuration into the same directory is refused with exit code 2
     assert main([*argv, "--out", str(out), "--max-tokens", "40", "--dtype", "float32"]) == 2
     assert "dtype: 'float16' -> 'float32'" in capsys.readouterr().err
+
+
+def test_token_matrix_rows_are_documents(tmp_path):
+    ids = torch.randint(3, 128, (5, 6), generator=torch.Generator().manual_seed(8))
+    summary = trace_dataset(tiny_model("qwen2"), ids, "layers.1.mlp.out", tmp_path, max_length=4)
+    reader = TraceReader(tmp_path)
+    assert summary.docs == 5 and reader.num_rows == 20
+    assert reader.token_ids().reshape(5, 4).tolist() == ids[:, :4].tolist()
+
+
+def test_package_exposes_the_tracing_api():
+    assert (
+        pysteer.trace is trace
+        and pysteer.trace_dataset is trace_dataset
+        and pysteer.TraceReader is TraceReader
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 HELP = "trace activations of a model over a dataset into safetensors shards (resumable)"
+# Under torchrun (WORLD_SIZE > 1) every rank traces its share of the documents into the same --out.
 
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -73,7 +75,8 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str | list[
                 )
 
 
-def _count_tokens(path: Path, text_field: str, tokenizer: Any, max_length: int) -> int:
+def _count_tokens(path: Path, text_field: str, tokenizer: Any, max_length: int, rank: int, world: int) -> int:
+    """Tokens this rank will trace (for the progress bar's total and ETA)."""
     total, chunk = 0, []
 
     def flush() -> int:
@@ -82,7 +85,9 @@ def _count_tokens(path: Path, text_field: str, tokenizer: Any, max_length: int) 
         ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
         return sum(len(t) for t in ids)
 
-    for doc in read_documents(path, text_field):
+    for i, doc in enumerate(read_documents(path, text_field)):
+        if i % world != rank:
+            continue
         if isinstance(doc, list):
             total += min(len(doc), max_length)
             continue
@@ -91,6 +96,22 @@ def _count_tokens(path: Path, text_field: str, tokenizer: Any, max_length: int) 
             total += flush()
             chunk = []
     return total + flush()
+
+
+def _init_distributed(device: str) -> tuple[int, int, bool]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): ``(rank, world, created)``."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,45 +127,68 @@ def run(args: argparse.Namespace) -> int:
         return 2
     sites = [s for part in args.sites for s in part.split(",") if s.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=args.model_dtype, device=device)
-    max_length = resolve_max_length(model, args.max_length)
-
-    total = _count_tokens(args.data, args.text_field, tokenizer, max_length)
-    if args.max_tokens is not None:
-        total = min(total, args.max_tokens)
-    done = 0
-    state_path = args.out / rank_manifest_name(0)
-    if state_path.exists():
-        done = int(read_json(state_path).get("rows", 0))
-    bar = tqdm(
-        total=total, initial=done, unit="tok", unit_scale=True, desc="trace", smoothing=0.1, file=sys.stderr
-    )
-    start = time.perf_counter()
+    rank, world, own_group = _init_distributed(device)
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     try:
-        summary = trace_dataset(
-            model,
-            read_documents(args.data, args.text_field),
-            sites,
-            args.out,
-            tokenizer=tokenizer,
-            dtype=getattr(torch, args.dtype),
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            shard_tokens=args.shard_tokens,
-            max_length=max_length,
-            progress=bar.update,
+        model, tokenizer = load_model(args.model, dtype=args.model_dtype, device=device, progress=rank == 0)
+        max_length = resolve_max_length(model, args.max_length)
+
+        total = _count_tokens(args.data, args.text_field, tokenizer, max_length, rank, world)
+        if args.max_tokens is not None:
+            total = min(total, args.max_tokens // world + (1 if rank < args.max_tokens % world else 0))
+        done = 0
+        state_path = args.out / rank_manifest_name(rank)
+        if state_path.exists():
+            done = int(read_json(state_path).get("rows", 0))
+        bar = tqdm(
+            total=total,
+            initial=done,
+            unit="tok",
+            unit_scale=True,
+            desc="trace" if world == 1 else f"trace (rank 0 of {world})",
+            smoothing=0.1,
+            file=sys.stderr,
+            disable=rank != 0,
         )
-    except (TraceConfigError, ValueError) as err:
-        bar.close()
-        print(f"pysteer trace: {err}", file=sys.stderr)
-        return 2
-    bar.close()
+        start = time.perf_counter()
+        try:
+            summary = trace_dataset(
+                model,
+                read_documents(args.data, args.text_field),
+                sites,
+                args.out,
+                tokenizer=tokenizer,
+                dtype=getattr(torch, args.dtype),
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+                shard_tokens=args.shard_tokens,
+                max_length=max_length,
+                progress=bar.update,
+            )
+        except (TraceConfigError, ValueError) as err:
+            print(f"pysteer trace: {err}", file=sys.stderr)
+            return 2
+        finally:
+            bar.close()
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     elapsed = time.perf_counter() - start
     size = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
     resumed = f" (resumed: {summary.rows - summary.new_rows} rows were already there)" if done else ""
+    ranks = f" (rank 0 of {world})" if world > 1 else ""
+    rows, docs, shards = summary.rows, summary.docs, summary.shards
+    if world > 1:  # the merged view rank 0 wrote after every rank finished
+        merged = read_json(args.out / "manifest.json")
+        rows, docs, shards = merged["rows"], merged["docs"], len(merged["shards"])
     print(
-        f"traced {summary.new_rows} tokens in {elapsed:.1f} s ({summary.tokens_per_s:.0f} tokens/s){resumed}\n"
-        f"dataset {summary.out_dir}: {summary.rows} rows from {summary.docs} documents in {summary.shards} "
+        f"traced {summary.new_rows} tokens in {elapsed:.1f} s ({summary.tokens_per_s:.0f} tokens/s){resumed}{ranks}\n"
+        f"dataset {summary.out_dir}: {rows} rows from {docs} documents in {shards} "
         f"shards, {size / 2**20:.1f} MiB; sites {', '.join(sites)}; dtype {args.dtype}; "
         f"stopped by {summary.stopped_by}"
     )
