@@ -17,6 +17,8 @@ left unchanged and contributes no gradient) instead of reading out of bounds.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -220,6 +222,11 @@ def _last_dim_unit_stride(t: Tensor) -> Tensor:
     return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tiles(T: int, D: int) -> tuple[int, int]:
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
     block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMS // block_d))
@@ -254,28 +261,29 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
     rows = rows.contiguous()
     block_t, block_d = _tiles(T, D)
     grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-    _affine_steer_fwd_kernel[grid](
-        x,
-        rows,
-        M,
-        A,
-        y,
-        T,
-        H,
-        D,
-        C,
-        x.stride(0),
-        x.stride(1),
-        M.stride(0),
-        M.stride(1),
-        A.stride(0),
-        A.stride(1),
-        M_BCAST=M.shape[2] == 1,
-        A_BCAST=A.shape[2] == 1,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=_NUM_WARPS,
-    )
+    with _device_of(x):
+        _affine_steer_fwd_kernel[grid](
+            x,
+            rows,
+            M,
+            A,
+            y,
+            T,
+            H,
+            D,
+            C,
+            x.stride(0),
+            x.stride(1),
+            M.stride(0),
+            M.stride(1),
+            A.stride(0),
+            A.stride(1),
+            M_BCAST=M.shape[2] == 1,
+            A_BCAST=A.shape[2] == 1,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=_NUM_WARPS,
+        )
     return y
 
 
@@ -314,26 +322,27 @@ def affine_steer_backward(
         rows = rows.contiguous()
         block_t, block_d = _tiles(T, D)
         grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-        _affine_steer_bwd_kernel[grid](
-            grad,
-            x,
-            rows,
-            M,
-            dx,
-            dM,
-            dA,
-            T,
-            H,
-            D,
-            C,
-            x.stride(0),
-            x.stride(1),
-            M.stride(0),
-            M.stride(1),
-            M_BCAST=M.shape[2] == 1,
-            A_BCAST=A.shape[2] == 1,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            num_warps=_NUM_WARPS,
-        )
+        with _device_of(x):
+            _affine_steer_bwd_kernel[grid](
+                grad,
+                x,
+                rows,
+                M,
+                dx,
+                dM,
+                dA,
+                T,
+                H,
+                D,
+                C,
+                x.stride(0),
+                x.stride(1),
+                M.stride(0),
+                M.stride(1),
+                M_BCAST=M.shape[2] == 1,
+                A_BCAST=A.shape[2] == 1,
+                BLOCK_T=block_t,
+                BLOCK_D=block_d,
+                num_warps=_NUM_WARPS,
+            )
     return dx, dM.to(M.dtype), dA.to(A.dtype)
