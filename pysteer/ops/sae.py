@@ -610,8 +610,9 @@ def sae_encode_topk(
         backend: ``"torch"`` | ``"triton"`` | ``"cuda"``.
 
     Returns:
-        ``(values [T, k], indices [T, k] int64)``: values in ``x``'s dtype sorted descending
-        (ties between equal pre-activations may pick either latent).
+        ``(values [T, k], indices [T, k] int64)``: values in ``x``'s dtype sorted descending.
+        Between equal pre-activations the Triton and CUDA kernels pick the lower latent id first;
+        ``torch.topk`` (the torch backend) leaves the choice unspecified.
     """
     if backend == "torch":
         check_sae_encode_topk_args(x, W_enc, b_enc, b_dec, k, backend)
