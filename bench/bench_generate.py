@@ -1,0 +1,190 @@
+"""Tokens/s of steered ``generate()`` vs the unhooked model, measured in one run.
+
+Steering: a head bias plus a head scale at ``attn.heads`` of 4 layers, and separately a vector add
+at ``resid`` of the same 4 layers. Variants: unhooked; pysteer fold; pysteer dynamic (1 config);
+pysteer with 8 distinct configs in a batch of 8; a plain PyTorch forward-hook implementation of
+the same steering. Greedy, ``min_new_tokens = max_new_tokens = 64``. Variants are interleaved
+round by round (one warm-up round first) and medians are reported, so slow drift of the machine
+hits every variant alike. The peers (repeng, steering-vectors) need their own virtualenv:
+``bench/peers/bench_peer_steering.py``.
+
+    python bench/bench_generate.py                     # SmolLM2 on CPU
+    python bench/bench_generate.py --rounds 7 --out bench/results/generate-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pysteer
+from pysteer.interventions import HeadBias, HeadScale, VectorAdd
+from pysteer.models import geometry
+
+LAYERS = (8, 10, 12, 14)
+
+
+def head_interventions(geo, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ivs = []
+    for layer in LAYERS:
+        ivs.append(HeadBias(layer, head=[0, 3, 5], vector=0.5 * torch.randn(3, geo.head_dim, generator=g)))
+        ivs.append(HeadScale(layer, head=[1, 2], scale=1.5))
+    return ivs
+
+
+def resid_interventions(geo, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [VectorAdd(f"layers.{layer}.resid", 2.0 * torch.randn(geo.d_model, generator=g)) for layer in LAYERS]
+
+
+class PlainHooks:
+    """The same steering written as ordinary forward hooks (what users write without pysteer)."""
+
+    def __init__(self, model, ivs, geo):
+        self.handles = []
+        for iv in ivs:
+            site = iv.site
+            terms = iv.affine_terms(geo)
+            layer = model.model.layers[site.layer]
+            if site.kind == "attn.heads":
+                m = (terms.m if terms.m is not None else torch.ones(geo.n_heads, geo.head_dim)).reshape(-1)
+                a = (terms.a if terms.a is not None else torch.zeros(geo.n_heads, geo.head_dim)).reshape(-1)
+
+                def pre(mod, args, m=m, a=a):
+                    return (args[0] * m.to(args[0]) + a.to(args[0]),)
+
+                self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
+            else:
+                a = terms.a.reshape(-1)
+
+                def post(mod, args, out, a=a):
+                    if isinstance(out, tuple):
+                        return (out[0] + a.to(out[0]), *out[1:])
+                    return out + a.to(out)
+
+                self.handles.append(layer.register_forward_hook(post))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from pysteer.default_model import load_model
+
+    model, tok = load_model(args.model)
+    geo = geometry(model)
+    device = next(model.parameters()).device
+    prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    results = {}
+    for batch_size in [int(b) for b in args.batches.split(",")]:
+        ids = tok([prompt] * batch_size, return_tensors="pt", padding=True).to(device)
+
+        def gen():
+            with torch.no_grad():
+                t = time.perf_counter()
+                out = model.generate(
+                    **ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+                dt = time.perf_counter() - t
+            return out, batch_size * args.new_tokens / dt
+
+        heads = head_interventions(geo, 0)
+        resid = resid_interventions(geo, 0)
+        distinct = {f"c{i}": head_interventions(geo, i) for i in range(8)}
+
+        def variant(name):
+            if name == "unhooked":
+                return None
+            if name == "head/fold":
+                return pysteer.steer(model, heads, mode="fold")
+            if name == "head/dynamic":
+                return pysteer.steer(model, heads, mode="dynamic")
+            if name == "head/dynamic-8-configs":
+                h = pysteer.steer(model, distinct, mode="dynamic")
+                h.rows([f"c{i % 8}" for i in range(batch_size)])
+                return h
+            if name == "head/plain-hooks":
+                return PlainHooks(model, heads, geo)
+            if name == "resid/dynamic":
+                return pysteer.steer(model, resid, mode="auto")
+            if name == "resid/plain-hooks":
+                return PlainHooks(model, resid, geo)
+            raise KeyError(name)
+
+        names = ["unhooked", "head/fold", "head/dynamic", "head/plain-hooks", "resid/dynamic", "resid/plain-hooks"]
+        if batch_size > 1:
+            names.insert(3, "head/dynamic-8-configs")
+        samples = {n: [] for n in names}
+        outputs = {}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for n in names:
+                h = variant(n)
+                try:
+                    out, tps = gen()
+                finally:
+                    if h is not None:
+                        h.remove()
+                if r:
+                    samples[n].append(tps)
+                outputs[n] = out
+            print(f"batch {batch_size} round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if r), file=sys.stderr)
+        med = {n: statistics.median(v) for n, v in samples.items()}
+        res = {
+            "tokens_per_s_median": med,
+            "tokens_per_s_best": {n: max(v) for n, v in samples.items()},
+            "samples": samples,
+            "ratio_vs_unhooked": {n: med[n] / med["unhooked"] for n in names},
+            "same_tokens": {
+                "head: fold == dynamic == plain hooks": bool(
+                    torch.equal(outputs["head/dynamic"], outputs["head/plain-hooks"])
+                    and torch.equal(outputs["head/fold"], outputs["head/dynamic"])
+                ),
+                "resid: dynamic == plain hooks": bool(torch.equal(outputs["resid/dynamic"], outputs["resid/plain-hooks"])),
+            },
+        }
+        if batch_size > 1:
+            res["ratio_8_configs_vs_1_config"] = med["head/dynamic-8-configs"] / med["head/dynamic"]
+        results[f"batch{batch_size}"] = res
+    doc = {
+        "bench": "bench_generate",
+        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "host": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "dtype": str(next(model.parameters()).dtype),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "layers": list(LAYERS),
+        "results": results,
+    }
+    out = Path(args.out or f"bench/results/generate-{'cpu' if device.type == 'cpu' else 'gpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    print(json.dumps({k: v["ratio_vs_unhooked"] for k, v in results.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
