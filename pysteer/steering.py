@@ -38,6 +38,8 @@ log = logging.getLogger("pysteer")
 POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
 MODES = ("auto", "fold", "dynamic")
 FOLDABLE_KINDS = ("attn.heads", "attn.out", "mlp.out")
+POSITION_SLOTS = 8  # explicit positions preallocated per row, so most changes are in place
+_NO_POSITION = -(2**40)  # sentinel that matches no position, even after adding a prompt length
 
 Positions = str | Sequence[int] | Sequence[Sequence[int]]
 
@@ -107,9 +109,16 @@ class _ModelState:
         self.stack = get_submodule(model, stack_path)
         self.root_hook: RemovableHandle | None = None
         self.prompt_len: Tensor | None = None  # [B] real prompt tokens per row, set at prefill
+        # Set by a generation loop that owns positions (the fast path): (pos [B,S], valid [B,S], prompt_len [B])
+        self.external: tuple[Tensor, Tensor, Tensor] | None = None
 
     # -- positions ---------------------------------------------------------------------------------
     def _root_pre_hook(self, module, args, kwargs):
+        if self.external is not None:
+            pos, valid, prompt_len = self.external
+            for h in self.handles:
+                h._compute_rows(pos, valid, prompt_len)
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
@@ -344,7 +353,6 @@ class SteeringHandle:
         self._batch_rows: Tensor | None = None  # [n] int32: config row per batch row
         self._pinned_prompt_len: Tensor | None = None
         self._rows: Tensor | None = None  # [B*S] int32, computed per forward
-        self._pos_table: Tensor | None = None
         self._build_position_table()
         _state(model).attach(self, sorted(set(sites) | set(self.appliers)))
 
@@ -415,17 +423,43 @@ class SteeringHandle:
                     A[row].copy_(a)
 
     def _build_position_table(self) -> None:
-        """Explicit positions become a boolean lookup ``[n_rows, n_pos]`` (one row shared, or one per batch row)."""
+        """Encode the position rule as tensors so changing it never recompiles a compiled model.
+
+        ``_pos_code [R]`` holds a rule per batch row (R = 1 when shared): 0 all, 1 prompt,
+        2 generated, 3 last prompt token, 4 explicit positions listed in ``_pos_list [R, P]``
+        (unused slots hold a sentinel that matches nothing; negative entries count back from the
+        end of the prompt).
+        """
         p = self.positions
         if isinstance(p, str):
-            self._pos_table = None
-            return
-        lists = [list(p)] if all(isinstance(q, int) for q in p) else [list(q) for q in p]
-        self._pos_lists = lists
-        self._pos_table = None  # built lazily on the first forward, once the prompt length is known
+            codes, lists = [POSITION_RULES.index(p)], [[]]
+        else:
+            lists = [list(p)] if all(isinstance(q, int) for q in p) else [list(q) for q in p]
+            codes = [4] * len(lists)
+        width = max(POSITION_SLOTS, max(len(q) for q in lists))
+        table = torch.full((len(lists), width), _NO_POSITION, dtype=torch.long)
+        for i, q in enumerate(lists):
+            table[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+        code = torch.tensor(codes, dtype=torch.long)
+        old_code, old_table = getattr(self, "_pos_code", None), getattr(self, "_pos_list", None)
+        if old_code is not None and old_code.shape == code.shape and old_table.shape == table.shape:
+            old_code.copy_(code)  # in place: same tensors, no recompilation
+            old_table.copy_(table)
+        else:
+            self._pos_code = code.to(self._device)
+            self._pos_list = table.to(self._device)
+
+    def set_positions(self, positions: Positions) -> SteeringHandle:
+        """Change the position rule, in place when the encoding keeps its shape."""
+        self._require_dynamic("set_positions")
+        _check_positions(positions)
+        self.positions = positions
+        self._build_position_table()
+        return self
 
     # -- per forward -------------------------------------------------------------------------------
     def _compute_rows(self, pos: Tensor, valid: Tensor, prompt_len: Tensor) -> None:
+        """Row index per token ``[B*S]`` int32 from positions ``[B, S]`` (tensor ops only)."""
         B, S = pos.shape
         if self._pinned_prompt_len is not None:
             prompt_len = self._pinned_prompt_len.to(pos.device)
@@ -438,32 +472,23 @@ class SteeringHandle:
                     f"pysteer: handle.rows() was given {br.shape[0]} batch rows but the batch has {B}"
                 )
             br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
+        code, plist = self._pos_code, self._pos_list
+        if code.shape[0] not in (1, B):
+            raise ValueError(f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}")
         pl = prompt_len[:, None]
-        rule = self.positions
-        if rule == "all":
-            sel = valid
-        elif rule == "prompt":
-            sel = valid & (pos < pl)
-        elif rule == "generated":
-            sel = valid & (pos >= pl)
-        elif rule == "last_prompt":
-            sel = valid & (pos == pl - 1)
-        else:
-            sel = valid & self._explicit_mask(pos, pl, B)
-        self._rows = torch.where(sel, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
-
-    def _explicit_mask(self, pos: Tensor, pl: Tensor, B: int) -> Tensor:
-        lists = self._pos_lists
-        if len(lists) not in (1, B):
-            raise ValueError(f"pysteer: positions were given for {len(lists)} batch rows but the batch has {B}")
-        width = max(len(q) for q in lists)
-        P = torch.full((len(lists), width), -(10**9), dtype=torch.long, device=pos.device)
-        for i, q in enumerate(lists):
-            P[i, : len(q)] = torch.tensor(q, dtype=torch.long)
-        # negative positions count back from the end of the prompt: -1 is the last prompt token
-        P = P.expand(B, width) if len(lists) == 1 else P
-        target = torch.where(P < 0, P + pl, P)
-        return (pos[:, :, None] == target[:, None, :]).any(-1)
+        code = code[:, None]
+        target = torch.where(plist < 0, plist + pl, plist)  # [R|B, P]
+        explicit = (pos[:, :, None] == target[:, None, :]).any(-1)
+        sel = torch.where(
+            code == 0,
+            True,
+            torch.where(
+                code == 1,
+                pos < pl,
+                torch.where(code == 2, pos >= pl, torch.where(code == 3, pos == pl - 1, explicit)),
+            ),
+        )
+        self._rows = torch.where(sel & valid, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
 
     def _apply(self, site: Site, x: Tensor) -> Tensor:
         rows = self._rows

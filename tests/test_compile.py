@@ -51,6 +51,8 @@ def test_compiled_static_cache_generate_follows_in_place_updates_without_recompi
         lambda h: h.set_alpha(4.0, "a"),  # strength
         lambda h: h.update(_interventions(2.0, -v_head, v_resid), "a"),  # direction
         lambda h: h.rows(["b", None]),  # per-request configs
+        lambda h: h.set_positions("all"),  # position rule
+        lambda h: h.set_positions([0, -1]),  # explicit positions
     ]
     eager = [_gen(model, ids)]
     for change in variants:
@@ -59,6 +61,7 @@ def test_compiled_static_cache_generate_follows_in_place_updates_without_recompi
     # rewind to the first state, compile, and replay the same changes
     handle.rows(["a", "b"])
     handle.update(_interventions(1.0, v_head, v_resid), "a")
+    handle.set_positions("generated")
     dynamo.reset()
     counters.clear()
     compiled_forward = torch.compile(model.forward, backend="aot_eager")
