@@ -530,3 +530,13 @@ def test_package_exposes_the_tracing_api():
         and pysteer.trace_dataset is trace_dataset
         and pysteer.TraceReader is TraceReader
     )
+
+
+def test_trace_dataset_stores_steered_activations(tmp_path):
+    model = tiny_model("mistral")
+    docs = make_docs()
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    with pysteer.steer(model, pysteer.VectorAdd("layers.0.resid", vector, 2.0), mode="dynamic"):
+        trace_dataset(model, docs, "layers.0.resid", tmp_path, dtype=torch.float32, batch_size=3)
+    expected = reference_rows(model, docs, ["layers.0.resid"])["layers.0.resid"] + 2.0 * vector
+    torch.testing.assert_close(TraceReader(tmp_path).load("layers.0.resid"), expected, rtol=1e-5, atol=1e-5)
