@@ -314,7 +314,10 @@ class _Capture:
         store = self.stores[name]
 
         def capture(x: Tensor) -> None:
-            rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, self.flat_idx)
+            idx = self.flat_idx
+            if idx.device != x.device:  # a model split across devices (device_map)
+                idx = self.flat_idx = idx.to(x.device)
+            rows = x.detach().reshape(-1, x.shape[-1]).index_select(0, idx)
             if store.sae is not None:
                 idx, val = _sae_topk(store, rows)
                 self._emit(name + SAE_INDICES, idx)
