@@ -1,5 +1,13 @@
 """Op registry: every op is declared once with ``torch.library`` and implemented per backend."""
 
 from .affine import affine_steer, affine_steer_ref, check_affine_args
+from .affine_linear import affine_linear, affine_linear_ref, check_affine_linear_args
 
-__all__ = ["affine_steer", "affine_steer_ref", "check_affine_args"]
+__all__ = [
+    "affine_linear",
+    "affine_linear_ref",
+    "affine_steer",
+    "affine_steer_ref",
+    "check_affine_args",
+    "check_affine_linear_args",
+]
