@@ -1,0 +1,59 @@
+"""Recipes: the locating / fitting workflows of the papers, each a small API, a CLI subcommand, a
+steering file and a picture.
+
+- ``locate_heads`` / ``consistency_edit``: heads whose output predicts answer consistency across
+  paraphrases, and ITI biases injected there (Yang et al.; ``pysteer locate`` / ``pysteer edit``).
+- ``activation_scaling``: learned per-(site, layer, position) scalars, steering vectors and
+  activation-dependent scalars trained through the fused op (Stoehr et al.; ``pysteer scale``).
+- ``jola``: HardConcrete-gated per-head scaling and bias, folded into ``o_proj`` (``pysteer jola``).
+
+The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    # locate heads + consistency edit
+    "ParaphraseFact": "pysteer.recipes.locate",
+    "PairDataset": "pysteer.recipes.locate",
+    "LocateResult": "pysteer.recipes.locate",
+    "load_paraphrases": "pysteer.recipes.locate",
+    "locate_heads": "pysteer.recipes.locate",
+    "locate_from_features": "pysteer.recipes.locate",
+    "consistency_edit": "pysteer.recipes.locate",
+    "consistency_metrics": "pysteer.recipes.locate",
+    "evaluate_consistency": "pysteer.recipes.locate",
+    "edit_spec": "pysteer.recipes.locate",
+    # activation scaling
+    "ConflictPrompt": "pysteer.recipes.scaling",
+    "ScalingResult": "pysteer.recipes.scaling",
+    "load_country_conflicts": "pysteer.recipes.scaling",
+    "activation_scaling": "pysteer.recipes.scaling",
+    "evaluate_scaling": "pysteer.recipes.scaling",
+    "steer_files": "pysteer.recipes.scaling",
+    # JoLA
+    "LabelledText": "pysteer.recipes.jola",
+    "JolaResult": "pysteer.recipes.jola",
+    "load_topics": "pysteer.recipes.jola",
+    "jola": "pysteer.recipes.jola",
+    "hard_concrete_eval": "pysteer.recipes.jola",
+    "expected_l0": "pysteer.recipes.jola",
+}
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'pysteer.recipes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(target), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = list(_LAZY)
