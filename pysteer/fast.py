@@ -1,0 +1,472 @@
+"""The managed fast path: static KV cache, a compiled decode step, steering updated in place.
+
+``pysteer.generate(model, inputs, steering=..., max_new_tokens=...)`` owns a static KV cache per
+(batch bucket, cache-length bucket), runs the prefill eagerly and the decode step through
+``torch.compile`` (CUDA graphs with ``"reduce-overhead"`` on GPU, plain inductor on CPU), pads
+batches to buckets, and samples on the device. Everything the compiled step reads that can change
+between calls is a fixed-address tensor updated in place: the steering tables, the per-row config
+index, the position-rule encoding, the token, position and attention-mask buffers. So changing
+strength, directions, positions or the per-request configs of a batch neither recompiles nor
+re-records a CUDA graph; only a new bucket or a new steered site compiles.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .interventions import HeadScale, VectorScale, is_affine
+from .models.sites import Site
+from .steering import _STATES, SteeringHandle, steer
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+STOP_CHECK_EVERY = 8  # decode steps between host checks of "every row finished" (each check syncs)
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass
+class GenerationResult:
+    """Output of ``pysteer.generate``.
+
+    Attributes:
+        tokens: per request, the generated token ids (stop token included, nothing after it).
+        texts: decoded ``tokens`` when a tokenizer is known, else None.
+        prompt_tokens: per request, the prompt ids.
+        seconds: wall time of prefill + decode.
+        decode_seconds: wall time of the decode loop alone.
+        steps: decode steps run.
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    prompt_tokens: list[list[int]]
+    seconds: float
+    decode_seconds: float
+    steps: int
+    compile_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = sum(len(t) for t in self.tokens)
+        return n / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _Slot:
+    """Buffers and the static cache of one (batch bucket, cache-length bucket)."""
+
+    def __init__(self, gen: FastGenerator, batch: int, length: int):
+        model = gen.model
+        dev = gen.device
+        self.batch, self.length = batch, length
+        self.cache = _make_static_cache(model, batch, length, dev, gen.dtype)
+        self.mask = torch.ones(batch, length, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
+        self.prompt_len = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.external = (self.pos, self.valid, self.prompt_len)
+        self.compiled = False
+        if dev.type == "cuda":
+            for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len):
+                torch._dynamo.mark_static_address(t)
+
+
+def _make_static_cache(model: nn.Module, batch: int, length: int, device, dtype):
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    if "max_batch_size" in params:  # transformers 4.x
+        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+class FastGenerator:
+    """Owns the static caches and the compiled decode step of one model.
+
+    Args:
+        model: a Hugging Face causal LM (eval mode).
+        tokenizer: optional; needed for text inputs, stop strings and decoded outputs.
+        compile: ``"auto"`` (``"reduce-overhead"`` on CUDA, inductor ``"default"`` on CPU), a
+            ``torch.compile`` mode, or ``False`` for an eager decode step (still static cache).
+        progress: print compile progress and times to stderr.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        compile: str | bool = "auto",
+        progress: bool = True,
+        compile_backend: str = "inductor",
+    ):
+        if compile is not False and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be False or one of {COMPILE_MODES}, got {compile!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if compile == "auto":
+            compile = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.compile_mode = compile
+        self.progress = progress
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._managed: SteeringHandle | None = None
+        self._managed_sites: frozenset[Site] = frozenset()
+        fwd = inspect.signature(model.forward).parameters
+        self._logits_kw = (
+            {"logits_to_keep": 1} if "logits_to_keep" in fwd else {"num_logits_to_keep": 1} if "num_logits_to_keep" in fwd else {}
+        )
+        self._pass_cache_position = "cache_position" in fwd
+        if compile:
+            import torch._dynamo.config as dcfg
+
+            # one graph per (batch, length) bucket; the default limit of 8 would silently fall back to eager
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dcfg, name):
+                    setattr(dcfg, name, max(getattr(dcfg, name), 64))
+            mode = None if compile == "default" or compile_backend != "inductor" else compile
+            compiled = torch.compile(self._decode_step, backend=compile_backend, mode=mode, dynamic=False)
+
+            def step(*args):
+                # Dynamo does not guard on module hooks by default, so steering attached after the
+                # first compile would silently be skipped; with the guards, a new hook set recompiles.
+                with dcfg.patch(skip_nnmodule_hook_guards=False):
+                    return compiled(*args)
+
+            self._step = step
+        else:
+            self._step = self._decode_step
+
+    # -- the step that gets compiled -------------------------------------------------------------
+    def _decode_step(self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None) -> Tensor:
+        kw = dict(self._logits_kw)
+        if cache_position is not None:
+            kw["cache_position"] = cache_position
+        out = self.model(
+            input_ids=tokens, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, **kw
+        )
+        return out.logits[:, -1, :]
+
+    # -- steering -------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Remove the steering this generator attached to the model (the next steered call recompiles)."""
+        if self._managed is not None:
+            self._managed.remove()
+            self._managed, self._managed_sites = None, frozenset()
+
+    def _resolve_steering(self, steering, n: int, batch: int) -> SteeringHandle | None:
+        """Return the handle to use and set its per-row configs for a batch of ``n`` (padded to ``batch``)."""
+        if steering is None:
+            if self._managed is not None:
+                self._managed.rows([None] * batch)
+            return self._managed
+        if isinstance(steering, SteeringHandle):
+            if steering.mode != "dynamic":
+                return None  # folded steering lives in the weights
+            steering._require_dynamic("generate")
+            return steering
+        per_request = _per_request(steering, n)
+        sites = frozenset(iv.site for cfg in per_request if cfg for iv in cfg)
+        if self._managed is None or not sites <= self._managed_sites or self._managed.removed:
+            if self._managed is not None and not self._managed.removed:
+                self._managed.remove()
+            all_sites = sites | self._managed_sites
+            identity = [_identity_for(s) for s in sorted(all_sites)]
+            self._managed = steer(self.model, {"_sites": identity}, mode="dynamic", capacity=1 + max(BATCH_BUCKETS))
+            self._managed_sites = frozenset(all_sites)
+        self._managed.rows(list(per_request) + [None] * (batch - n))
+        return self._managed
+
+    # -- generation -------------------------------------------------------------------------------
+    def _encode(self, inputs) -> list[list[int]]:
+        if isinstance(inputs, Tensor):
+            if inputs.dim() == 1:
+                inputs = inputs[None]
+            return [row.tolist() for row in inputs]
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if inputs and isinstance(inputs[0], str):
+            if self.tokenizer is None:
+                raise ValueError("generate: text inputs need a tokenizer")
+            return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in inputs]
+        rows = [list(map(int, r)) for r in inputs]
+        if not rows or any(not r for r in rows):
+            raise ValueError("generate: empty prompt")
+        return rows
+
+    def _stop_ids(self, stop) -> list[int]:
+        ids: list[int] = []
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(self.model.config, "eos_token_id", None)
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+        for s in [stop] if isinstance(stop, (str, int)) else list(stop or []):
+            if isinstance(s, int):
+                ids.append(s)
+            elif self.tokenizer is not None:
+                enc = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+                if len(enc) == 1:
+                    ids.append(enc[0])
+        return sorted(set(ids))
+
+    @torch.no_grad()
+    def stream(
+        self,
+        inputs,
+        steering=None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop=None,
+        seed: int | None = None,
+        _result: dict | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Yield, per decode step, one new token per request (None once a request has stopped)."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        prompts = self._encode(inputs)
+        n = len(prompts)
+        B = _bucket(n, BATCH_BUCKETS, "batch size")
+        S = max(map(len, prompts))
+        L = _bucket(S + max_new_tokens, LENGTH_BUCKETS, "prompt + new tokens")
+        slot = self.slots.get((B, L))
+        if slot is None:
+            slot = self.slots[(B, L)] = _Slot(self, B, L)
+        handle = self._resolve_steering(steering, n, B)
+        user_rows = None
+        if isinstance(steering, SteeringHandle) and handle is not None and handle._batch_rows is not None:
+            user_rows = handle._batch_rows
+            if user_rows.shape[0] != n:
+                raise ValueError(f"generate: the handle's rows() cover {user_rows.shape[0]} requests, the batch has {n}")
+            pad_rows = torch.zeros(B - n, dtype=torch.int32, device=user_rows.device)
+            handle._batch_rows = torch.cat([user_rows, pad_rows])  # padding rows are not steered
+        stop_ids = torch.tensor(self._stop_ids(stop) or [-1], device=self.device)
+        stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        text_stops = [s for s in stops if isinstance(s, str)]
+        gen = torch.Generator(device=self.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        elif do_sample:
+            gen.seed()
+
+        # left-padded prompt batch; padding rows repeat the first request and are discarded
+        pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        for i in range(B):
+            row = prompts[i if i < n else 0]
+            ids[i, S - len(row) :] = torch.tensor(row)
+        mask_prompt = (torch.arange(S)[None, :] >= torch.tensor([S - len(prompts[i if i < n else 0]) for i in range(B)])[:, None]).long()
+        ids, mask_prompt = ids.to(self.device), mask_prompt.to(self.device)
+        slot.mask.fill_(1)
+        slot.mask[:, :S].copy_(mask_prompt)
+        slot.prompt_len.copy_(mask_prompt.sum(-1))
+        slot.cache.reset()
+        state = _STATES.get(self.model)
+        if state is not None and not state.handles:
+            state = None
+
+        t0 = time.perf_counter()
+        # prefill: eager, positions counted from each row's first real token
+        pos_prefill = (mask_prompt.cumsum(-1) - 1).clamp_min(0)
+        if state is not None:
+            state.external = (pos_prefill, mask_prompt.bool(), slot.prompt_len)
+        try:
+            kw = dict(self._logits_kw)
+            if self._pass_cache_position:
+                kw["cache_position"] = torch.arange(S, device=self.device)
+            logits = self.model(
+                input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, past_key_values=slot.cache,
+                use_cache=True, **kw,
+            ).logits[:, -1, :]
+            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+            tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
+            finished |= torch.isin(tok, stop_ids)
+            slot.tokens[:, 0].copy_(tok)
+            out_tokens = [tok]
+            yield [int(t) for t in tok[:n].tolist()]
+            if state is not None:
+                state.external = slot.external
+            t_dec = time.perf_counter()
+            steps = 0
+            for step in range(1, max_new_tokens):
+                if step % STOP_CHECK_EVERY == 0 and bool(finished[:n].all()):
+                    break
+                slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
+                cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
+                if not slot.compiled and self.compile_mode:
+                    if self.progress:
+                        print(f"pysteer: compiling the decode step (batch {B}, cache {L}, mode {self.compile_mode}) ...", file=sys.stderr, flush=True)
+                    tc = time.perf_counter()
+                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
+                    self.compile_seconds[(B, L)] = time.perf_counter() - tc
+                    slot.compiled = True
+                    if self.progress:
+                        print(f"pysteer: compiled in {self.compile_seconds[(B, L)]:.1f} s", file=sys.stderr, flush=True)
+                else:
+                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
+                tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
+                tok = torch.where(finished, pad, tok)
+                finished |= torch.isin(tok, stop_ids)
+                slot.tokens[:, 0].copy_(tok)
+                out_tokens.append(tok)
+                steps += 1
+                yield [int(t) for t in tok[:n].tolist()] if _result is None else None
+            if _result is not None:
+                _result.update(
+                    out=torch.stack(out_tokens, 1)[:n].tolist(), seconds=time.perf_counter() - t0,
+                    decode_seconds=time.perf_counter() - t_dec, steps=steps, stop_ids=stop_ids.tolist(),
+                    text_stops=text_stops, prompts=prompts, compile_seconds=self.compile_seconds.get((B, L), 0.0),
+                )
+        finally:
+            if state is not None:
+                state.external = None
+            if user_rows is not None:
+                handle._batch_rows = user_rows
+            if self._managed is not None and handle is self._managed:
+                # Between calls the managed handle stays attached (removing its hooks would force a
+                # recompile next time) but steers nothing: one row 0, broadcast to any batch.
+                self._managed.rows([None])
+
+    def generate(self, inputs, steering=None, max_new_tokens: int = 64, **kw) -> GenerationResult:
+        """Generate for a batch of prompts; see ``pysteer.generate``."""
+        res: dict = {}
+        for _ in self.stream(inputs, steering=steering, max_new_tokens=max_new_tokens, _result=res, **kw):
+            pass
+        stop_ids = set(res["stop_ids"])
+        tokens = []
+        for row in res["out"]:
+            cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+            tokens.append(row[:cut])
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            for i, text in enumerate(texts):
+                for s in res["text_stops"]:
+                    if s in text:
+                        texts[i] = text[: text.index(s)]
+        return GenerationResult(
+            tokens=tokens, texts=texts, prompt_tokens=res["prompts"], seconds=res["seconds"],
+            decode_seconds=res["decode_seconds"], steps=res["steps"], compile_seconds=res["compile_seconds"],
+        )
+
+    @staticmethod
+    def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int, gen) -> Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits.float() / max(temperature, 1e-6)
+        if top_k and top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _identity_for(site: Site):
+    return HeadScale(site.layer, scale=1.0) if site.kind == "attn.heads" else VectorScale(site.name, 1.0)
+
+
+def _per_request(steering, n: int) -> list[list | None]:
+    """Normalise ``steering`` (one config for all, or one per request) to a list of n configs."""
+    if is_affine(steering):
+        return [[steering]] * n
+    items = list(steering)
+    if items and all(is_affine(x) for x in items):
+        return [items] * n
+    if len(items) != n:
+        raise ValueError(f"generate: {len(items)} per-request configs for {n} prompts")
+    out = []
+    for x in items:
+        if x is None:
+            out.append(None)
+        elif is_affine(x):
+            out.append([x])
+        else:
+            cfg = list(x)
+            if not all(is_affine(iv) for iv in cfg):
+                raise TypeError("generate: per-request configs hold affine interventions (or None)")
+            out.append(cfg)
+    return out
+
+
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_generator(
+    model: nn.Module, tokenizer=None, compile: str | bool = "auto", progress: bool = True, compile_backend: str = "inductor"
+) -> FastGenerator:
+    """The model's ``FastGenerator`` for this compile mode (created once, reused across calls)."""
+    per_model = _GENERATORS.setdefault(model, {})
+    key = (compile, compile_backend)
+    gen = per_model.get(key)
+    if gen is None:
+        gen = per_model[key] = FastGenerator(model, tokenizer, compile, progress, compile_backend)
+    if tokenizer is not None:
+        gen.tokenizer = tokenizer
+    return gen
+
+
+def generate(
+    model: nn.Module,
+    inputs,
+    tokenizer=None,
+    steering=None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop=None,
+    seed: int | None = None,
+    compile: str | bool = "auto",
+    stream: bool = False,
+    progress: bool = True,
+    compile_backend: str = "inductor",
+):
+    """Generate with a static KV cache and a compiled decode step, steering updated in place.
+
+    Args:
+        model: a Hugging Face causal LM.
+        inputs: text(s) (needs ``tokenizer``), a ``[B, S]`` tensor, or lists of token ids.
+        tokenizer: for text inputs, stop strings and decoded outputs.
+        steering: None; a dynamic ``SteeringHandle`` (its configs and ``rows``); one config (an
+            intervention or a list) for every request; or one config (or None) per request.
+        max_new_tokens: tokens to generate per request.
+        do_sample, temperature, top_p, top_k: sampling (on the device); greedy by default.
+        stop: stop token id(s) or single-token string(s) besides EOS; multi-token strings cut the text.
+        seed: sampling seed (reproducible on the same device).
+        compile: ``"auto"``, a ``torch.compile`` mode, or False.
+        stream: return an iterator yielding one token per request per step instead.
+        progress: print compile progress to stderr.
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` compiles fast, for tests).
+
+    Returns:
+        ``GenerationResult`` (or an iterator of token lists when ``stream=True``).
+    """
+    gen = get_generator(model, tokenizer, compile=compile, progress=progress, compile_backend=compile_backend)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+    if stream:
+        return gen.stream(inputs, steering=steering, **kw)
+    return gen.generate(inputs, steering=steering, **kw)
