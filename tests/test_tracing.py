@@ -540,3 +540,29 @@ def test_trace_dataset_stores_steered_activations(tmp_path):
         trace_dataset(model, docs, "layers.0.resid", tmp_path, dtype=torch.float32, batch_size=3)
     expected = reference_rows(model, docs, ["layers.0.resid"])["layers.0.resid"] + 2.0 * vector
     torch.testing.assert_close(TraceReader(tmp_path).load("layers.0.resid"), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_pysteer_sae_features_are_stored_sparse(tmp_path, activation):
+    from pysteer.sae import SAE
+
+    g = torch.Generator().manual_seed(6)
+    d_in, d_sae = 64, 96
+    sae = SAE(
+        torch.randn(d_in, d_sae, generator=g) / 8,
+        torch.randn(d_sae, generator=g) * 0.1,
+        torch.randn(d_sae, d_in, generator=g) / 8,
+        torch.zeros(d_in),
+        activation=activation,
+        k=5 if activation == "topk" else None,
+    )
+    model, docs = tiny_model("llama"), make_docs()
+    trace_dataset(
+        model, docs, "layers.0.resid", tmp_path, dtype=torch.float32, sae={"layers.0.resid": sae}, sae_k=5
+    )
+    idx, val = TraceReader(tmp_path).load("layers.0.resid")
+    feats = sae.encode(reference_rows(model, docs, ["layers.0.resid"])["layers.0.resid"])
+    torch.testing.assert_close(val, feats.gather(1, idx.long()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        val.sort(dim=1).values, feats.topk(5).values.sort(dim=1).values, rtol=1e-5, atol=1e-5
+    )

@@ -158,6 +158,7 @@ class _Store:
     sae: Any = None
     k: int = 0
     d_sae: int | None = None
+    sparse_encoder: bool = False  # the SAE's encode_topk gives (values, indices) directly
 
     def info(self, dtype: torch.dtype) -> dict[str, Any]:
         width = self.resolved.width
@@ -192,31 +193,46 @@ def _sae_topk(store: _Store, rows: Tensor) -> tuple[Tensor, Tensor]:
     """``rows`` ``[N, d_in]`` -> ``(indices [N, k] int32, values [N, k])``."""
     p = _sae_param(store.sae)
     x = rows.to(p.dtype) if p is not None else rows
-    out = store.sae.encode(x)
-    if isinstance(out, (tuple, list)):
-        idx, val = _split_topk(out)
+    if store.sparse_encoder:
+        idx, val = _split_topk(store.sae.encode_topk(x))
     else:
-        val, idx = out.topk(store.k, dim=-1)
+        out = store.sae.encode(x)
+        if isinstance(out, (tuple, list)):
+            idx, val = _split_topk(out)
+        else:
+            val, idx = out.topk(store.k, dim=-1)
     return idx.to(torch.int32), val
 
 
 def _setup_sae(store: _Store, sae: Any, sae_k: int | None, device: torch.device) -> dict[str, Any]:
+    """Probe ``sae`` once on a zero row to learn its output form, k and d_sae."""
     if not callable(getattr(sae, "encode", None)):
         raise TypeError(f"sae for {store.name}: expected an object with .encode(x), got {type(sae).__name__}")
     p = _sae_param(sae)
-    probe = torch.zeros(
-        1, store.resolved.width, device=device, dtype=p.dtype if p is not None else torch.float32
-    )
-    with torch.inference_mode():
-        out = sae.encode(probe)
+    dtype = p.dtype if p is not None else torch.float32
+    probe = torch.zeros(1, store.resolved.width, device=device, dtype=dtype)
     store.sae = sae
-    if isinstance(out, (tuple, list)):
+    store.d_sae = getattr(sae, "d_sae", None)
+    own_k = getattr(sae, "k", None)
+    with torch.inference_mode():
+        # A TopK SAE's encode_topk computes the k codes directly; its dense encode would
+        # scatter them into a [T, d_sae] matrix only for the trace to select them again.
+        if callable(getattr(sae, "encode_topk", None)) and own_k and sae_k in (None, own_k):
+            try:
+                idx, _ = _split_topk(sae.encode_topk(probe))
+                store.sparse_encoder, store.k = True, int(idx.shape[-1])
+            except ValueError:
+                store.sparse_encoder = False
+        if not store.sparse_encoder:
+            out = sae.encode(probe)
+    if store.sparse_encoder:
+        pass
+    elif isinstance(out, (tuple, list)):
         idx, _ = _split_topk(out)
         store.k = int(idx.shape[-1])
-        store.d_sae = getattr(sae, "d_sae", None)
     else:
         store.d_sae = int(out.shape[-1])
-        k = sae_k if sae_k is not None else getattr(sae, "k", None)
+        k = sae_k if sae_k is not None else own_k
         if not k:
             raise ValueError(
                 f"sae for {store.name} returns dense features [T, {store.d_sae}]: pass sae_k= (or give "
