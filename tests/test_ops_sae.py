@@ -9,7 +9,13 @@ the comparison never needs masking.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +42,6 @@ def _triton_skip_reason() -> str | None:
     except ImportError:
         return "triton is not installed"
     if DEVICE == "cpu":
-        import os
-
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "no CUDA device and TRITON_INTERPRET is not 1"
     return None
@@ -55,15 +59,36 @@ def _cuda_skip_reason() -> str | None:
     return None
 
 
+def _host_skip_reason() -> str | None:
+    if DEVICE == "cuda":
+        return "a CUDA device is present: the compiled kernels run instead of their host emulation"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no host C++ compiler (g++) to emulate the CUDA kernels"
+    if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        return f"no CUDA headers at {CUDA_INCLUDE} to emulate the CUDA kernels"
+    return None
+
+
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 _TRITON_SKIP = _triton_skip_reason()
 _CUDA_SKIP = _cuda_skip_reason()
-RUNNABLE_KERNEL_BACKENDS = [
-    name for name, why in (("triton", _TRITON_SKIP), ("cuda", _CUDA_SKIP)) if why is None
-]
+_HOST_SKIP = _host_skip_reason()
+# "cuda-host": csrc/sae.cu compiled for the host and run through pysteer/ops/cuda_sae.py (see the
+# end of this file); on a GPU machine "cuda" runs the compiled kernels instead.
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(_TRITON_SKIP is not None, reason=_TRITON_SKIP or "")),
     pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")),
+    pytest.param("cuda-host", marks=pytest.mark.skipif(_HOST_SKIP is not None, reason=_HOST_SKIP or "")),
 ]
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """The backend name to pass to the ops; "cuda-host" patches the CUDA wrappers onto the emulation."""
+    if request.param == "cuda-host":
+        request.getfixturevalue("cuda_kernels_on_host")
+        return "cuda"
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +185,7 @@ def assert_2x(fast: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, what: s
 ENCODE_SHAPES = [(1, 67, 131, True, False), (33, 67, 257, False, True)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ["relu", "jumprelu"])
 @pytest.mark.parametrize("shape", ENCODE_SHAPES, ids=["T1", "T33-strided"])
@@ -180,7 +205,7 @@ def test_encode_matches_reference(backend, dtype, act, shape):
     assert torch.equal(fast == 0, ref == 0), "the set of active latents differs"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_encode_without_b_dec(backend):
     c = cast(separated_case(7, 67, 131, winners=30), torch.float32)
     xin = c["x"] - c["b_dec"]
@@ -191,7 +216,7 @@ def test_encode_without_b_dec(backend):
     assert_2x(fast, same, ref, "sae_encode without b_dec")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("k", KS)
 def test_encode_topk_matches_reference(backend, dtype, k):
@@ -217,7 +242,7 @@ def test_encode_topk_matches_reference(backend, dtype, k):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_topk_kernels_break_ties_towards_the_lower_latent_id(backend):
     x = torch.zeros(2, 3, device=DEVICE)
     W_enc = torch.zeros(3, 10, device=DEVICE)
@@ -234,7 +259,7 @@ def test_topk_kernels_break_ties_towards_the_lower_latent_id(backend):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("k", KS)
 def test_decode_sparse_matches_reference(backend, dtype, k):
@@ -255,7 +280,7 @@ def test_decode_sparse_matches_reference(backend, dtype, k):
     assert_2x(fast, same, ref, f"sae_decode_sparse[{backend}, k={k}, {dtype}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_sparse_decode_of_topk_codes_equals_dense_decode(backend):
     c = cast(separated_case(6, 67, 131, winners=8), torch.float32)
     values, indices = ops.sae_encode_topk(c["x"], c["W_enc"], c["b_enc"], c["b_dec"], k=8, backend=backend)
@@ -289,7 +314,7 @@ def _steer(c, rows, tables, act, k, backend, x=None):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ["relu", "jumprelu", "topk"])
 def test_steer_matches_reference(backend, dtype, act):
@@ -314,7 +339,7 @@ def test_steer_matches_reference(backend, dtype, act):
     assert not torch.equal(fast[rows != 0], c["x"][rows != 0]), "the edits did nothing"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("k", [1, 64])
 def test_steer_topk_k(backend, k):
     T, d, m = 5, 67, 131
@@ -331,7 +356,7 @@ def test_steer_topk_k(backend, k):
     assert_2x(fast, same, ref, f"sae_steer[{backend}, topk, k={k}]")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS])
+@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ["relu", "jumprelu", "topk"])
 def test_zero_edits_are_bit_exact_identity(backend, dtype, act):
@@ -355,7 +380,7 @@ def test_zero_edits_are_bit_exact_identity(backend, dtype, act):
     )
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS])
+@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS], indirect=True)
 @pytest.mark.parametrize("act", ["relu", "jumprelu"])
 def test_selective_encode_equals_full_encode_on_edited_features(backend, act):
     """Ablating S through a decoder of unit vectors reads -f_S off the output; compare to the full encode."""
@@ -393,7 +418,7 @@ def test_selective_encode_equals_full_encode_on_edited_features(backend, act):
     torch.testing.assert_close(sel, whole[:, S], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS])
+@pytest.mark.parametrize("backend", [pytest.param("torch"), *BACKENDS], indirect=True)
 @pytest.mark.parametrize("act", ["relu", "topk"])
 def test_add_edit_on_orthonormal_tied_sae_adds_the_decoder_row(backend, act):
     T, d, m, j, s = 5, 64, 48, 7, 1.5
@@ -452,7 +477,7 @@ def test_steer_backward_matches_autograd_of_reference(act):
     assert ds_ref[0].abs().max() == 0 and ds_ref[1:].abs().max() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_steer_backward_through_kernel_backend(backend):
     T, d, m = 6, 23, 41
     c = cast(separated_case(T, d, m, winners=10, seed=2), torch.float32)
@@ -518,7 +543,7 @@ def _small(dtype=torch.float32):
     return c
 
 
-@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS, indirect=True)
 def test_opcheck_sae_encode(backend):
     c = _small()
     x = c["x"].clone().requires_grad_()
@@ -528,7 +553,7 @@ def test_opcheck_sae_encode(backend):
     )
 
 
-@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS, indirect=True)
 def test_opcheck_sae_encode_topk(backend):
     c = _small()
     x = c["x"].clone().requires_grad_()
@@ -537,7 +562,7 @@ def test_opcheck_sae_encode_topk(backend):
     )
 
 
-@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS, indirect=True)
 def test_opcheck_sae_decode_sparse(backend):
     c = _small()
     idx = torch.tensor([[0, 5, 36], [1, 2, 3], [7, 7, 9]], device=DEVICE)
@@ -547,8 +572,17 @@ def test_opcheck_sae_decode_sparse(backend):
     )
 
 
-@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
-@pytest.mark.parametrize("act", ["jumprelu", "topk"])
+# jumprelu runs on torch only: topk covers the triton steer path and its selection kernels
+OPCHECK_STEER = [
+    ("torch", "jumprelu"),
+    ("torch", "topk"),
+    pytest.param(
+        "triton", "topk", marks=pytest.mark.skipif(_TRITON_SKIP is not None, reason=_TRITON_SKIP or "")
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "act"), OPCHECK_STEER, indirect=["backend"])
 def test_opcheck_sae_steer(backend, act):
     c = _small()
     features, kinds, s = edit_tables(37)
@@ -654,3 +688,223 @@ def test_decode_sparse_rejects_mismatched_values():
         ops.sae_decode_sparse(idx, torch.zeros(3, 5), torch.zeros(10, 4))
     with pytest.raises(ValueError, match="indices must be int32 or int64"):
         ops.sae_decode_sparse(idx.float(), torch.zeros(3, 4), torch.zeros(10, 4))
+
+
+def test_cuda_backend_rejects_host_tensors_with_a_clear_error():
+    args = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in _steer_args().items()}
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        ops.sae_steer(**args, act="relu", backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernels' logic, compiled for the host
+# ---------------------------------------------------------------------------------------------
+#
+# csrc/sae.cu is compiled with the host C++ compiler. Each launch runs its blocks one after another
+# and a block's threads as OS threads: ``__shared__`` becomes a static shared by them,
+# ``__syncthreads`` a barrier over the block, and the warp intrinsics (shuffles, ballot,
+# match_any) exchange values through a per-warp buffer between two warp barriers. This checks the
+# kernels' indexing, synchronisation, radix select, sorting and edit logic without a GPU, through
+# the same Python wrappers (pysteer/ops/cuda_sae.py) that drive pysteer._C. Device code generation
+# and timing are what a GPU run checks.
+
+_HOST_SHIM = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+static thread_local dim3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+#define __global__
+#undef __device__
+#define __device__
+#undef __forceinline__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+#define __shared__ static
+inline cudaError_t emu_get_device(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t emu_set_device(int) { return cudaSuccess; }
+inline cudaError_t emu_last_error() { return cudaSuccess; }
+inline const char* emu_error_string(cudaError_t) { return ""; }
+#define cudaGetDevice emu_get_device
+#define cudaSetDevice emu_set_device
+#define cudaGetLastError emu_last_error
+#define cudaGetErrorString emu_error_string
+namespace py { using value_error = std::invalid_argument; }
+struct EmuBlock {
+  std::unique_ptr<std::barrier<>> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> slots;
+};
+static EmuBlock* emu_block = nullptr;
+static std::mutex emu_atomic_mutex;
+inline void __syncthreads() { emu_block->block->arrive_and_wait(); }
+inline std::barrier<>& emu_warp() { return *emu_block->warps[threadIdx.x / 32]; }
+inline uint64_t emu_exchange(uint64_t mine, int src_lane) {
+  emu_block->slots[threadIdx.x] = mine;
+  emu_warp().arrive_and_wait();
+  const uint64_t got = emu_block->slots[(threadIdx.x & ~31u) + src_lane];
+  emu_warp().arrive_and_wait();
+  return got;
+}
+template <typename V>
+inline V emu_shfl(V v, int src) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(V));
+  bits = emu_exchange(bits, src);
+  V out;
+  std::memcpy(&out, &bits, sizeof(V));
+  return out;
+}
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int o) { return emu_shfl(v, (threadIdx.x & 31) ^ o); }
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) { return emu_shfl(v, src); }
+inline unsigned emu_gather_mask(uint64_t mine, bool (*same)(uint64_t, uint64_t)) {
+  emu_block->slots[threadIdx.x] = mine;
+  emu_warp().arrive_and_wait();
+  unsigned m = 0;
+  const unsigned base = threadIdx.x & ~31u;
+  for (int l = 0; l < 32; ++l) if (same(mine, emu_block->slots[base + l])) m |= 1u << l;
+  emu_warp().arrive_and_wait();
+  return m;
+}
+inline unsigned __ballot_sync(unsigned, bool p) {
+  return emu_gather_mask(p, [](uint64_t, uint64_t other) { return other != 0; });
+}
+inline unsigned __match_any_sync(unsigned, int v) {
+  return emu_gather_mask(static_cast<uint64_t>(static_cast<uint32_t>(v)), [](uint64_t a, uint64_t b) { return a == b; });
+}
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+template <typename V>
+inline V atomicAdd(V* p, V v) { std::lock_guard<std::mutex> g(emu_atomic_mutex); const V old = *p; *p += v; return old; }
+template <typename K, typename... Args>
+void emulate(dim3 grid, dim3 block, K kernel, Args... args) {
+  gridDim = grid;
+  blockDim = block;
+  const unsigned n = block.x;
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      EmuBlock eb;
+      eb.block = std::make_unique<std::barrier<>>(n);
+      for (unsigned w = 0; w < (n + 31) / 32; ++w) eb.warps.push_back(std::make_unique<std::barrier<>>(32));
+      eb.slots.assign(n, 0);
+      emu_block = &eb;
+      std::vector<std::thread> threads;
+      threads.reserve(n);
+      for (unsigned tx = 0; tx < n; ++tx) {
+        threads.emplace_back([=] {
+          blockIdx = dim3(bx, by);
+          threadIdx = dim3(tx);
+          kernel(args...);
+        });
+      }
+      for (auto& t : threads) t.join();
+      emu_block = nullptr;
+    }
+  }
+}
+"""
+
+_CTYPES = {
+    "uintptr_t": ctypes.c_size_t,
+    "int64_t": ctypes.c_int64,
+    "int": ctypes.c_int,
+    "bool": ctypes.c_bool,
+}
+
+
+def _host_source(cu: str) -> tuple[str, dict[str, list]]:
+    """csrc/sae.cu with launches turned into ``emulate(...)`` calls and a C entry point per host function."""
+    for line in ("#include <cuda_runtime.h>", "#include <pybind11/pybind11.h>", "namespace py = pybind11;"):
+        cu = cu.replace(line, "")
+    cu = cu[: cu.index("// Registered by PYBIND11_MODULE")]
+    # The top-k select is written for any block size that is a multiple of 32; emulated with 512 OS
+    # threads its ~30 block barriers cost 0.26 s per token on 2 cores, so it runs with 64 here.
+    select = "constexpr int kSelectThreads = 512;"
+    assert select in cu, "csrc/sae.cu's select block size changed; update _host_source"
+    cu = cu.replace(select, "constexpr int kSelectThreads = 64;")
+    cu, launches = re.subn(r"(\w+<[^<>]*>)\s*<<<([^,]+), ([^,]+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", cu)
+    assert launches == 16, f"csrc/sae.cu has {launches} launches (expected 16); update _host_source"
+    api = [
+        "static std::string emu_error;",
+        'extern "C" const char* emu_last_message() { return emu_error.c_str(); }',
+    ]
+    signatures = {}
+    for name, params in re.findall(r"^void (sae_\w+)\(([^)]*)\) \{", cu, flags=re.M):
+        typed = [p.split() for p in " ".join(params.split()).split(", ")]
+        signatures[name] = [_CTYPES[t] for t, _ in typed]
+        call = f"pysteer_sae::{name}({', '.join(n for _, n in typed)});"
+        api.append(
+            f'extern "C" int emu_{name}({params}) {{ try {{ {call} }} '
+            "catch (const std::exception& e) { emu_error = e.what(); return 1; } return 0; }"
+        )
+    assert len(signatures) == 6, sorted(signatures)
+    return _HOST_SHIM + cu + "\n".join(api) + "\n", signatures
+
+
+class _HostExtension:
+    """Stands in for ``pysteer._C``: the same function names, backed by the host build."""
+
+    def __init__(self, lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
+        lib.emu_last_message.restype = ctypes.c_char_p
+        for name, types in signatures.items():
+            fn = getattr(lib, f"emu_{name}")
+            fn.argtypes, fn.restype = types, ctypes.c_int
+            setattr(self, name, self._checked(lib, fn))
+
+    @staticmethod
+    def _checked(lib, fn):
+        def call(*args):
+            if fn(*args) != 0:
+                raise ValueError(lib.emu_last_message().decode())
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def _host_extension(tmp_path_factory) -> _HostExtension:
+    root = Path(__file__).resolve().parents[1]
+    build = tmp_path_factory.mktemp("sae_host")
+    source, signatures = _host_source((root / "csrc" / "sae.cu").read_text())
+    (build / "sae_host.cpp").write_text(source)
+    lib = build / "libsae_host.so"
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(CUDA_INCLUDE)]
+    proc = subprocess.run([*cmd, str(build / "sae_host.cpp"), "-o", str(lib)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _HostExtension(ctypes.CDLL(str(lib)), signatures)
+
+
+@pytest.fixture
+def cuda_kernels_on_host(_host_extension, monkeypatch):
+    """Route pysteer/ops/cuda_sae.py to the host build, with host tensors standing in for device ones."""
+    from pysteer.ops import cuda_sae
+
+    monkeypatch.setattr(cuda_sae, "extension", lambda: _host_extension)
+    monkeypatch.setattr(cuda_sae, "require_cuda", lambda op, **tensors: torch.device("cpu"))
+    monkeypatch.setattr(cuda_sae, "device_index", lambda device: 0)
+    monkeypatch.setattr(cuda_sae, "stream_handle", lambda device: 0)
+    return _host_extension
+
+
+@pytest.mark.skipif(_HOST_SKIP is not None, reason=_HOST_SKIP or "")
+def test_cuda_host_functions_reject_bad_sizes(_host_extension):
+    with pytest.raises(ValueError, match=r"k must be in \[1, min\(m, 1024\)\]"):
+        _host_extension.sae_topk_select(0, 1, 10, 11, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="unknown dtype code 7"):
+        _host_extension.sae_decode_sparse(0, True, 0, 1, 0, 1, 1, 0, 0, 1, 4, 7, 0, 0)
+    with pytest.raises(ValueError, match="jumprelu needs a threshold"):
+        _host_extension.sae_steer_coeff(0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 4, 1, 2, 0, 0, 0)
