@@ -92,15 +92,15 @@ def resolve_backend(requested: str | None = None, device: torch.device | str | N
     requested = requested.strip().lower()
     if requested not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join((*BACKENDS, 'auto'))}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if requested == "auto" and dev.type != "cuda":
+        return "torch"  # decided without importing Triton or the extension
     status = backend_status(device)
     if requested != "auto":
         ok, why = status[requested]
         if not ok:
             raise BackendUnavailable(f"backend {requested!r} requested but unavailable: {why}")
         return requested
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type != "cuda":
-        return "torch"
     for name in BACKENDS:
         ok, why = status[name]
         if ok:

@@ -50,21 +50,6 @@ FAST_BACKENDS = [
 ]
 
 
-def _reference_keeps_float64() -> bool:
-    """Whether ``affine_steer_ref`` computes float64 inputs in float64 (not rounded through fp32)."""
-    x = torch.full((1, 1, 1), 1 + 2.0**-40, dtype=torch.float64)
-    one, zero = torch.ones(2, 1, 1, dtype=torch.float64), torch.zeros(2, 1, 1, dtype=torch.float64)
-    return affine_steer_ref(x, torch.ones(1, dtype=torch.int32), one, zero).item() != 1.0
-
-
-needs_float64_reference = pytest.mark.xfail(
-    not _reference_keeps_float64(),
-    reason="affine_steer_ref rounds float64 inputs through float32 (x.float()), so float64 "
-    "finite differences are noise; fix the reference to compute float64 in float64",
-    strict=True,
-)
-
-
 def _dims(kind: str, D: int) -> int:
     return D if kind == "full" else 1
 
@@ -403,7 +388,6 @@ def test_autograd_through_registered_op_matches_reference(backend, dims):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_float64_reference
 def test_reference_computes_float64_inputs_in_float64():
     x, rows, M, A = make_inputs(83, 3, 13, 4, torch.float64, ("full", "scalar"))
     assert_bitwise_equal(affine_steer_ref(x, rows, M, A), ref64_forward(x, rows, M, A), "forward")
@@ -421,7 +405,6 @@ def _f64_inputs(dims, T=6, H=2, D=3, C=3):
     return x.cpu().requires_grad_(), rows.cpu(), M.cpu().requires_grad_(), A.cpu().requires_grad_()
 
 
-@needs_float64_reference
 @pytest.mark.parametrize("dims", TABLE_DIMS, ids=lambda d: f"M{d[0]}-A{d[1]}")
 def test_gradcheck_registered_op_torch_backend(dims):
     x, rows, M, A = _f64_inputs(dims)
@@ -430,7 +413,6 @@ def test_gradcheck_registered_op_torch_backend(dims):
     )
 
 
-@needs_float64_reference
 @pytest.mark.parametrize("dims", TABLE_DIMS, ids=lambda d: f"M{d[0]}-A{d[1]}")
 def test_gradcheck_inline_reference(dims):
     x, rows, M, A = _f64_inputs(dims)

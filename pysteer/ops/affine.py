@@ -54,10 +54,16 @@ def check_affine_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs; float64 stays float64 (so gradcheck sees float64 math)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def affine_steer_ref(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
     """Reference forward. Any strides; returns a contiguous tensor of ``x``'s dtype."""
     r = rows.long()
-    y = (x.float() * M[r].float() + A[r].float()).to(x.dtype)
+    ct = _compute_dtype(x)
+    y = (x.to(ct) * M[r].to(ct) + A[r].to(ct)).to(x.dtype)
     return torch.where((r == 0)[:, None, None], x, y).contiguous()
 
 
@@ -66,16 +72,17 @@ def affine_steer_backward_ref(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference backward: ``(dx, dM, dA)`` with the shapes and dtypes of ``x``, ``M``, ``A``."""
     r = rows.long()
+    ct = _compute_dtype(x)
     live = (r != 0)[:, None, None]
-    g = grad.float()
-    dx = torch.where(live, g * M[r].float(), g).to(x.dtype)
+    g = grad.to(ct)
+    dx = torch.where(live, g * M[r].to(ct), g).to(x.dtype)
     g = g * live
-    gx = g * x.float()
+    gx = g * x.to(ct)
     if M.shape[2] == 1:
         gx = gx.sum(-1, keepdim=True)
     gA = g.sum(-1, keepdim=True) if A.shape[2] == 1 else g
-    dM = torch.zeros(M.shape, dtype=torch.float32, device=M.device).index_add_(0, r, gx)
-    dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device).index_add_(0, r, gA)
+    dM = torch.zeros(M.shape, dtype=ct, device=M.device).index_add_(0, r, gx)
+    dA = torch.zeros(A.shape, dtype=ct, device=A.device).index_add_(0, r, gA)
     return dx, dM.to(M.dtype), dA.to(A.dtype)
 
 
