@@ -28,6 +28,7 @@ _LAZY = {
     "load": "pysteer.io",
     "directions": "pysteer.directions",
     "SAE": "pysteer.sae",
+    "SAEEdit": "pysteer.sae_steering",
     "trace": "pysteer.tracing",
     "trace_dataset": "pysteer.tracing",
     "TraceReader": "pysteer.tracing",

@@ -339,15 +339,17 @@ class SteeringHandle:
         self.appliers: dict[Site, list] = {}
         for row, name in enumerate(configs, start=1):
             self._write_row(row, compiled[name])
+        # non-affine interventions: one applier per (site, key), built from every config's edits
+        groups: dict[tuple, list[tuple[int, object]]] = {}
         for row, name in enumerate(configs, start=1):
             for iv in custom[name]:
-                site = iv.site
-                appliers = self.appliers.setdefault(site, [])
-                applier = next((a for a in appliers if a.accepts(iv)), None)
-                if applier is None:
-                    applier = iv.make_applier(model, resolve_site(model, site, spec), C, self._device)
-                    appliers.append(applier)
+                groups.setdefault((iv.site, iv.applier_key()), []).append((row, iv))
+        for (site, _), items in groups.items():
+            ivs = [iv for _, iv in items]
+            applier = ivs[0].make_applier(model, resolve_site(model, site, spec), C, self._device, ivs)
+            for row, iv in items:
                 applier.write_row(row, iv)
+            self.appliers.setdefault(site, []).append(applier)
         self._free_rows = list(range(1 + n_cfg, C))
         self._adhoc_rows: list[int] = []
         self._batch_rows: Tensor | None = None  # [n] int32: config row per batch row
@@ -507,7 +509,7 @@ class SteeringHandle:
         if tab is not None:
             y = affine_steer(y, rows, tab[0], tab[1], self.backend)
         for applier in self.appliers.get(site, ()):
-            y = applier.apply(y, rows)
+            y = applier.apply(y, rows, self.backend)
         return y.reshape(x.shape)
 
     # -- public API ------------------------------------------------------------------------------
