@@ -1,0 +1,200 @@
+"""ms/token of the fast path vs Hugging Face generate(), steered and unsteered, in one run.
+
+Variants (greedy, ``max_new_tokens = min_new_tokens = 64``):
+  hf-eager                HF ``generate()``, eager, dynamic cache, unhooked
+  hf-eager+pysteer        same with pysteer dynamic per-head steering (bias + scale, all layers)
+  hf-compiled             HF ``generate()`` with a static cache and ``torch.compile(model.forward)``
+  fast                    ``pysteer.generate`` unsteered
+  fast+resid              residual add on every layer
+  fast+heads              per-head bias + scale on every layer
+  fast+heads-16-configs   16 distinct per-head configs in a batch of 16 (batch 16 only)
+
+Each variant gets its own copy of the model (hooks and compiled graphs never interfere), is
+compiled and warmed once, then the variants run interleaved, round by round; medians are reported.
+Also: the first decode step after a strength change divided by the median steady step.
+
+    python bench/bench_fast_generate.py --batches 1,16 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pysteer
+from pysteer.fast import FastGenerator
+from pysteer.interventions import HeadBias, HeadScale, VectorAdd
+from pysteer.models import geometry
+
+
+def head_steering(geo, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ivs = []
+    for layer in range(geo.n_layers):
+        ivs.append(HeadBias(layer, head=None, vector=0.05 * torch.randn(geo.n_heads, geo.head_dim, generator=g)))
+        ivs.append(HeadScale(layer, head=None, scale=1 + 0.05 * torch.randn(geo.n_heads, generator=g)))
+    return ivs
+
+
+def resid_steering(geo, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [VectorAdd(f"layers.{i}.resid", 0.05 * torch.randn(geo.d_model, generator=g)) for i in range(geo.n_layers)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--compile", default="auto", help="fast path compile mode")
+    p.add_argument("--skip", default="", help="comma-separated variants to skip")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from pysteer.default_model import load_model
+
+    base, tok = load_model(args.model)
+    device = next(base.parameters()).device
+    geo = geometry(base)
+    prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    ids = tok(prompt)["input_ids"]
+    skip = set(filter(None, args.skip.split(",")))
+    results = {}
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompts = [ids] * B
+        batch = torch.tensor(prompts, device=device)
+        runners = {}
+
+        def hf_runner(model):
+            def run():
+                t = time.perf_counter()
+                with torch.no_grad():
+                    model.generate(batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                return (time.perf_counter() - t) / args.new_tokens, None
+
+            return run
+
+        def fast_runner(gen, steering):
+            def run():
+                res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens)
+                return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1)
+
+            return run
+
+        if "hf-eager" not in skip:
+            runners["hf-eager"] = hf_runner(copy.deepcopy(base))
+        if "hf-eager+pysteer" not in skip:
+            m = copy.deepcopy(base)
+            pysteer.steer(m, head_steering(geo, 0), mode="dynamic")
+            runners["hf-eager+pysteer"] = hf_runner(m)
+        if "hf-compiled" not in skip:
+            m = copy.deepcopy(base)
+            m.generation_config.cache_implementation = "static"
+            m.forward = torch.compile(m.forward, mode=None if device.type == "cpu" else "reduce-overhead")
+            runners["hf-compiled"] = hf_runner(m)
+        steered = {}
+        for name, steering in (
+            ("fast", None),
+            ("fast+resid", resid_steering(geo, 0)),
+            ("fast+heads", head_steering(geo, 0)),
+        ):
+            if name in skip:
+                continue
+            m = copy.deepcopy(base)
+            gen = FastGenerator(m, tok, compile=args.compile)
+            if steering is not None:
+                handle = pysteer.steer(m, steering, mode="dynamic")
+                steered[name] = (gen, handle)
+                runners[name] = fast_runner(gen, handle)
+            else:
+                runners[name] = fast_runner(gen, None)
+        if B == 16 and "fast+heads-16-configs" not in skip:
+            m = copy.deepcopy(base)
+            gen = FastGenerator(m, tok, compile=args.compile)
+            handle = pysteer.steer(m, {f"c{i}": head_steering(geo, i) for i in range(16)}, mode="dynamic")
+            handle.rows([f"c{i}" for i in range(16)])
+            runners["fast+heads-16-configs"] = fast_runner(gen, handle)
+
+        print(f"batch {B}: compiling and warming up {len(runners)} variants ...", file=sys.stderr)
+        warm = {}
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            warm[name] = time.perf_counter() - t
+            print(f"  {name}: first call {warm[name]:.1f} s", file=sys.stderr)
+        per_token = {n: [] for n in runners}
+        decode = {n: [] for n in runners}
+        for r in range(args.rounds):
+            for name, run in runners.items():
+                total, dec = run()
+                per_token[name].append(1000 * total)
+                if dec is not None:
+                    decode[name].append(1000 * dec)
+            print(f"  round {r}: " + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners), file=sys.stderr)
+        med = {n: statistics.median(v) for n, v in per_token.items()}
+        res = {
+            "ms_per_token_median": med,
+            "ms_per_token_best": {n: min(v) for n, v in per_token.items()},
+            "decode_ms_per_step_median": {n: statistics.median(v) for n, v in decode.items() if v},
+            "first_call_seconds": warm,
+            "samples_ms_per_token": per_token,
+        }
+        if "hf-eager" in med:
+            res["speedup_vs_hf_eager"] = {n: med["hf-eager"] / v for n, v in med.items()}
+        if "fast" in med:
+            res["ratio_tokens_per_s_vs_fast_unsteered"] = {n: med["fast"] / v for n, v in med.items() if n.startswith("fast")}
+        if "fast+heads-16-configs" in med and "fast+heads" in med:
+            res["ratio_16_configs_vs_1_config"] = med["fast+heads"] / med["fast+heads-16-configs"]
+        # first step after a strength change vs the steady step, on the per-head variant
+        if "fast+heads" in steered:
+            gen, handle = steered["fast+heads"]
+            ratios = []
+            for r in range(args.rounds):
+                handle.set_alpha(1.0 + 0.1 * (r + 1))
+                times = []
+                t = time.perf_counter()
+                for _ in gen.stream(prompts, steering=handle, max_new_tokens=16):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    times.append(now - t)
+                    t = now
+                # times[0] is the prefill; times[1] the first decode step after the change
+                ratios.append(times[1] / statistics.median(times[2:]))
+            res["first_step_after_change_over_steady"] = statistics.median(ratios)
+        results[f"batch{B}"] = res
+        print(json.dumps({k: v for k, v in res.items() if k not in ("samples_ms_per_token",)}, indent=1), file=sys.stderr)
+
+    doc = {
+        "bench": "bench_fast_generate",
+        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "host": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "dtype": str(next(base.parameters()).dtype),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "compile": args.compile,
+        "results": results,
+    }
+    out = Path(args.out or f"bench/results/fast-generate-{'cpu' if device.type == 'cpu' else 'gpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
