@@ -518,10 +518,14 @@ def test_cli_traces_the_default_model(tmp_path, capsys):
 
 def test_token_matrix_rows_are_documents(tmp_path):
     ids = torch.randint(3, 128, (5, 6), generator=torch.Generator().manual_seed(8))
-    summary = trace_dataset(tiny_model("qwen2"), ids, "layers.1.mlp.out", tmp_path, max_length=4)
+    model = tiny_model("qwen2")
+    summary = trace_dataset(model, ids, "layers.1.mlp.out", tmp_path, max_length=4, dtype=torch.float32)
     reader = TraceReader(tmp_path)
     assert summary.docs == 5 and reader.num_rows == 20
     assert reader.token_ids().reshape(5, 4).tolist() == ids[:, :4].tolist()
+    # equal-length batches run without an attention mask; the rows must not change
+    expected = reference_rows(model, ids[:, :4].tolist(), ["layers.1.mlp.out"])["layers.1.mlp.out"]
+    torch.testing.assert_close(reader.load("layers.1.mlp.out"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_package_exposes_the_tracing_api():

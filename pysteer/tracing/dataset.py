@@ -846,7 +846,11 @@ def trace_dataset(
             capture.begin(flat_idx.to(device, non_blocking=True), slot)
             try:
                 with torch.inference_mode():
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                    # Without padding the mask is all ones: leaving it out keeps SDPA on its causal
+                    # fast path (about 5 % of the forward on SmolLM2 at 4 x 64 tokens, one CPU thread).
+                    padded = any(len(t) != longest for t in live)
+                    attention_mask = mask.to(device) if padded else None
+                    model(input_ids=ids.to(device), attention_mask=attention_mask, use_cache=False)
             except _StopForward:
                 pass
             else:
