@@ -570,3 +570,10 @@ def test_pysteer_sae_features_are_stored_sparse(tmp_path, activation):
     torch.testing.assert_close(
         val.sort(dim=1).values, feats.topk(5).values.sort(dim=1).values, rtol=1e-5, atol=1e-5
     )
+
+
+def test_out_of_vocabulary_token_names_the_document(tmp_path):
+    docs = make_docs()
+    docs[5] = [3, 4, 500]
+    with pytest.raises(ValueError, match="document 5: token id 500"):
+        trace_dataset(tiny_model("llama"), docs, "layers.0.resid", tmp_path, batch_size=4)

@@ -837,9 +837,13 @@ def trace_dataset(
             for i, toks in enumerate(live):
                 ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
                 mask[i, : len(toks)] = 1
-            top = int(ids.max())
-            if top >= vocab or int(ids.min()) < 0:
-                raise ValueError(f"token id {top} is outside the model's vocabulary of {vocab}")
+            top, bottom = int(ids.max()), int(ids.min())
+            if top >= vocab or bottom < 0:
+                bad = top if top >= vocab else bottom
+                doc = next(d for d, s, _ in batch if bad in s)
+                raise ValueError(
+                    f"document {doc}: token id {bad} is outside the model's vocabulary [0, {vocab})"
+                )
             flat_idx = mask.reshape(-1).nonzero().squeeze(1)
             if staging is not None:
                 slot = staging.acquire(writer.check)
