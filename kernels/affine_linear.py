@@ -22,10 +22,12 @@ Tile choice (reasoned from the shapes, not tuned on a GPU from this file):
   only ``N / 64`` programs (64 for N=4096, fewer than the H100's 132 SMs), so K is split until
   there are about two programs per SM (split 4 at N=4096): each split writes fp32 partials
   ``[SPLIT, T, N]`` and a second small kernel sums them in a fixed order (deterministic, unlike
-  atomics), adds the bias and casts. The partials cost ``2 * 4 * SPLIT * T * N`` bytes, 1 MiB at
-  T=16 against 32 MiB of ``W``.
+  atomics), adds the bias and casts. Writing and reading the partials moves
+  ``2 * 4 * SPLIT * T * N`` bytes: 2 MiB at T=16, 8 MiB at T=64, against 32 MiB of ``W``.
 - Prefill, ``T > 64``: a standard tensor-core tiling (128 x 128 x 64 for 2-byte types) with
   grouped program order so neighbouring programs share ``W`` tiles in L2; no split.
+
+None of these tiles has been timed on a GPU yet (bench/bench_affine_linear.py does that).
 
 Rows outside ``[0, C)`` are outside the contract; the kernel treats them like row 0 (the token's
 ``z`` is projected unmodified) instead of reading out of bounds.
