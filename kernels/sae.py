@@ -295,15 +295,14 @@ def _select_largest(key, K):
     tie = hi == a[:, None]
     need = K - tl.sum(above.to(tl.int32), axis=1)
     n_tie = tl.sum(tie.to(tl.int32), axis=1)
-    if tl.sum((n_tie != need).to(tl.int32)) == 0:
-        return above | tie
     c = tl.zeros((key.shape[0],), tl.int64)
-    e = tl.full((key.shape[0],), 4294967295, tl.int64)
-    for _ in range(32):
-        mid = (c + e + 1) >> 1
-        ok = tl.sum((tie & (lo >= mid[:, None])).to(tl.int32), axis=1) >= need
-        c = tl.where(ok, mid, c)
-        e = tl.where(ok, e, mid - 1)
+    if tl.sum((n_tie != need).to(tl.int32)) != 0:  # a row takes only some of its tied values
+        e = tl.full((key.shape[0],), 4294967295, tl.int64)
+        for _ in range(32):
+            mid = (c + e + 1) >> 1
+            ok = tl.sum((tie & (lo >= mid[:, None])).to(tl.int32), axis=1) >= need
+            c = tl.where(ok, mid, c)
+            e = tl.where(ok, e, mid - 1)
     return above | (tie & (lo >= c[:, None]))
 
 
