@@ -86,6 +86,8 @@ class NvccBuildExt(build_ext):
             nvcc,
             "-O3",
             "-std=c++17",
+            "--threads",
+            "0",  # compile the architectures in parallel
             "-shared",
             "-Xcompiler",
             "-fPIC,-fvisibility=hidden",
