@@ -74,12 +74,16 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(uninterrupted, tmp
     assert len(state["shards"]) == 2 and not state["complete"]
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == [".rank0-000002.safetensors.tmp"]
     assert TraceReader(out).num_rows == sum(s["rows"] for s in state["shards"])  # readable as it is
-    # as if a kill had also come after a shard's rename but before the manifest named it
+    # as if a kill had also come after a shard's rename but before the manifest named it, and
+    # leftovers of an earlier attempt that cut shards differently (shard_tokens is not config)
     (out / "rank0-000002.safetensors").write_bytes(b"not listed in any manifest")
+    (out / "rank0-000099.safetensors").write_bytes(b"not listed in any manifest")
+    (out / ".rank0-000042.safetensors.tmp").write_bytes(b"partial")
 
     summary = trace_dataset(tiny_model("llama"), docs(), SITES, out, **RUN)
     assert summary.new_rows == summary.rows - sum(s["rows"] for s in state["shards"])
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "rank0-000099.safetensors").exists()
     TraceReader(out).verify()
 
     resumed, reference = rows_by_key(out), rows_by_key(uninterrupted)
