@@ -13,6 +13,9 @@ nnsight ``LanguageModel.trace`` and TransformerLens ``TransformerBridge.run_with
 ratio to the plain forward measured in the same process.
 
     python bench/bench_trace.py                 # writes bench/results/trace-cpu.json
+
+One torch thread by default: on the shared 2-core machine two intra-op threads made the same
+forward take 3-10 s between rounds (load average 6-14), one thread kept rounds within ~15 %.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians reported)")
     parser.add_argument("--peers-python", default="/work/peers-venv/bin/python")
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS / "trace-cpu.json")
     args = parser.parse_args()
     if args.threads:
