@@ -1,5 +1,6 @@
 """Op registry: every op is declared once with ``torch.library`` and implemented per backend."""
 
+from . import sae  # registers the pysteer::sae_* ops (no Triton, no CUDA)
 from .affine import affine_steer, affine_steer_ref, check_affine_args
 from .affine_linear import affine_linear, affine_linear_ref, check_affine_linear_args
 
@@ -10,4 +11,5 @@ __all__ = [
     "affine_steer_ref",
     "check_affine_args",
     "check_affine_linear_args",
+    "sae",
 ]
