@@ -26,7 +26,7 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_ext_status() -> tuple[bool, str]:
     try:
         importlib.import_module("pysteer._C")
@@ -35,7 +35,7 @@ def _cuda_ext_status() -> tuple[bool, str]:
     return True, "built"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401

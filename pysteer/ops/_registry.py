@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .._backend import BACKENDS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_impl(family: str, name: str, backend: str) -> Callable:
     """Return the ``backend`` implementation of op ``name`` in ``family``.
 
