@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -101,13 +102,14 @@ def main(argv=None) -> int:
 
         def gen():
             with torch.no_grad():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 out = model.generate(
                     **ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                     pad_token_id=tok.pad_token_id,
                 )
-                dt = time.perf_counter() - t
-            return out, batch_size * args.new_tokens / dt
+                dt, dc = time.perf_counter() - t, time.process_time() - c
+            n = batch_size * args.new_tokens
+            return out, n / dt, n / dc
 
         heads = head_interventions(geo, 0)
         resid = resid_interventions(geo, 0)
@@ -136,21 +138,27 @@ def main(argv=None) -> int:
         if batch_size > 1:
             names.insert(3, "head/dynamic-8-configs")
         samples = {n: [] for n in names}
+        cpu_samples = {n: [] for n in names}
         outputs = {}
         for r in range(args.rounds + 1):  # round 0 warms up
             for n in names:
                 h = variant(n)
                 try:
-                    out, tps = gen()
+                    out, tps, cpu_tps = gen()
                 finally:
                     if h is not None:
                         h.remove()
                 if r:
                     samples[n].append(tps)
+                    cpu_samples[n].append(cpu_tps)
                 outputs[n] = out
             print(f"batch {batch_size} round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if r), file=sys.stderr)
         med = {n: statistics.median(v) for n, v in samples.items()}
+        cpu_med = {n: statistics.median(v) for n, v in cpu_samples.items()}
         res = {
+            # tokens per second of process CPU time: steadier than wall time on a shared machine
+            "cpu_tokens_per_s_median": cpu_med,
+            "cpu_ratio_vs_unhooked": {n: cpu_med[n] / cpu_med["unhooked"] for n in names},
             "tokens_per_s_median": med,
             "tokens_per_s_best": {n: max(v) for n, v in samples.items()},
             "samples": samples,
@@ -165,12 +173,14 @@ def main(argv=None) -> int:
         }
         if batch_size > 1:
             res["ratio_8_configs_vs_1_config"] = med["head/dynamic-8-configs"] / med["head/dynamic"]
+            res["cpu_ratio_8_configs_vs_1_config"] = cpu_med["head/dynamic-8-configs"] / cpu_med["head/dynamic"]
         results[f"batch{batch_size}"] = res
     doc = {
         "bench": "bench_generate",
         "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
         "host": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
         "model": args.model,
         "dtype": str(next(model.parameters()).dtype),
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
     out = Path(args.out or f"bench/results/generate-{'cpu' if device.type == 'cpu' else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: v["ratio_vs_unhooked"] for k, v in results.items()}, indent=2))
+    print(json.dumps({k: {"wall": v["ratio_vs_unhooked"], "cpu": v["cpu_ratio_vs_unhooked"]} for k, v in results.items()}, indent=2))
     return 0
 
 
