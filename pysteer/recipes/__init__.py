@@ -7,7 +7,8 @@ steering file and a picture.
   activation-dependent scalars trained through the fused op (Stoehr et al.; ``pysteer scale``).
 - ``jola``: HardConcrete-gated per-head scaling and bias, folded into ``o_proj`` (``pysteer jola``).
 
-The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light).
+The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
+module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ _LAZY = {
     "evaluate_scaling": "pysteer.recipes.scaling",
     "steer_files": "pysteer.recipes.scaling",
     # JoLA
-    "LabelledText": "pysteer.recipes.jola",
-    "JolaResult": "pysteer.recipes.jola",
-    "load_topics": "pysteer.recipes.jola",
-    "jola": "pysteer.recipes.jola",
-    "hard_concrete_eval": "pysteer.recipes.jola",
-    "expected_l0": "pysteer.recipes.jola",
+    "LabelledText": "pysteer.recipes.jola_gates",
+    "JolaResult": "pysteer.recipes.jola_gates",
+    "load_topics": "pysteer.recipes.jola_gates",
+    "jola": "pysteer.recipes.jola_gates",
+    "hard_concrete_eval": "pysteer.recipes.jola_gates",
+    "expected_l0": "pysteer.recipes.jola_gates",
 }
 
 

@@ -773,3 +773,15 @@ def heldout_facts(located: LocateResult, facts: Sequence[ParaphraseFact]) -> lis
         ):
             raise ValueError("these facts are not the ones locate_heads ran on (different subjects or order)")
     return [facts[i] for i in located.heldout_groups]
+
+
+def recorded_facts(located: LocateResult, dataset: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
+    """The facts ``locate_heads`` ran on, in its order, looked up by (relation, subject) in ``dataset``."""
+    recorded = located.metadata.get("facts")
+    if recorded is None:
+        raise ValueError("this LocateResult was computed from a PairDataset; it records no facts")
+    lookup = {(f.relation, f.subject): f for f in dataset}
+    missing = [r for r in recorded if (r["relation"], r["subject"]) not in lookup]
+    if missing:
+        raise ValueError(f"the dataset lacks {len(missing)} recorded fact(s), e.g. {missing[0]}")
+    return [lookup[(r["relation"], r["subject"])] for r in recorded]

@@ -154,12 +154,13 @@ def _encode(tokenizer, prompts: Sequence[ConflictPrompt], device) -> _Batch:
 
 
 def _last_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Float32 logits ``[B, V]`` of the last prompt token (left padding: the last column)."""
+    """Logits ``[B, V]`` of the last prompt token (left padding: the last column), at least float32."""
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
     except TypeError:  # models without logits_to_keep
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits[:, -1].float()
+    logits = out.logits[:, -1]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,10 +241,15 @@ class _Steering:
             y = x.reshape(-1, H, W)
             if self.method == "dynamic":
                 w, b = self.params["weight"][i], self.params["bias"][i]
-                flat = y.reshape(y.shape[0], -1).float()
+                flat = y.reshape(y.shape[0], -1)
+                flat = flat.to(torch.promote_types(flat.dtype, w.dtype))
                 alpha = (flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-6)) @ w + b  # [T]
                 scale = 1 + self.beta_tok * alpha
-                M = torch.cat([torch.ones(1, device=x.device), scale]).reshape(-1, 1, 1).expand(-1, H, 1)
+                M = (
+                    torch.cat([torch.ones(1, dtype=scale.dtype, device=x.device), scale])
+                    .reshape(-1, 1, 1)
+                    .expand(-1, H, 1)
+                )
                 A = torch.zeros(1, 1, 1, device=x.device).expand(M.shape[0], H, 1)
                 return self.affine(y, self.rows, M, A, self.backend).reshape(shape)
             M, A = self.tables(i, H, W, x.device)
@@ -679,7 +685,7 @@ def activation_scaling(
                 history[k].append(float(parts[k]))
             if log_every and (step % log_every == 0 or step == steps - 1):
                 print(
-                    f"step {step:4d}  psi {float(psi):.4f}  E {float(parts['E']):.4f}  "
+                    f"step {step:4d}  psi {psi.item():.4f}  E {float(parts['E']):.4f}  "
                     f"F {float(parts['F']):.4f}  L1 {float(parts['M']):.3f}",
                     flush=True,
                 )
