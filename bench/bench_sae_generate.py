@@ -44,26 +44,29 @@ def main(argv=None) -> int:
     ids = tok("Write a short story about a lighthouse keeper.", return_tensors="pt")
 
     def gen():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        return out, args.new_tokens / (time.perf_counter() - t)
+        return out, args.new_tokens / (time.perf_counter() - t), args.new_tokens / (time.process_time() - c)
 
     samples = {"unhooked": [], "sae-steer": []}
+    cpu_samples = {"unhooked": [], "sae-steer": []}
     outs = {}
     for r in range(args.rounds + 1):
         for name in samples:
             h = pysteer.steer(model, [edit], positions="generated") if name == "sae-steer" else None
             try:
-                out, tps = gen()
+                out, tps, cpu_tps = gen()
             finally:
                 if h is not None:
                     h.remove()
             outs[name] = out
             if r:
                 samples[name].append(tps)
+                cpu_samples[name].append(cpu_tps)
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items() if v and r), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in samples.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_samples.items()}
     doc = {
         "bench": "bench_sae_generate",
         "device": "cpu",
@@ -77,11 +80,14 @@ def main(argv=None) -> int:
         "samples": samples,
         "ratio_steered_vs_unhooked": med["sae-steer"] / med["unhooked"],
         "cost_fraction": 1 - med["sae-steer"] / med["unhooked"],
+        # tokens per second of process CPU time: steadier than wall time on a shared machine
+        "cpu_tokens_per_s_median": cpu_med,
+        "cpu_ratio_steered_vs_unhooked": cpu_med["sae-steer"] / cpu_med["unhooked"],
         "steering_changed_tokens": not torch.equal(outs["unhooked"], outs["sae-steer"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: doc[k] for k in ("tokens_per_s_median", "ratio_steered_vs_unhooked", "steering_changed_tokens")}, indent=1))
+    print(json.dumps({k: doc[k] for k in ("tokens_per_s_median", "ratio_steered_vs_unhooked", "cpu_ratio_steered_vs_unhooked", "steering_changed_tokens")}, indent=1))
     return 0
 
 
