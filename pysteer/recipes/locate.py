@@ -681,7 +681,7 @@ def draw_accuracy(result: LocateResult, path: str | os.PathLike, k: int = 8) -> 
     return heatmap_png(
         result.accuracy,
         path,
-        title=f"held-out probe accuracy (balanced) for answer consistency; top {min(k, L * H)} outlined",
+        title=f"consistency probe: balanced held-out accuracy\n(top {min(k, L * H)} heads outlined)",
         xlabel="head",
         ylabel="layer",
         xticklabels=[str(h) for h in range(H)],

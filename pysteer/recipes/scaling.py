@@ -646,6 +646,8 @@ def activation_scaling(
     if method == "dynamic":
         P = 0
     params = _init_params(method, len(parsed), P, widths, n_heads, device)
+    # Unsteered logits once per prompt. A step's batch pads to its own length; RoPE is relative, so the
+    # extra left padding changes these logits only at float rounding level.
     with torch.no_grad():
         ref_all = torch.cat(
             [
