@@ -58,8 +58,11 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,16")
     p.add_argument("--compile", default="auto", help="fast path compile mode")
     p.add_argument("--skip", default="", help="comma-separated variants to skip")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pysteer.default_model import load_model
 
@@ -77,17 +80,19 @@ def main(argv=None) -> int:
 
         def hf_runner(model):
             def run():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 with torch.no_grad():
                     model.generate(batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-                return (time.perf_counter() - t) / args.new_tokens, None
+                return (time.perf_counter() - t) / args.new_tokens, None, (time.process_time() - c) / args.new_tokens
 
             return run
 
         def fast_runner(gen, steering):
             def run():
+                c = time.process_time()
                 res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens)
-                return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1)
+                cpu = (time.process_time() - c) / args.new_tokens
+                return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1), cpu
 
             return run
 
@@ -133,16 +138,21 @@ def main(argv=None) -> int:
             warm[name] = time.perf_counter() - t
             print(f"  {name}: first call {warm[name]:.1f} s", file=sys.stderr)
         per_token = {n: [] for n in runners}
+        cpu_per_token = {n: [] for n in runners}
         decode = {n: [] for n in runners}
         for r in range(args.rounds):
             for name, run in runners.items():
-                total, dec = run()
+                total, dec, cpu = run()
                 per_token[name].append(1000 * total)
+                cpu_per_token[name].append(1000 * cpu)
                 if dec is not None:
                     decode[name].append(1000 * dec)
             print(f"  round {r}: " + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners), file=sys.stderr)
         med = {n: statistics.median(v) for n, v in per_token.items()}
+        cpu_med = {n: statistics.median(v) for n, v in cpu_per_token.items()}
         res = {
+            # process CPU ms per token: steadier than wall time on a shared machine
+            "cpu_ms_per_token_median": cpu_med,
             "ms_per_token_median": med,
             "ms_per_token_best": {n: min(v) for n, v in per_token.items()},
             "decode_ms_per_step_median": {n: statistics.median(v) for n, v in decode.items() if v},
@@ -151,8 +161,12 @@ def main(argv=None) -> int:
         }
         if "hf-eager" in med:
             res["speedup_vs_hf_eager"] = {n: med["hf-eager"] / v for n, v in med.items()}
+            res["cpu_speedup_vs_hf_eager"] = {n: cpu_med["hf-eager"] / v for n, v in cpu_med.items()}
         if "fast" in med:
             res["ratio_tokens_per_s_vs_fast_unsteered"] = {n: med["fast"] / v for n, v in med.items() if n.startswith("fast")}
+            res["cpu_ratio_tokens_per_s_vs_fast_unsteered"] = {
+                n: cpu_med["fast"] / v for n, v in cpu_med.items() if n.startswith("fast")
+            }
         if "fast+heads-16-configs" in med and "fast+heads" in med:
             res["ratio_16_configs_vs_1_config"] = med["fast+heads"] / med["fast+heads-16-configs"]
         # first step after a strength change vs the steady step, on the per-head variant
