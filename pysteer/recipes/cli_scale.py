@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--window", type=int, help="prompt positions with their own parameters (default: longest prompt)"
     )
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument(
+        "--lr", type=float, help="Adam step (default per method: scalar/vector 0.05, dynamic 0.01)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--margin", type=float, default=2.0)
     p.add_argument("--lambda-f", type=float, default=1.0, help="faithfulness (KL) weight")

@@ -63,6 +63,9 @@ from ._common import (
 )
 
 METHODS = ("scalar", "vector", "dynamic")
+# Adam step per method. On SmolLM2 (40 steps, lambda_F 3) DynScalar at 0.05 reached 0.58 success with KL 5.0 on the
+# held-out prompts, at 0.01 0.92 with KL 0.35; the scalars and vectors flip >= 0.92 at 0.05.
+DEFAULT_LR = {"scalar": 0.05, "vector": 0.05, "dynamic": 0.01}
 SCALING_FORMAT = "pysteer.scaling/1"
 
 # ------------------------------------------------------------------------------------------------
@@ -585,7 +588,7 @@ def activation_scaling(
     lambda_f: float = 1.0,
     lambda_m: float = 1e-3,
     steps: int = 100,
-    lr: float = 0.05,
+    lr: float | None = None,
     batch_size: int = 16,
     zero_tol: float = 1e-2,
     seed: int = 0,
@@ -607,7 +610,7 @@ def activation_scaling(
         betas: directions trained jointly: ``(1,)`` wrong -> right only, ``(1, -1)`` both.
         margin: logit-difference margin of the effectiveness hinge.
         lambda_f, lambda_m: weights of faithfulness (KL) and minimality (L1).
-        steps, lr, batch_size: Adam steps, learning rate, prompts per step.
+        steps, lr, batch_size: Adam steps, learning rate (default ``DEFAULT_LR[method]``), prompts per step.
         zero_tol: after training, parameters with ``|p| < zero_tol`` are set to exactly 0 (for vectors:
             whole vectors with ``|v|_inf < zero_tol``), so the saved steering is the minimal one.
         backend: affine-op backend (default: ``PYSTEER_BACKEND`` or automatic).
@@ -624,6 +627,7 @@ def activation_scaling(
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     prompts = list(prompts) if prompts is not None else load_country_conflicts()
+    lr = DEFAULT_LR[method] if lr is None else float(lr)
     device = model_device(model)
     sites = list(sites) if sites is not None else default_sites(model, heads=heads, layers=layers)
     parsed = [parse_site(s) for s in sites]
