@@ -613,3 +613,34 @@ def test_cli_jola_trains_and_saves(tiny_dir, tmp_path):
     assert summary["fold_check"]["max_abs_diff_fold"] <= 1e-4
     assert pysteer.load(out).metadata["recipe"] == "jola"
     assert (tmp_path / "jola.png").stat().st_size > 0 and (tmp_path / "jola_loss.png").stat().st_size > 0
+
+
+def test_per_head_scalars_save_as_head_scales_that_reproduce_the_hooks(tmp_path):
+    model = tiny_model("llama")
+    tok = IntTokenizer()
+    sites = scaling_mod.default_sites(model, heads=True)
+    alpha = torch.randn(len(sites), 3, 4, generator=torch.Generator().manual_seed(2)) * 0.5
+    alpha[0, 1] = 0  # an all-zero (site, position) is not written
+    r = scaling_mod.ScalingResult("scalar", sites, 3, {"alpha": alpha}, [1, -1])
+    paths = r.save(tmp_path / "heads")
+    assert [p.name for p in paths] == ["pos-3.safetensors", "pos-2.safetensors", "pos-1.safetensors"]
+    assert all(isinstance(iv, pysteer.HeadScale) for iv in pysteer.load(paths[0]).configs["beta+1"])
+    ids, mask = _ids(tok, [scaling_mod.ConflictPrompt(t, "1", "2") for t in _random_texts(4, seed=8)])
+    for beta, config in ((1, "beta+1"), (-1, "beta-1")):
+        hooks = scaling_mod._Steering(
+            model, [pysteer.models.parse_site(s) for s in sites], "scalar", r.params, 3, "torch"
+        )
+        try:
+            hooks.set_batch(mask, torch.full((ids.shape[0],), float(beta)))
+            with torch.no_grad():
+                hooked = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            hooks.remove()
+        handles = scaling_mod.steer_files(model, paths, config=config)
+        try:
+            with torch.no_grad():
+                from_files = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            for h in handles:
+                h.remove()
+        torch.testing.assert_close(from_files, hooked, rtol=1e-5, atol=1e-6)
