@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         def fast_runner(gen, steering):
             def run():
                 c = time.process_time()
-                res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens)
+                res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens, ignore_eos=True)
                 cpu = (time.process_time() - c) / args.new_tokens
                 return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1), cpu
 
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                 handle.set_alpha(1.0 + 0.1 * (r + 1))
                 times = []
                 t = time.perf_counter()
-                for _ in gen.stream(prompts, steering=handle, max_new_tokens=16):
+                for _ in gen.stream(prompts, steering=handle, max_new_tokens=16, ignore_eos=True):
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()

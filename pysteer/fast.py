@@ -211,10 +211,11 @@ class FastGenerator:
             raise ValueError("generate: empty prompt")
         return rows
 
-    def _stop_ids(self, stop) -> list[int]:
+    def _stop_ids(self, stop, ignore_eos: bool = False) -> list[int]:
         ids: list[int] = []
         eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(self.model.config, "eos_token_id", None)
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
+        if not ignore_eos:
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
         for s in [stop] if isinstance(stop, (str, int)) else list(stop or []):
             if isinstance(s, int):
                 ids.append(s)
@@ -236,6 +237,7 @@ class FastGenerator:
         top_k: int = 0,
         stop=None,
         seed: int | None = None,
+        ignore_eos: bool = False,
         _result: dict | None = None,
     ) -> Iterator[list[int | None]]:
         """Yield, per decode step, one new token per request (None once a request has stopped)."""
@@ -257,7 +259,7 @@ class FastGenerator:
                 raise ValueError(f"generate: the handle's rows() cover {user_rows.shape[0]} requests, the batch has {n}")
             pad_rows = torch.zeros(B - n, dtype=torch.int32, device=user_rows.device)
             handle._batch_rows = torch.cat([user_rows, pad_rows])  # padding rows are not steered
-        stop_ids = torch.tensor(self._stop_ids(stop) or [-1], device=self.device)
+        stop_ids = torch.tensor(self._stop_ids(stop, ignore_eos) or [-1], device=self.device)
         stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
         text_stops = [s for s in stops if isinstance(s, str)]
         gen = torch.Generator(device=self.device)
@@ -444,6 +446,7 @@ def generate(
     stream: bool = False,
     progress: bool = True,
     compile_backend: str = "inductor",
+    ignore_eos: bool = False,
 ):
     """Generate with a static KV cache and a compiled decode step, steering updated in place.
 
@@ -457,6 +460,7 @@ def generate(
         do_sample, temperature, top_p, top_k: sampling (on the device); greedy by default.
         stop: stop token id(s) or single-token string(s) besides EOS; multi-token strings cut the text.
         seed: sampling seed (reproducible on the same device).
+        ignore_eos: keep generating past EOS (benchmarks; like ``min_new_tokens = max_new_tokens``).
         compile: ``"auto"``, a ``torch.compile`` mode, or False.
         stream: return an iterator yielding one token per request per step instead.
         progress: print compile progress to stderr.
@@ -466,7 +470,10 @@ def generate(
         ``GenerationResult`` (or an iterator of token lists when ``stream=True``).
     """
     gen = get_generator(model, tokenizer, compile=compile, progress=progress, compile_backend=compile_backend)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+    kw = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop=stop, seed=seed, ignore_eos=ignore_eos,
+    )
     if stream:
         return gen.stream(inputs, steering=steering, **kw)
     return gen.generate(inputs, steering=steering, **kw)

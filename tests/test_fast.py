@@ -161,3 +161,15 @@ def test_bad_arguments_raise_clear_errors():
         generate(model, [[5, 6], [7, 8]], steering=[None, None, None], compile=False)
     with pytest.raises(ValueError, match="text inputs need a tokenizer"):
         generate(model, ["hello"], compile=False)
+
+
+def test_ignore_eos_generates_every_token():
+    model = tiny_model("llama")
+    prompt = _prompts([5])[0]
+    free = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True).tokens[0]
+    assert len(free) == NEW
+    model.generation_config.eos_token_id = free[1]  # make the second token an EOS
+    cut = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False).tokens[0]
+    assert cut == free[:2]
+    again = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True).tokens[0]
+    assert again == free
