@@ -440,7 +440,8 @@ class ScalingResult:
                     continue
                 if site.kind == "attn.heads":
                     heads = [int(h) for h in (a != 0).nonzero().flatten()]
-                    out.append(HeadScale(site.layer, head=heads, scale=(1 + beta * a[heads])[:, None].clone()))  # [n, 1]: never read as [D]
+                    scale = (1 + beta * a[heads])[:, None].clone()  # [n, 1]: never mistaken for a [D] vector
+                    out.append(HeadScale(site.layer, head=heads, scale=scale))
                 else:
                     out.append(VectorScale(site.name, float(1 + beta * a.reshape(()))))
             else:
