@@ -80,6 +80,9 @@ def save(obj, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         if not tensors:  # safetensors needs at least one tensor
             tensors["__empty__"] = torch.zeros(0)
         save_file(tensors, tmp, metadata={"pysteer": json.dumps(doc)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a steering file is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
