@@ -72,7 +72,8 @@ class SAEEdit:
 
 class _SAEApplier:
     def __init__(self, sae: SAE, features: list[int], num_rows: int, device):
-        if sae.device != torch.device(device):
+        dev = torch.device(device)
+        if (sae.device.type, sae.device.index or 0) != (dev.type, dev.index or 0):
             raise ValueError(f"SAEEdit: the SAE is on {sae.device}, the model on {device}; move it with sae.to(...)")
         self.sae = sae
         self.table: SAEEditTable = sae.edit_table(features, num_rows)
