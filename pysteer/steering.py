@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._backend import resolve_backend
 from .interventions import compile_affine, is_affine
-from .models.sites import ResolvedSite, Site, install_site_hook, resolve_site
+from .models.sites import Site, install_site_hook, resolve_site
 from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, proj_weight_in_out
 from .ops.affine import affine_steer
 
@@ -161,9 +161,9 @@ class _ModelState:
         lst.append(handle)
         if site not in self.site_hooks:
             resolved = resolve_site(model, site, self.spec)
-            self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site, resolved), prepend=True)
+            self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site), prepend=True)
 
-    def _make_site_fn(self, site: Site, resolved: ResolvedSite):
+    def _make_site_fn(self, site: Site):
         handles = self.site_handles[site]
 
         def site_fn(x: Tensor) -> Tensor:
