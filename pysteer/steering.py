@@ -474,6 +474,11 @@ class SteeringHandle:
                     f"pysteer: handle.rows() was given {br.shape[0]} batch rows but the batch has {B}"
                 )
             br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
+        if self.positions == "all" and not torch.compiler.is_compiling():
+            # Eager shortcut for the common rule (same result as the tensor encoding below, a tenth
+            # of the small ops). Compiled graphs keep the encoding so set_positions never recompiles.
+            self._rows = torch.where(valid, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
+            return
         code, plist = self._pos_code, self._pos_list
         if code.shape[0] not in (1, B):
             raise ValueError(f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}")
