@@ -4,8 +4,10 @@ Steering: a head bias plus a head scale at ``attn.heads`` of 4 layers, and separ
 at ``resid`` of the same 4 layers. Variants: unhooked; pysteer fold; pysteer dynamic (1 config);
 pysteer with 8 distinct configs in a batch of 8; a plain PyTorch forward-hook implementation of
 the same steering. Greedy, ``min_new_tokens = max_new_tokens = 64``. Variants are interleaved
-round by round (one warm-up round first) and medians are reported, so slow drift of the machine
-hits every variant alike. The peers (repeng, steering-vectors) need their own virtualenv:
+round by round in a rotating order (one warm-up round first); medians are reported, and the
+median over rounds of each variant's ratio to the unhooked run of the same round. Separately, the
+time spent inside pysteer's hooks is measured directly (per token, and as a share of the unhooked
+step), which isolates steering's own cost from the machine's run-to-run noise. The peers (repeng, steering-vectors) need their own virtualenv:
 ``bench/peers/bench_peer_steering.py``.
 
     python bench/bench_generate.py                     # SmolLM2 on CPU
@@ -78,6 +80,40 @@ class PlainHooks:
             h.remove()
 
 
+def hook_time_per_token(model, variant, gen, tokens: int) -> dict[str, float]:
+    """ms per generated token spent inside pysteer's hooks, for each pysteer dynamic variant."""
+    from pysteer.steering import SteeringHandle, _ModelState
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        return wrapper
+
+    originals = (_ModelState._root_pre_hook, SteeringHandle._apply)
+    out = {}
+    try:
+        _ModelState._root_pre_hook = timed(originals[0])
+        SteeringHandle._apply = timed(originals[1])
+        for name in ("head/dynamic", "resid/dynamic"):
+            spent[0] = 0.0
+            h = variant(name)
+            try:
+                gen()
+            finally:
+                h.remove()
+            out[name] = spent[0] / tokens * 1e3
+    finally:
+        _ModelState._root_pre_hook, SteeringHandle._apply = originals
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -139,9 +175,12 @@ def main(argv=None) -> int:
             names.insert(3, "head/dynamic-8-configs")
         samples = {n: [] for n in names}
         cpu_samples = {n: [] for n in names}
+        paired = {n: [] for n in names}  # per round: variant ÷ unhooked of the same round (process CPU time)
         outputs = {}
         for r in range(args.rounds + 1):  # round 0 warms up
-            for n in names:
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always follows another
+            this = {}
+            for n in order:
                 h = variant(n)
                 try:
                     out, tps, cpu_tps = gen()
@@ -151,8 +190,12 @@ def main(argv=None) -> int:
                 if r:
                     samples[n].append(tps)
                     cpu_samples[n].append(cpu_tps)
+                    this[n] = cpu_tps
                 outputs[n] = out
+            for n in this:
+                paired[n].append(this[n] / this["unhooked"])
             print(f"batch {batch_size} round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if r), file=sys.stderr)
+        hook_ms = hook_time_per_token(model, variant, gen, batch_size * args.new_tokens)
         med = {n: statistics.median(v) for n, v in samples.items()}
         cpu_med = {n: statistics.median(v) for n, v in cpu_samples.items()}
         res = {
@@ -162,6 +205,15 @@ def main(argv=None) -> int:
             "tokens_per_s_median": med,
             "tokens_per_s_best": {n: max(v) for n, v in samples.items()},
             "samples": samples,
+            "cpu_samples": cpu_samples,
+            # median over rounds of (variant ÷ unhooked in the same round), process CPU time
+            "paired_cpu_ratio_median": {n: statistics.median(v) for n, v in paired.items()},
+            "paired_cpu_ratio_range": {n: [min(v), max(v)] for n, v in paired.items()},
+            # time spent inside pysteer's hooks (root position hook + site dispatchers), per token,
+            # and as a share of the unhooked model's CPU time per token: what steering costs,
+            # measured without the memory-bandwidth noise that moves whole runs by several percent
+            "pysteer_hook_ms_per_token": hook_ms,
+            "pysteer_hook_share_of_unhooked": {n: v * cpu_med["unhooked"] / 1e3 for n, v in hook_ms.items()},
             "ratio_vs_unhooked": {n: med[n] / med["unhooked"] for n in names},
             "same_tokens": {
                 "head: fold == dynamic == plain hooks": bool(
@@ -192,7 +244,14 @@ def main(argv=None) -> int:
     out = Path(args.out or f"bench/results/generate-{'cpu' if device.type == 'cpu' else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: {"wall": v["ratio_vs_unhooked"], "cpu": v["cpu_ratio_vs_unhooked"]} for k, v in results.items()}, indent=2))
+    summary = {
+        k: {
+            "wall": v["ratio_vs_unhooked"], "cpu": v["cpu_ratio_vs_unhooked"], "paired_cpu": v["paired_cpu_ratio_median"],
+            "hook_share": v["pysteer_hook_share_of_unhooked"],
+        }
+        for k, v in results.items()
+    }
+    print(json.dumps(summary, indent=2))
     return 0
 
 
