@@ -474,9 +474,10 @@ class SteeringHandle:
                     f"pysteer: handle.rows() was given {br.shape[0]} batch rows but the batch has {B}"
                 )
             br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
-        if self.positions == "all" and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.positions == "all":
             # Eager shortcut for the common rule (same result as the tensor encoding below, a tenth
-            # of the small ops). Compiled graphs keep the encoding so set_positions never recompiles.
+            # of the small ops). Compiled graphs keep the encoding (is_compiling() first, so Dynamo never
+            # guards on the rule) and set_positions never recompiles.
             self._rows = torch.where(valid, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
             return
         code, plist = self._pos_code, self._pos_list
