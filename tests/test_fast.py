@@ -173,3 +173,31 @@ def test_ignore_eos_generates_every_token():
     assert cut == free[:2]
     again = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True).tokens[0]
     assert again == free
+
+
+def test_later_steps_follow_in_place_changes_and_new_hooks_are_seen_next_call():
+    # Steps after the first of a call skip Dynamo's full guard check; in-place changes made while
+    # streaming must still reach the graph, and steering attached between calls must recompile.
+    prompts = _prompts([5, 5], seed=2)
+
+    def run(compile_mode):
+        model = _no_eos(tiny_model("llama"))
+        geo = geometry(model)
+        gen = FastGenerator(model, compile=compile_mode, compile_backend="aot_eager", progress=False)
+        plain = gen.generate(prompts, max_new_tokens=NEW).tokens
+        handle = pysteer.steer(model, _steering(geo, 1.0), mode="dynamic")  # attached, not passed
+        attached = gen.generate(prompts, max_new_tokens=NEW).tokens
+        streamed = []
+        for i, toks in enumerate(gen.stream(prompts, steering=handle, max_new_tokens=NEW)):
+            streamed.append(toks)
+            if i == 2:
+                handle.set_alpha(-4.0)  # takes effect from the next decode step
+        handle.remove()
+        return plain, attached, [list(col) for col in zip(*streamed)]
+
+    eager, compiled = run(False), run("default")
+    assert compiled == eager
+    plain, attached, streamed = compiled
+    assert attached != plain
+    assert [row[:3] for row in streamed] == [row[:3] for row in attached]
+    assert streamed != attached
