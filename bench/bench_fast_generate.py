@@ -50,6 +50,27 @@ def resid_steering(geo, seed: int):
     return [VectorAdd(f"layers.{i}.resid", 0.05 * torch.randn(geo.d_model, generator=g)) for i in range(geo.n_layers)]
 
 
+def weight_read_seconds(model, repeats: int = 5) -> float:
+    """Median seconds to read every parameter once (GEMV per matrix, sum per vector)."""
+    params = [p for p in model.parameters()]
+    ones = {p.shape[-1]: torch.ones(p.shape[-1], dtype=p.dtype, device=p.device) for p in params if p.dim() == 2}
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            if params[0].is_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for p in params:
+                if p.dim() == 2:
+                    torch.mv(p, ones[p.shape[-1]])
+                else:
+                    p.sum()
+            if params[0].is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -140,14 +161,17 @@ def main(argv=None) -> int:
         per_token = {n: [] for n in runners}
         cpu_per_token = {n: [] for n in runners}
         decode = {n: [] for n in runners}
+        floor = []
+        names = list(runners)
         for r in range(args.rounds):
-            for name, run in runners.items():
-                total, dec, cpu = run()
+            floor.append(1000 * weight_read_seconds(base))
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
+                total, dec, cpu = runners[name]()
                 per_token[name].append(1000 * total)
                 cpu_per_token[name].append(1000 * cpu)
                 if dec is not None:
                     decode[name].append(1000 * dec)
-            print(f"  round {r}: " + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners), file=sys.stderr)
+            print(f"  round {r}: floor {floor[-1]:.1f}, " + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners), file=sys.stderr)
         med = {n: statistics.median(v) for n, v in per_token.items()}
         cpu_med = {n: statistics.median(v) for n, v in cpu_per_token.items()}
         res = {
@@ -158,11 +182,29 @@ def main(argv=None) -> int:
             "decode_ms_per_step_median": {n: statistics.median(v) for n, v in decode.items() if v},
             "first_call_seconds": warm,
             "samples_ms_per_token": per_token,
+            "samples_cpu_ms_per_token": cpu_per_token,
+            # reading every weight once (one GEMV per matrix, batch 1): the memory-bandwidth floor of a
+            # batch-1 decode step on this machine, measured in the same rounds
+            "weight_read_floor_ms_median": statistics.median(floor),
         }
+
+        def paired(ref: str) -> dict[str, float]:
+            """Median over rounds of ref's time ÷ the variant's time in the same round (tokens/s ratio)."""
+            return {
+                n: statistics.median(a / b for a, b in zip(per_token[ref], v)) for n, v in per_token.items()
+            }
+
         if "hf-eager" in med:
             res["speedup_vs_hf_eager"] = {n: med["hf-eager"] / v for n, v in med.items()}
             res["cpu_speedup_vs_hf_eager"] = {n: cpu_med["hf-eager"] / v for n, v in cpu_med.items()}
+        if "hf-eager" in med:
+            res["paired_speedup_vs_hf_eager"] = paired("hf-eager")
         if "fast" in med:
+            res["paired_ratio_vs_fast_unsteered"] = {n: v for n, v in paired("fast").items() if n.startswith("fast")}
+            if "decode_ms_per_step_median" in res and "fast" in res["decode_ms_per_step_median"]:
+                res["fast_decode_step_over_weight_read_floor"] = (
+                    res["decode_ms_per_step_median"]["fast"] / res["weight_read_floor_ms_median"]
+                )
             res["ratio_tokens_per_s_vs_fast_unsteered"] = {n: med["fast"] / v for n, v in med.items() if n.startswith("fast")}
             res["cpu_ratio_tokens_per_s_vs_fast_unsteered"] = {
                 n: cpu_med["fast"] / v for n, v in cpu_med.items() if n.startswith("fast")
