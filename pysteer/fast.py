@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .interventions import HeadScale, VectorScale, is_affine
+from .models.attention import decode_attention
 from .models.sites import Site
 from .steering import _STATES, SteeringHandle, steer
 
@@ -82,6 +83,9 @@ class _Slot:
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=dev)
         self.external = (self.pos, self.valid, self.prompt_len)
         self.compiled = False
+        # Later decode steps of a call may skip Dynamo's full guard check only when nothing the
+        # graph specialised on changes between steps.
+        self.trusted_steps = _tensor_state_only(self.cache)
         if dev.type == "cuda":
             for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len):
                 torch._dynamo.mark_static_address(t)
@@ -93,7 +97,25 @@ def _make_static_cache(model: nn.Module, batch: int, length: int, device, dtype)
     params = inspect.signature(StaticCache.__init__).parameters
     if "max_batch_size" in params:  # transformers 4.x
         return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
-    return StaticCache(config=model.config, max_cache_len=length)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    # Sliding-window and chunked layers keep a Python int of tokens seen, which Dynamo specialises
+    # on: every decode step would recompile. A full-length static layer with the model's own
+    # sliding-window mask computes the same attention (the mask, not the buffer, drops old tokens)
+    # and keeps all of its state in tensors.
+    from transformers.cache_utils import StaticLayer
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer).__name__ == "StaticSlidingWindowLayer":
+            cache.layers[i] = StaticLayer(max_cache_len=length)
+    return cache
+
+
+def _tensor_state_only(cache) -> bool:
+    """True when the cache's per-step state is all tensors (updated in place), none Python numbers."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    return all(type(layer).__name__ == "StaticLayer" for layer in layers)
 
 
 class FastGenerator:
@@ -147,7 +169,7 @@ class FastGenerator:
             def step(*args, trusted: bool = False):
                 # Dynamo does not guard on module hooks by default, so steering attached after the
                 # first compile would silently be skipped; with the guards, a new hook set recompiles.
-                with dcfg.patch(skip_nnmodule_hook_guards=False):
+                with decode_attention(self.model), dcfg.patch(skip_nnmodule_hook_guards=False):
                     if not trusted:
                         return compiled(*args)
                     # Later steps of one call: the model, its hooks and the slot are those the first
@@ -158,7 +180,12 @@ class FastGenerator:
 
             self._step = step
         else:
-            self._step = lambda *args, trusted=False: self._decode_step(*args)
+
+            def eager_step(*args, trusted: bool = False):
+                with decode_attention(self.model):
+                    return self._decode_step(*args)
+
+            self._step = eager_step
 
     # -- the step that gets compiled -------------------------------------------------------------
     def _decode_step(self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None) -> Tensor:
@@ -333,7 +360,7 @@ class FastGenerator:
                     if self.progress:
                         print(f"pysteer: compiled in {self.compile_seconds[(B, L)]:.1f} s", file=sys.stderr, flush=True)
                 else:
-                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position, trusted=step > 1)
+                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position, trusted=slot.trusted_steps and step > 1)
                 tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
                 tok = torch.where(finished, pad, tok)
                 finished |= torch.isin(tok, stop_ids)
