@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "pysteer.h"
 
 namespace py = pybind11;
@@ -32,43 +33,11 @@ namespace py = pybind11;
 namespace pysteer {
 namespace {
 
+using namespace common;
+
 constexpr int kThreads = 128;
 constexpr int kMaxGridY = 65535;
 constexpr int kMinTokensPerBlock = 16;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// N elements of T moved as one aligned access (16 bytes for N = 16 / sizeof(T)).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
 
 // N table values as fp32: one aligned access when the row is contiguous and aligned, a broadcast
 // of one value for a [C, H, 1] table, scalar loads otherwise.
@@ -198,46 +167,6 @@ __global__ void affine_steer_bwd_kernel(const TX* __restrict__ g, const TX* __re
 // ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
-
-int dtype_size(int code) {
-  switch (code) {
-    case kFloat32:
-      return 4;
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    default:
-      throw py::value_error("affine_steer: unknown dtype code " + std::to_string(code) +
-                            " (0 float32, 1 float16, 2 bfloat16)");
-  }
-}
-
-bool aligned_to(uintptr_t ptr, int64_t bytes) { return ptr % static_cast<uintptr_t>(bytes) == 0; }
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("affine_steer: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards, so torch's
-// notion of the current device is left as it was.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    else previous_ = -1;
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 void check_sizes(int64_t T, int64_t H, int64_t D, int64_t C, int64_t Dm, int64_t Da) {
   if (T < 0 || H < 0 || D < 0 || C < 1) {
@@ -375,8 +304,8 @@ void affine_steer_fwd(uintptr_t x, int64_t x_st, int64_t x_sh, uintptr_t rows, u
                       int64_t m_sh, int64_t m_sd, int64_t Dm, uintptr_t A, int64_t a_sc, int64_t a_sh,
                       int64_t a_sd, int64_t Da, uintptr_t y, int64_t T, int64_t H, int64_t D, int64_t C,
                       int x_dtype, int tab_dtype, int device, uintptr_t stream) {
-  const int x_elem = dtype_size(x_dtype);
-  const int tab_elem = dtype_size(tab_dtype);
+  const int x_elem = dtype_size(x_dtype, "affine_steer: unknown");
+  const int tab_elem = dtype_size(tab_dtype, "affine_steer: unknown");
   check_sizes(T, H, D, C, Dm, Da);
   if (T == 0 || H == 0 || D == 0) return;
   const bool packed = can_pack(x_elem, D, x_st, x_sh, {x, y});
@@ -395,17 +324,17 @@ void affine_steer_fwd(uintptr_t x, int64_t x_st, int64_t x_sh, uintptr_t rows, u
                      H,
                      D,
                      reinterpret_cast<cudaStream_t>(stream)};
-  const DeviceGuard guard(device);
+  const DeviceGuard guard(device, "affine_steer");
   dispatch(x_dtype, tab_dtype, packed, args);
-  check_cuda(cudaGetLastError(), "forward kernel launch");
+  check_cuda(cudaGetLastError(), "affine_steer", "forward kernel launch");
 }
 
 void affine_steer_bwd(uintptr_t g, uintptr_t x, int64_t x_st, int64_t x_sh, uintptr_t rows, uintptr_t M,
                       int64_t m_sc, int64_t m_sh, int64_t m_sd, int64_t Dm, int64_t Da, uintptr_t dx,
                       uintptr_t dM, uintptr_t dA, int64_t T, int64_t H, int64_t D, int64_t C, int x_dtype,
                       int tab_dtype, int device, uintptr_t stream) {
-  const int x_elem = dtype_size(x_dtype);
-  const int tab_elem = dtype_size(tab_dtype);
+  const int x_elem = dtype_size(x_dtype, "affine_steer: unknown");
+  const int tab_elem = dtype_size(tab_dtype, "affine_steer: unknown");
   check_sizes(T, H, D, C, Dm, Da);
   if (T == 0 || H == 0 || D == 0) return;
   // g and dx are contiguous [T, H, D]: their strides H*D and D are multiples of the pack when D is.
@@ -427,9 +356,9 @@ void affine_steer_bwd(uintptr_t g, uintptr_t x, int64_t x_st, int64_t x_sh, uint
                      H,
                      D,
                      reinterpret_cast<cudaStream_t>(stream)};
-  const DeviceGuard guard(device);
+  const DeviceGuard guard(device, "affine_steer");
   dispatch(x_dtype, tab_dtype, packed, args);
-  check_cuda(cudaGetLastError(), "backward kernel launch");
+  check_cuda(cudaGetLastError(), "affine_steer", "backward kernel launch");
 }
 
 }  // namespace

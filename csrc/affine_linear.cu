@@ -34,57 +34,25 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
+
 namespace py = pybind11;
 
 namespace pysteer_affine_linear {
 namespace {
 
-// dtype codes shared with csrc/pysteer.h (enum DType) and pysteer/ops/_cuda_common.py. This file
-// does not include pysteer.h: that header declares pysteer_register_affine_linear weak (for
-// module.cu), and the definition below is meant to be a strong symbol.
-constexpr int kFloat32 = 0;
-constexpr int kFloat16 = 1;
-constexpr int kBFloat16 = 2;
+// Not pysteer.h: it declares pysteer_register_affine_linear weak (for module.cu), and the
+// definition below is meant to be a strong symbol.
+using namespace pysteer::common;
+using pysteer::kBFloat16;
+using pysteer::kFloat16;
+using pysteer::kFloat32;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxTokens = 64;  // MAX_TOKENS in pysteer/ops/cuda_affine_linear.py
 // Staged activations per block; 48 KiB is the most a block may take without an opt-in attribute.
 constexpr int64_t kStageBytes = 48 * 1024;
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// N elements of T moved as one aligned access (16 bytes for N = 16 / sizeof(T)).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -152,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) affine_linear_gemv_kernel(const Args
         const TT* ap = A + r * a.a_sc + h * a.a_sh + d * a.a_sd;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          v.v[e] = from_f<TX>(fmaf(to_f(v.v[e]), to_f(mp[e * a.m_sd]), to_f(ap[e * a.a_sd])));
+          v.v[e] = from_float<TX>(fmaf(to_float(v.v[e]), to_float(mp[e * a.m_sd]), to_float(ap[e * a.a_sd])));
         }
       }
       store_pack<TX, VEC>(stage + t * a.kc + kk, v);
@@ -169,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) affine_linear_gemv_kernel(const Args
         if (n0 + j < a.N) {
           const Pack<TX, VEC> wv = load_pack<TX, VEC>(W + (n0 + j) * a.w_sn + k0 + kk);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) w[j][e] = to_f(wv.v[e]);
+          for (int e = 0; e < VEC; ++e) w[j][e] = to_float(wv.v[e]);
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) w[j][e] = 0.f;
@@ -181,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) affine_linear_gemv_kernel(const Args
           const Pack<TX, VEC> zv = load_pack<TX, VEC>(stage + t * a.kc + kk);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const float ze = to_f(zv.v[e]);
+            const float ze = to_float(zv.v[e]);
 #pragma unroll
             for (int j = 0; j < R; ++j) acc[t][j] = fmaf(ze, w[j][e], acc[t][j]);
           }
@@ -202,8 +170,8 @@ __global__ void __launch_bounds__(kThreads) affine_linear_gemv_kernel(const Args
         float s = warp_sum(acc[t][j]);
         const int n = n0 + j;
         if (lane == 0 && n < a.N) {
-          if (bias != nullptr) s += to_f(bias[n]);
-          out[static_cast<int64_t>(t) * a.N + n] = from_f<TX>(s);
+          if (bias != nullptr) s += to_float(bias[n]);
+          out[static_cast<int64_t>(t) * a.N + n] = from_float<TX>(s);
         }
       }
     }
@@ -213,48 +181,6 @@ __global__ void __launch_bounds__(kThreads) affine_linear_gemv_kernel(const Args
 // ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
-
-int dtype_size(int code, const char* what) {
-  switch (code) {
-    case kFloat32:
-      return 4;
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    default:
-      throw py::value_error(std::string("affine_linear: unknown ") + what + " dtype code " + std::to_string(code) +
-                            " (0 float32, 1 float16, 2 bfloat16)");
-  }
-}
-
-bool aligned_to(uintptr_t ptr, int64_t bytes) { return ptr % static_cast<uintptr_t>(bytes) == 0; }
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("affine_linear: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) {
-      check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    } else {
-      previous_ = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 template <typename T>
 struct Tag {
@@ -298,8 +224,8 @@ void affine_linear_fwd(uintptr_t z, int64_t z_st, uintptr_t rows, uintptr_t M, i
                        int64_t m_sd, int64_t Dm, uintptr_t A, int64_t a_sc, int64_t a_sh, int64_t a_sd, int64_t Da,
                        uintptr_t W, int64_t w_sn, uintptr_t bias, uintptr_t out, int64_t T, int64_t H, int64_t D,
                        int64_t N, int64_t C, int dtype, int table_dtype, int device, uintptr_t stream) {
-  const int elem = dtype_size(dtype, "z");
-  dtype_size(table_dtype, "table");
+  const int elem = dtype_size(dtype, "affine_linear: unknown z");
+  dtype_size(table_dtype, "affine_linear: unknown table");
   if (table_dtype != dtype && table_dtype != kFloat32) {
     throw py::value_error("affine_linear: tables must have z's dtype or float32, got dtype codes " +
                           std::to_string(table_dtype) + " and " + std::to_string(dtype));
@@ -359,7 +285,7 @@ void affine_linear_fwd(uintptr_t z, int64_t z_st, uintptr_t rows, uintptr_t M, i
 
   const bool tables_f32 = table_dtype == kFloat32;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const DeviceGuard guard(device);
+  const DeviceGuard guard(device, "affine_linear");
   switch (dtype) {
     case kFloat32:
       dispatch_tables<float>(a, true, packed, s);
@@ -371,7 +297,7 @@ void affine_linear_fwd(uintptr_t z, int64_t z_st, uintptr_t rows, uintptr_t M, i
       dispatch_tables<__nv_bfloat16>(a, tables_f32, packed, s);
       break;
   }
-  check_cuda(cudaGetLastError(), "kernel launch");
+  check_cuda(cudaGetLastError(), "affine_linear", "kernel launch");
 }
 
 }  // namespace

@@ -9,9 +9,6 @@
 
 namespace pysteer {
 
-// dtype codes shared with pysteer/ops/_cuda_common.py
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 // Each op family registers its functions into the module.
 void register_affine(pybind11::module_& m);
 

@@ -35,17 +35,19 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
+
 namespace py = pybind11;
 
 namespace pysteer_sae {
 namespace {
 
-// dtype codes shared with csrc/pysteer.h (enum DType) and pysteer/ops/_cuda_common.py. This file
-// does not include pysteer.h: that header declares pysteer_register_sae weak (for module.cu), and
-// the definition below is meant to be a strong symbol.
-constexpr int kFloat32 = 0;
-constexpr int kFloat16 = 1;
-constexpr int kBFloat16 = 2;
+// Not pysteer.h: it declares pysteer_register_sae weak (for module.cu), and the definition below
+// is meant to be a strong symbol.
+using namespace pysteer::common;
+using pysteer::kBFloat16;
+using pysteer::kFloat16;
+using pysteer::kFloat32;
 
 // must match pysteer/ops/sae.py
 constexpr int kActNone = 0;
@@ -64,29 +66,11 @@ constexpr int kApplyThreads = 256;
 constexpr int kCoeffWarps = 8;
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // (x - b_dec) as torch computes it in x's dtype: rounded once to T, then widened.
 template <typename T>
 __device__ __forceinline__ float encoder_input(const T* x, int64_t ix, const T* b_dec, int64_t d) {
-  const float v = to_f(x[ix]);
-  return b_dec == nullptr ? v : to_f(from_f<T>(v - to_f(b_dec[d])));
+  const float v = to_float(x[ix]);
+  return b_dec == nullptr ? v : to_float(from_float<T>(v - to_float(b_dec[d])));
 }
 
 __device__ __forceinline__ float activate(float pre, float thr, int act) {
@@ -165,7 +149,7 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
       const int nn = w_k_contiguous ? e / BK : e % BN;
       const int64_t d = k0 + kk;
       const int64_t n = n0 + nn;
-      Bs[kk][nn] = (d < D && n < M) ? to_f(w[d * swd + n * swm]) : 0.f;
+      Bs[kk][nn] = (d < D && n < M) ? to_float(w[d * swd + n * swm]) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -193,12 +177,12 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + tx + j * kColsPerStep;
       if (n >= M) continue;
-      const float pre = acc[i][j] + to_f(b_enc[n]);
-      const float v = activate(pre, act == kActJumpRelu ? to_f(thr[n]) : 0.f, act);
+      const float pre = acc[i][j] + to_float(b_enc[n]);
+      const float v = activate(pre, act == kActJumpRelu ? to_float(thr[n]) : 0.f, act);
       if constexpr (OUT_F32) {
         static_cast<float*>(out)[t * M + n] = v;
       } else {
-        static_cast<T*>(out)[t * M + n] = from_f<T>(v);
+        static_cast<T*>(out)[t * M + n] = from_float<T>(v);
       }
     }
   }
@@ -318,7 +302,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int r = tid; r < k; r += blockDim.x) {
     const uint64_t key = keys[r];
     const float v = key_value(key);
-    values[t * k + r] = from_f<T>(v > 0.f ? v : 0.f);
+    values[t * k + r] = from_float<T>(v > 0.f ? v : 0.f);
     indices[t * k + r] = key_id(key);
   }
 }
@@ -340,18 +324,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int64_t kk = k0 + threadIdx.x;
     if (kk < K) {
       s_idx[threadIdx.x] = static_cast<int64_t>(idx[t * K + kk]);
-      s_val[threadIdx.x] = to_f(vals[t * K + kk]);
+      s_val[threadIdx.x] = to_float(vals[t * K + kk]);
     }
     __syncthreads();
     const int n = static_cast<int>(K - k0 < blockDim.x ? K - k0 : blockDim.x);
     if (c < D) {
-      for (int i = 0; i < n; ++i) acc = fmaf(s_val[i], to_f(w[s_idx[i] * swm + c * swd]), acc);
+      for (int i = 0; i < n; ++i) acc = fmaf(s_val[i], to_float(w[s_idx[i] * swm + c * swd]), acc);
     }
     __syncthreads();
   }
   if (c < D) {
-    if (b_dec != nullptr) acc += to_f(b_dec[c]);
-    out[t * D + c] = from_f<T>(acc);
+    if (b_dec != nullptr) acc += to_float(b_dec[c]);
+    out[t * D + c] = from_float<T>(acc);
   }
 }
 
@@ -378,11 +362,11 @@ __global__ void __launch_bounds__(kCoeffWarps * 32)
     const int64_t feat = feats[j];
     float acc = 0.f;
     for (int64_t c = lane; c < D; c += 32) {
-      acc = fmaf(encoder_input(x, t * sxt + c * sxd, b_dec, c), to_f(w[c * swd + feat * swm]), acc);
+      acc = fmaf(encoder_input(x, t * sxt + c * sxd, b_dec, c), to_float(w[c * swd + feat * swm]), acc);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
-    const float f = activate(acc + to_f(b_enc[feat]), act == kActJumpRelu ? to_f(thr[feat]) : 0.f, act);
+    const float f = activate(acc + to_float(b_enc[feat]), act == kActJumpRelu ? to_float(thr[feat]) : 0.f, act);
     delta = edit_delta(f, kinds[r * F + j], strengths[r * F + j]);
   }
   if (lane == 0) df[t * F + j] = delta;
@@ -409,7 +393,7 @@ __global__ void __launch_bounds__(kCoeffWarps * 32)
       const bool hit = i < K && idx[t * K + i] == feat;
       const unsigned found = __ballot_sync(0xFFFFFFFFu, hit);
       if (found != 0u) {  // same value in every lane: the warp leaves together
-        f = __shfl_sync(0xFFFFFFFFu, hit ? to_f(vals[t * K + i]) : 0.f, __ffs(found) - 1);
+        f = __shfl_sync(0xFFFFFFFFu, hit ? to_float(vals[t * K + i]) : 0.f, __ffs(found) - 1);
         break;
       }
     }
@@ -442,7 +426,7 @@ __global__ void __launch_bounds__(kApplyThreads)
       if (c < D) {
         for (int i = 0; i < n; ++i) {
           const float a = s_df[i];
-          if (a != 0.f) acc = fmaf(a, to_f(w[s_feat[i] * swm + c * swd]), acc);
+          if (a != 0.f) acc = fmaf(a, to_float(w[s_feat[i] * swm + c * swd]), acc);
         }
       }
       __syncthreads();
@@ -450,9 +434,9 @@ __global__ void __launch_bounds__(kApplyThreads)
   }
   if (c < D) {
     const T xv = x[t * sxt + c * sxd];
-    const float xf = to_f(xv);
+    const float xf = to_float(xv);
     // row 0 keeps x's bits; so does a zero x with nothing added (x + 0.0 would turn -0.0 into +0.0)
-    out[t * D + c] = (r == 0 || (acc == 0.f && xf == 0.f)) ? xv : from_f<T>(xf + acc);
+    out[t * D + c] = (r == 0 || (acc == 0.f && xf == 0.f)) ? xv : from_float<T>(xf + acc);
   }
 }
 
@@ -460,39 +444,7 @@ __global__ void __launch_bounds__(kApplyThreads)
 // host side
 // ------------------------------------------------------------------------------------------------
 
-void check_cuda(cudaError_t err, const char* op, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  DeviceGuard(int device, const char* op) {
-    check_cuda(cudaGetDevice(&previous_), op, "cudaGetDevice");
-    if (previous_ != device) {
-      check_cuda(cudaSetDevice(device), op, "cudaSetDevice");
-    } else {
-      previous_ = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
-
-void check_dtype(int code, const char* op) {
-  if (code != kFloat32 && code != kFloat16 && code != kBFloat16) {
-    throw py::value_error(std::string(op) + ": unknown dtype code " + std::to_string(code) +
-                          " (0 float32, 1 float16, 2 bfloat16)");
-  }
-}
+void check_dtype(int code, const char* op) { dtype_size(code, std::string(op) + ": unknown"); }
 
 void check_nonnegative(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
   for (const auto& [name, v] : sizes) {

@@ -554,7 +554,7 @@ def test_triton_on_cpu_without_interpreter_is_unavailable(monkeypatch):
 def test_cuda_dtype_codes_match_header():
     from pysteer.ops._cuda_common import DTYPE_CODES
 
-    header = (Path(__file__).resolve().parents[1] / "csrc" / "pysteer.h").read_text()
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "common.cuh").read_text()
     enum = dict(re.findall(r"k(\w+) = (\d+)", header[header.index("enum DType") :]))
     names = {torch.float32: "Float32", torch.float16: "Float16", torch.bfloat16: "BFloat16"}
     assert {names[dt]: str(code) for dt, code in DTYPE_CODES.items()} == enum
@@ -628,7 +628,6 @@ inline const char* emu_error_string(cudaError_t) { return ""; }
 #define cudaGetErrorString emu_error_string
 inline float atomicAdd(float* p, float v) { const float old = *p; *p += v; return old; }
 namespace py { using value_error = std::invalid_argument; }
-namespace pysteer { enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 }; }
 template <typename K, typename... Args>
 void emulate(dim3 grid, int threads, K kernel, Args... args) {
   gridDim = grid;
@@ -699,6 +698,8 @@ def host_cuda_kernels(tmp_path_factory):
         "-fPIC",
         "-I",
         str(include),
+        "-I",
+        str(root / "csrc"),
         str(build / "affine_host.cpp"),
         "-o",
         str(lib),

@@ -626,7 +626,7 @@ def host_cuda_kernel(tmp_path_factory):
     src = build / "affine_linear_host.cpp"
     src.write_text(_host_source((ROOT / "csrc" / "affine_linear.cu").read_text()))
     lib = build / "libaffine_linear_host.so"
-    cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-I", str(include), str(src), "-o", str(lib)]
+    cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-I", str(include), "-I", str(ROOT / "csrc"), str(src), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     so = ctypes.CDLL(str(lib))

@@ -882,7 +882,7 @@ def _host_extension(tmp_path_factory) -> _HostExtension:
     (build / "sae_host.cpp").write_text(source)
     lib = build / "libsae_host.so"
     cxx = shutil.which(os.environ.get("CXX", "g++"))
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(CUDA_INCLUDE)]
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(CUDA_INCLUDE), "-I", str(root / "csrc")]
     proc = subprocess.run([*cmd, str(build / "sae_host.cpp"), "-o", str(lib)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _HostExtension(ctypes.CDLL(str(lib)), signatures)
