@@ -28,15 +28,13 @@ import argparse
 import json
 import os
 import platform
-import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import copy_bandwidth, device_slug, time_per_call
 
 from pysteer._backend import backend_status
 from pysteer.ops.affine_linear import affine_linear
@@ -45,50 +43,6 @@ TOKENS = [1, 4, 16, 64, 4096]
 HEADS, HEAD_DIM, OUT, TABLE_ROWS = 32, 128, 4096, 8
 CUDA_KERNEL_MAX_TOKENS = 64  # pysteer.ops.cuda_affine_linear.MAX_TOKENS (not imported: lean on CPU)
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_slug(device: torch.device) -> str:
-    """``cpu`` or the GPU's name in lower case with runs of other characters as ``-``."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def time_per_call(fn: Callable[[], object], device: torch.device, reps: int, inner: int) -> float:
-    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls, in seconds.
-
-    On a GPU each rep is bracketed by CUDA events, so launch-bound calls are timed as the device
-    sees them when queued back to back.
-    """
-    for _ in range(2 if device.type != "cuda" else 5):
-        fn()
-    samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3 / inner)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, reps: int) -> float:
-    """Bytes per second of ``y.copy_(x)`` (bytes read + bytes written) for an ``nbytes`` buffer."""
-    n = nbytes // torch.tensor([], dtype=dtype).element_size()
-    x = torch.randn(n, device=device).to(dtype)
-    y = torch.empty_like(x)
-    seconds = time_per_call(lambda: y.copy_(x), device, reps, inner=1)
-    return 2 * x.numel() * x.element_size() / seconds
 
 
 def bytes_moved(

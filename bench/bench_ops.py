@@ -19,14 +19,12 @@ import argparse
 import json
 import os
 import platform
-import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import copy_bandwidth, device_slug, time_per_call
 
 from pysteer._backend import backend_status
 from pysteer.ops._registry import get_impl
@@ -36,50 +34,6 @@ DECODE_TOKENS = [1, 2, 4, 8, 16, 32, 64]
 PREFILL_TOKENS = [4096]
 HEADS, HEAD_DIM, TABLE_ROWS = 32, 128, 8
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_slug(device: torch.device) -> str:
-    """``cpu`` or the GPU's name in lower case with runs of other characters as ``-``."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def time_per_call(fn: Callable[[], object], device: torch.device, reps: int, inner: int) -> float:
-    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls, in seconds.
-
-    On a GPU each rep is bracketed by CUDA events, so launch-bound ops are timed as the device
-    sees them when calls are queued back to back.
-    """
-    for _ in range(3):
-        fn()
-    samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3 / inner)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, reps: int) -> float:
-    """Bytes per second of ``y.copy_(x)`` (bytes read + bytes written) for an ``nbytes`` buffer."""
-    n = nbytes // torch.tensor([], dtype=dtype).element_size()
-    x = torch.randn(n, device=device).to(dtype)
-    y = torch.empty_like(x)
-    seconds = time_per_call(lambda: y.copy_(x), device, reps, inner=1)
-    return 2 * x.numel() * x.element_size() / seconds
 
 
 def bytes_moved(x: torch.Tensor, rows: torch.Tensor, M: torch.Tensor, A: torch.Tensor) -> int:

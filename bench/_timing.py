@@ -1,0 +1,56 @@
+"""Timing helpers shared by the op benchmarks (``python bench/bench_*.py`` puts this folder on the path)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu`` or the GPU's name in lower case with runs of other characters as ``-``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def time_per_call(
+    fn: Callable[[], object], device: torch.device, reps: int, inner: int, warmup: int | None = None
+) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls, in seconds.
+
+    On a GPU each rep is bracketed by CUDA events, so launch-bound ops are timed as the device
+    sees them when calls are queued back to back.
+    """
+    for _ in range(warmup if warmup is not None else (5 if device.type == "cuda" else 2)):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3 / inner)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, reps: int) -> float:
+    """Bytes per second of ``y.copy_(x)`` (bytes read + bytes written) for an ``nbytes`` buffer."""
+    n = nbytes // torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(n, device=device).to(dtype)
+    y = torch.empty_like(x)
+    seconds = time_per_call(lambda: y.copy_(x), device, reps, inner=1)
+    return 2 * x.numel() * x.element_size() / seconds
