@@ -8,6 +8,12 @@ between calls is a fixed-address tensor updated in place: the steering tables, t
 index, the position-rule encoding, the token, position and attention-mask buffers. So changing
 strength, directions, positions or the per-request configs of a batch neither recompiles nor
 re-records a CUDA graph; only a new bucket or a new steered site compiles.
+
+Two things keep the compiled step lean: grouped-query models using ``sdpa`` attend per key/value
+head during decode steps (``pysteer.models.attention``) instead of copying the cache per query
+head, and sliding-window layers get full-length static buffers (their Python token counters would
+otherwise recompile every step; the model's sliding mask still drops old tokens). Only the first
+decode step of a call runs Dynamo's full guard check.
 """
 
 from __future__ import annotations
