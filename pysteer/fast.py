@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ class _Slot:
         # Later decode steps of a call may skip Dynamo's full guard check only when nothing the
         # graph specialised on changes between steps.
         self.trusted_steps = _tensor_state_only(self.cache)
+        self.fn = None  # compiled decode step (own code object), see FastGenerator._fresh_compiled_step
+        self.code = None
+        self.hooks = None  # the model's hook set when ``fn`` was made
         if dev.type == "cuda":
             for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len):
                 torch._dynamo.mark_static_address(t)
@@ -114,6 +118,17 @@ def _make_static_cache(model: nn.Module, batch: int, length: int, device, dtype)
         if type(layer).__name__ == "StaticSlidingWindowLayer":
             cache.layers[i] = StaticLayer(max_cache_len=length)
     return cache
+
+
+def _hook_signature(model: nn.Module) -> tuple:
+    """The forward hooks on the model and its modules (keys are unique per registration)."""
+    from torch.nn.modules import module as M
+
+    sig = [tuple(M._global_forward_pre_hooks), tuple(M._global_forward_hooks)]
+    for mod in model.modules():
+        if mod._forward_pre_hooks or mod._forward_hooks:
+            sig.append((id(mod), tuple(mod._forward_pre_hooks), tuple(mod._forward_hooks)))
+    return tuple(sig)
 
 
 def _tensor_state_only(cache) -> bool:
@@ -170,28 +185,48 @@ class FastGenerator:
                 if hasattr(dcfg, name):
                     setattr(dcfg, name, max(getattr(dcfg, name), 64))
             mode = None if compile == "default" or compile_backend != "inductor" else compile
-            compiled = torch.compile(self._decode_step, backend=compile_backend, mode=mode, dynamic=False)
+            self._compile_kw = dict(backend=compile_backend, mode=mode, dynamic=False)
 
-            def step(*args, trusted: bool = False):
-                # Dynamo does not guard on module hooks by default, so steering attached after the
-                # first compile would silently be skipped; with the guards, a new hook set recompiles.
-                with decode_attention(self.model), dcfg.patch(skip_nnmodule_hook_guards=False):
-                    if not trusted:
-                        return compiled(*args)
-                    # Later steps of one call: the model, its hooks and the slot are those the first
-                    # step's full guard check accepted, so only the guards that tell cached graphs
-                    # apart run (the full check costs ~3 ms a step on CPU for a 30-layer model).
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return compiled(*args)
+    # -- running decode steps ---------------------------------------------------------------------
+    def _fresh_compiled_step(self, slot: _Slot) -> None:
+        """Give the slot a compiled decode step on a code object of its own.
 
-            self._step = step
-        else:
+        Dynamo caches graphs per code object; with one per slot (and per hook set, see ``stream``)
+        the cache holds the graphs of this model and bucket only, so skipping the guard check on
+        later steps can never pick another model's or an older hook set's graph.
+        """
+        f = FastGenerator._decode_step
+        code = f.__code__.replace(co_name=f"_decode_step_b{slot.batch}_l{slot.length}")
+        fn = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+        slot.code = code
+        slot.fn = torch.compile(types.MethodType(fn, self), **self._compile_kw)
 
-            def eager_step(*args, trusted: bool = False):
-                with decode_attention(self.model):
-                    return self._decode_step(*args)
+    def _run_step(self, slot: _Slot, args: tuple, trusted: bool = False) -> Tensor:
+        with decode_attention(self.model):
+            if not self.compile_mode:
+                return self._decode_step(*args)
+            import torch._dynamo.config as dcfg
 
-            self._step = eager_step
+            # Dynamo does not guard on module hooks by default, so steering attached after the
+            # first compile would silently be skipped; with the guards, a new hook set recompiles.
+            with dcfg.patch(skip_nnmodule_hook_guards=False):
+                if not trusted:
+                    return slot.fn(*args)
+                # Later steps of one call: only the guards that tell this code object's graphs
+                # apart run (the full check costs ~3 ms a step on CPU for a 30-layer model).
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return slot.fn(*args)
+
+    def _trust_later_steps(self, slot: _Slot) -> bool:
+        """Whether the later steps of this call may skip the full guard check: the cache keeps its
+        state in tensors and the slot's code object holds exactly one graph."""
+        if not self.compile_mode or not slot.trusted_steps:
+            return False
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        except ImportError:  # no way to count the graphs: keep the full check
+            return False
+        return len(_debug_get_cache_entry_list(slot.code)) == 1
 
     # -- the step that gets compiled -------------------------------------------------------------
     def _decode_step(self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None) -> Tensor:
@@ -351,22 +386,32 @@ class FastGenerator:
                 state.external = slot.external
             t_dec = time.perf_counter()
             steps = 0
+            if self.compile_mode:
+                hooks = _hook_signature(self.model)
+                if slot.fn is None or hooks != slot.hooks:
+                    # a new hook set compiles anyway; a fresh code object drops the old set's graphs
+                    self._fresh_compiled_step(slot)
+                    slot.compiled, slot.hooks = False, hooks
+            trusted = False
             for step in range(1, max_new_tokens):
                 if step % STOP_CHECK_EVERY == 0 and bool(finished[:n].all()):
                     break
                 slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
                 cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
+                args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
                 if not slot.compiled and self.compile_mode:
                     if self.progress:
                         print(f"pysteer: compiling the decode step (batch {B}, cache {L}, mode {self.compile_mode}) ...", file=sys.stderr, flush=True)
                     tc = time.perf_counter()
-                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
+                    logits = self._run_step(slot, args)
                     self.compile_seconds[(B, L)] = time.perf_counter() - tc
                     slot.compiled = True
                     if self.progress:
                         print(f"pysteer: compiled in {self.compile_seconds[(B, L)]:.1f} s", file=sys.stderr, flush=True)
                 else:
-                    logits = self._step(slot.tokens, slot.pos, slot.mask, slot.cache, cache_position, trusted=slot.trusted_steps and step > 1)
+                    logits = self._run_step(slot, args, trusted=trusted)
+                if step == 1:
+                    trusted = self._trust_later_steps(slot)
                 tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
                 tok = torch.where(finished, pad, tok)
                 finished |= torch.isin(tok, stop_ids)

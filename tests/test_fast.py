@@ -218,3 +218,20 @@ def test_sliding_window_models_equal_hf_and_compile_once(arch, window):
     got = gen.generate(prompts, max_new_tokens=NEW + 2).tokens
     assert counters["stats"]["unique_graphs"] == 1, "the decode step recompiled between steps"
     assert got == [_hf_greedy(model, p, NEW + 2) for p in prompts]
+
+
+def test_generators_of_identical_models_never_share_graphs():
+    # Each slot compiles on its own code object: the later steps of a call skip the full guard
+    # check, which must never pick a graph compiled for another model or another hook set.
+    prompts = _prompts([5, 5], seed=4)
+    plain, steered = _no_eos(tiny_model("llama")), _no_eos(tiny_model("llama"))
+    geo = geometry(steered)
+    handle = pysteer.steer(steered, _steering(geo, 1.0), mode="dynamic")
+    gens = [FastGenerator(m, compile="default", compile_backend="aot_eager", progress=False) for m in (plain, steered)]
+    got = [g.generate(prompts, max_new_tokens=NEW).tokens for g in gens]
+    again = [g.generate(prompts, max_new_tokens=NEW).tokens for g in gens]
+    want = [FastGenerator(m, compile=False).generate(prompts, max_new_tokens=NEW).tokens for m in (plain, steered)]
+    assert got == again == want
+    assert want[0] != want[1]
+    handle.remove()  # a new hook set: a fresh graph, and the unsteered tokens again
+    assert gens[1].generate(prompts, max_new_tokens=NEW).tokens == want[0]
