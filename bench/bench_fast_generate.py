@@ -71,6 +71,55 @@ def weight_read_seconds(model, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: int, pairs: int) -> dict:
+    """Decode step of ``gen_b`` ÷ decode step of ``gen_a``, the two run back to back ``pairs`` times.
+
+    Whole-generate rounds on a shared CPU move by ±10 % from one run to the next; two adjacent
+    steps see the same machine, so the median of their ratios resolves a 1 % difference. Each
+    generator must have run a batch of ``batch`` before (its compiled step and static cache).
+    """
+    from pysteer.steering import _STATES
+
+    def stepper(gen: FastGenerator):
+        slot = next(s for (b, _), s in gen.slots.items() if b == batch)
+        state = _STATES.get(gen.model)
+        state = state if state is not None and state.handles else None
+        cache_position = torch.full((1,), slot.length // 2, dtype=torch.long, device=gen.device)
+
+        def step(trusted: bool = True) -> float:
+            t = time.perf_counter()
+            if state is not None:
+                state.external = slot.external
+            try:
+                args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position if gen._pass_cache_position else None)
+                gen._run_step(slot, args, trusted=trusted and gen._trust_later_steps(slot))
+            finally:
+                if state is not None:
+                    state.external = None
+            if gen.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        return step
+
+    a, b = stepper(gen_a), stepper(gen_b)
+    with torch.no_grad():
+        a(False), b(False)  # full guard check once, then the steady state of a generate call
+        ratios = []
+        for i in range(pairs):
+            if i % 2:  # alternate which goes first, so drift within a pair cancels
+                tb, ta = b(), a()
+            else:
+                ta, tb = a(), b()
+            ratios.append(tb / ta)
+    ratios.sort()
+    return {
+        "median": statistics.median(ratios),
+        "quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+        "pairs": pairs,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -80,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="auto", help="fast path compile mode")
     p.add_argument("--skip", default="", help="comma-separated variants to skip")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--step-pairs", type=int, default=100, help="interleaved decode-step pairs per comparison")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -99,36 +149,41 @@ def main(argv=None) -> int:
         batch = torch.tensor(prompts, device=device)
         runners = {}
 
-        def hf_runner(model):
+        outputs = {}  # last tokens of each variant: the steered graphs must really steer
+
+        def hf_runner(model, name):
             def run():
                 t, c = time.perf_counter(), time.process_time()
                 with torch.no_grad():
-                    model.generate(batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                    out = model.generate(batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                outputs[name] = out[:, batch.shape[1] :].tolist()
                 return (time.perf_counter() - t) / args.new_tokens, None, (time.process_time() - c) / args.new_tokens
 
             return run
 
-        def fast_runner(gen, steering):
+        def fast_runner(gen, steering, name):
             def run():
                 c = time.process_time()
                 res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens, ignore_eos=True)
+                outputs[name] = res.tokens
                 cpu = (time.process_time() - c) / args.new_tokens
                 return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1), cpu
 
             return run
 
         if "hf-eager" not in skip:
-            runners["hf-eager"] = hf_runner(copy.deepcopy(base))
+            runners["hf-eager"] = hf_runner(copy.deepcopy(base), "hf-eager")
         if "hf-eager+pysteer" not in skip:
             m = copy.deepcopy(base)
             pysteer.steer(m, head_steering(geo, 0), mode="dynamic")
-            runners["hf-eager+pysteer"] = hf_runner(m)
+            runners["hf-eager+pysteer"] = hf_runner(m, "hf-eager+pysteer")
         if "hf-compiled" not in skip:
             m = copy.deepcopy(base)
             m.generation_config.cache_implementation = "static"
             m.forward = torch.compile(m.forward, mode=None if device.type == "cpu" else "reduce-overhead")
-            runners["hf-compiled"] = hf_runner(m)
+            runners["hf-compiled"] = hf_runner(m, "hf-compiled")
         steered = {}
+        fast_gens = {}
         for name, steering in (
             ("fast", None),
             ("fast+resid", resid_steering(geo, 0)),
@@ -137,19 +192,19 @@ def main(argv=None) -> int:
             if name in skip:
                 continue
             m = copy.deepcopy(base)
-            gen = FastGenerator(m, tok, compile=args.compile)
+            gen = fast_gens[name] = FastGenerator(m, tok, compile=args.compile)
             if steering is not None:
                 handle = pysteer.steer(m, steering, mode="dynamic")
                 steered[name] = (gen, handle)
-                runners[name] = fast_runner(gen, handle)
+                runners[name] = fast_runner(gen, handle, name)
             else:
-                runners[name] = fast_runner(gen, None)
+                runners[name] = fast_runner(gen, None, name)
         if B == 16 and "fast+heads-16-configs" not in skip:
             m = copy.deepcopy(base)
-            gen = FastGenerator(m, tok, compile=args.compile)
+            gen = fast_gens["fast+heads-16-configs"] = FastGenerator(m, tok, compile=args.compile)
             handle = pysteer.steer(m, {f"c{i}": head_steering(geo, i) for i in range(16)}, mode="dynamic")
             handle.rows([f"c{i}" for i in range(16)])
-            runners["fast+heads-16-configs"] = fast_runner(gen, handle)
+            runners["fast+heads-16-configs"] = fast_runner(gen, handle, "fast+heads-16-configs")
 
         print(f"batch {B}: compiling and warming up {len(runners)} variants ...", file=sys.stderr)
         warm = {}
@@ -211,6 +266,24 @@ def main(argv=None) -> int:
             }
         if "fast+heads-16-configs" in med and "fast+heads" in med:
             res["ratio_16_configs_vs_1_config"] = med["fast+heads"] / med["fast+heads-16-configs"]
+        same = {}
+        for a, b in (("fast", "hf-eager"), ("fast+heads", "hf-eager+pysteer"), ("fast+heads", "fast")):
+            if a in outputs and b in outputs:
+                same[f"{a} == {b}"] = outputs[a] == outputs[b]
+        res["same_tokens"] = same  # greedy tokens; fast+heads == fast would mean the steering did not run
+        # steady decode steps, interleaved pairwise: tokens/s ratio = 1 / step-time ratio
+        pairs = {}
+        if args.step_pairs and "fast" in fast_gens:
+            for name in ("fast+resid", "fast+heads"):
+                if name in fast_gens:
+                    pairs[f"{name} vs fast"] = interleaved_step_ratio(fast_gens["fast"], fast_gens[name], B, args.step_pairs)
+        if args.step_pairs and "fast+heads" in fast_gens and "fast+heads-16-configs" in fast_gens:
+            pairs["fast+heads-16-configs vs fast+heads"] = interleaved_step_ratio(
+                fast_gens["fast+heads"], fast_gens["fast+heads-16-configs"], B, args.step_pairs
+            )
+        if pairs:
+            res["interleaved_step_time_ratio"] = pairs
+            res["interleaved_tokens_per_s_ratio"] = {k: 1 / v["median"] for k, v in pairs.items()}
         # first step after a strength change vs the steady step, on the per-head variant
         if "fast+heads" in steered:
             gen, handle = steered["fast+heads"]

@@ -114,6 +114,84 @@ def hook_time_per_token(model, variant, gen, tokens: int) -> dict[str, float]:
     return out
 
 
+def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
+    """One decode forward of ``steered`` ÷ one of ``unhooked`` (two copies of the model), run back
+    to back ``pairs`` times with a 1-token input on top of the prompt's KV cache.
+
+    Whole generate() runs on a shared CPU move by ±10 % from one run to the next; two adjacent
+    forwards see the same machine, so the median of their ratios resolves a 1 % difference.
+    """
+    from transformers import DynamicCache
+
+    def stepper(model):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(**ids, past_key_values=cache, use_cache=True)
+        n = ids["input_ids"].shape[1]
+        mask = torch.cat([ids["attention_mask"], torch.ones_like(ids["attention_mask"][:, :1])], 1)
+        token = ids["input_ids"][:, -1:]
+
+        def step() -> float:
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            dt = time.perf_counter() - t
+            cache.crop(n)  # back to the prompt: every step sees the same cache length
+            return dt
+
+        return step
+
+    a, b = stepper(unhooked), stepper(steered)
+    a(), b()
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            tb, ta = b(), a()
+        else:
+            ta, tb = a(), b()
+        ratios.append(ta / tb)  # tokens/s ratio: steered ÷ unhooked
+    ratios.sort()
+    return {"median": statistics.median(ratios), "quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]], "pairs": pairs}
+
+
+def run_interleaved(model, tok, geo, batches: list[int], pairs: int, prompt: str) -> dict:
+    """Tokens/s ratio vs the unhooked model per variant, from interleaved single decode forwards."""
+    import copy
+
+    device = next(model.parameters()).device
+    out = {}
+    for batch_size in batches:
+        ids = tok([prompt] * batch_size, return_tensors="pt", padding=True).to(device)
+        variants = {
+            "head/fold": lambda m: pysteer.steer(m, head_interventions(geo, 0), mode="fold"),
+            "head/dynamic": lambda m: pysteer.steer(m, head_interventions(geo, 0), mode="dynamic"),
+            "head/plain-hooks": lambda m: PlainHooks(m, head_interventions(geo, 0), geo),
+            "resid/dynamic": lambda m: pysteer.steer(m, resid_interventions(geo, 0), mode="auto"),
+            "resid/plain-hooks": lambda m: PlainHooks(m, resid_interventions(geo, 0), geo),
+        }
+        res = {}
+        steered = copy.deepcopy(model)
+        for name, attach in variants.items():
+            h = attach(steered)
+            try:
+                res[name] = interleaved_forward_ratio(model, steered, ids, pairs)
+            finally:
+                h.remove()
+        if batch_size > 1:
+            one = pysteer.steer(steered, head_interventions(geo, 0), mode="dynamic")
+            many = copy.deepcopy(model)
+            h = pysteer.steer(many, {f"c{i}": head_interventions(geo, i) for i in range(8)}, mode="dynamic")
+            h.rows([f"c{i % 8}" for i in range(batch_size)])
+            r = interleaved_forward_ratio(steered, many, ids, pairs)
+            res["head/dynamic-8-configs vs head/dynamic"] = r
+            one.remove()
+            h.remove()
+        out[f"batch{batch_size}"] = {k: v["median"] for k, v in res.items()}
+        out[f"batch{batch_size}_detail"] = res
+        print(f"batch {batch_size}: " + json.dumps(out[f"batch{batch_size}"]), file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -121,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--interleaved", type=int, default=0, help="only interleaved single decode forwards: pairs per variant")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -132,6 +211,24 @@ def main(argv=None) -> int:
     geo = geometry(model)
     device = next(model.parameters()).device
     prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+    if args.interleaved:
+        doc = {
+            "bench": "bench_generate --interleaved",
+            "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "model": args.model,
+            "dtype": str(next(model.parameters()).dtype),
+            "layers": list(LAYERS),
+            "tokens_per_s_ratio_vs_unhooked": run_interleaved(
+                model, tok, geo, [int(b) for b in args.batches.split(",")], args.interleaved, prompt
+            ),
+            "load_average_at_end": os.getloadavg(),
+        }
+        out = Path(args.out or "bench/results/generate-interleaved-cpu.json")
+        out.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     results = {}
     for batch_size in [int(b) for b in args.batches.split(",")]:
         ids = tok([prompt] * batch_size, return_tensors="pt", padding=True).to(device)
