@@ -127,7 +127,6 @@ def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
         cache = DynamicCache()
         with torch.no_grad():
             model(**ids, past_key_values=cache, use_cache=True)
-        n = ids["input_ids"].shape[1]
         mask = torch.cat([ids["attention_mask"], torch.ones_like(ids["attention_mask"][:, :1])], 1)
         token = ids["input_ids"][:, -1:]
 
@@ -136,7 +135,7 @@ def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
             with torch.no_grad():
                 model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
             dt = time.perf_counter() - t
-            cache.crop(n)  # back to the prompt: every step sees the same cache length
+            cache.crop(-1)  # back to the prompt: every step sees the same cache length
             return dt
 
         return step
