@@ -475,11 +475,17 @@ class SteeringHandle:
                 )
             br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
         if not torch.compiler.is_compiling() and self.positions == "all":
-            # Eager shortcut for the common rule (same result as the tensor encoding below, a tenth
-            # of the small ops). Compiled graphs keep the encoding (is_compiling() first, so Dynamo never
+            # Eager shortcut for the common rule (same result as the tensor encoding, a tenth of the
+            # small ops). Compiled graphs keep the encoding (is_compiling() first, so Dynamo never
             # guards on the rule) and set_positions never recompiles.
-            self._rows = torch.where(valid, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
-            return
+            sel = valid
+        else:
+            sel = self._rule_selects(pos, prompt_len) & valid
+        self._rows = torch.where(sel, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
+
+    def _rule_selects(self, pos: Tensor, prompt_len: Tensor) -> Tensor:
+        """``[B, S]`` bool: the tokens the tensor-encoded position rule selects."""
+        B = pos.shape[0]
         code, plist = self._pos_code, self._pos_list
         if code.shape[0] not in (1, B):
             raise ValueError(f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}")
@@ -487,7 +493,7 @@ class SteeringHandle:
         code = code[:, None]
         target = torch.where(plist < 0, plist + pl, plist)  # [R|B, P]
         explicit = (pos[:, :, None] == target[:, None, :]).any(-1)
-        sel = torch.where(
+        return torch.where(
             code == 0,
             True,
             torch.where(
@@ -496,7 +502,6 @@ class SteeringHandle:
                 torch.where(code == 2, pos >= pl, torch.where(code == 3, pos == pl - 1, explicit)),
             ),
         )
-        self._rows = torch.where(sel & valid, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
 
     def _apply(self, site: Site, x: Tensor) -> Tensor:
         rows = self._rows
