@@ -54,3 +54,25 @@ def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, reps: 
     y = torch.empty_like(x)
     seconds = time_per_call(lambda: y.copy_(x), device, reps, inner=1)
     return 2 * x.numel() * x.element_size() / seconds
+
+
+def interleaved_ratio(first: Callable[[], float], second: Callable[[], float], pairs: int) -> dict:
+    """``second()``'s time ÷ ``first()``'s, the two called back to back ``pairs`` times.
+
+    Each callable runs one step and returns its seconds. Runs on a shared machine move by several
+    percent from one to the next; two adjacent steps see the same machine, so the median of their
+    ratios resolves a 1 % difference. The order alternates so drift within a pair cancels.
+    """
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            t2, t1 = second(), first()
+        else:
+            t1, t2 = first(), second()
+        ratios.append(t2 / t1)
+    ratios.sort()
+    return {
+        "median": statistics.median(ratios),
+        "quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+        "pairs": pairs,
+    }

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import interleaved_ratio
 
 import pysteer
 from pysteer.fast import FastGenerator
@@ -72,11 +73,9 @@ def weight_read_seconds(model, repeats: int = 5) -> float:
 
 
 def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: int, pairs: int) -> dict:
-    """Decode step of ``gen_b`` ÷ decode step of ``gen_a``, the two run back to back ``pairs`` times.
+    """Decode step of ``gen_b`` ÷ decode step of ``gen_a``, interleaved (``_timing.interleaved_ratio``).
 
-    Whole-generate rounds on a shared CPU move by ±10 % from one run to the next; two adjacent
-    steps see the same machine, so the median of their ratios resolves a 1 % difference. Each
-    generator must have run a batch of ``batch`` before (its compiled step and static cache).
+    Each generator must have run a batch of ``batch`` before (its compiled step and static cache).
     """
     from pysteer.steering import _STATES
 
@@ -87,6 +86,7 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
         # every step writes the same cache slot (the models read the cache length off the cache)
         n0 = int(slot.cache.get_seq_length())
         cache_position = torch.full((1,), n0, dtype=torch.long, device=gen.device)
+        trust = gen._trust_later_steps(slot)
 
         def step(trusted: bool = True) -> float:
             t = time.perf_counter()
@@ -94,7 +94,7 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
                 state.external = slot.external
             try:
                 args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position if gen._pass_cache_position else None)
-                gen._run_step(slot, args, trusted=trusted and gen._trust_later_steps(slot))
+                gen._run_step(slot, args, trusted=trusted and trust)
             finally:
                 if state is not None:
                     state.external = None
@@ -110,19 +110,7 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
     a, b = stepper(gen_a), stepper(gen_b)
     with torch.no_grad():
         a(False), b(False)  # full guard check once, then the steady state of a generate call
-        ratios = []
-        for i in range(pairs):
-            if i % 2:  # alternate which goes first, so drift within a pair cancels
-                tb, ta = b(), a()
-            else:
-                ta, tb = a(), b()
-            ratios.append(tb / ta)
-    ratios.sort()
-    return {
-        "median": statistics.median(ratios),
-        "quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
-        "pairs": pairs,
-    }
+        return interleaved_ratio(a, b, pairs)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import interleaved_ratio
 
 import pysteer
 from pysteer.interventions import HeadBias, HeadScale, VectorAdd
@@ -115,11 +116,8 @@ def hook_time_per_token(model, variant, gen, tokens: int) -> dict[str, float]:
 
 
 def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
-    """One decode forward of ``steered`` ÷ one of ``unhooked`` (two copies of the model), run back
-    to back ``pairs`` times with a 1-token input on top of the prompt's KV cache.
-
-    Whole generate() runs on a shared CPU move by ±10 % from one run to the next; two adjacent
-    forwards see the same machine, so the median of their ratios resolves a 1 % difference.
+    """Tokens/s of ``steered`` ÷ ``unhooked`` (two copies of the model) from interleaved one-token
+    decode forwards on the prompt's KV cache (``_timing.interleaved_ratio``).
     """
     from transformers import DynamicCache
 
@@ -142,15 +140,7 @@ def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
 
     a, b = stepper(unhooked), stepper(steered)
     a(), b()
-    ratios = []
-    for i in range(pairs):
-        if i % 2:
-            tb, ta = b(), a()
-        else:
-            ta, tb = a(), b()
-        ratios.append(ta / tb)  # tokens/s ratio: steered ÷ unhooked
-    ratios.sort()
-    return {"median": statistics.median(ratios), "quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]], "pairs": pairs}
+    return interleaved_ratio(b, a, pairs)  # unhooked time ÷ steered time: the tokens/s ratio
 
 
 def run_interleaved(model, tok, geo, batches: list[int], pairs: int, prompt: str) -> dict:
