@@ -265,19 +265,15 @@ def planted_preference():
     keep = [t for t, d in zip(texts, logits[:, TARGET] - logits[:, COMPETITOR]) if d < 0]
     assert len(keep) >= 16
     prompts = [scaling_mod.ConflictPrompt(t, str(TARGET), str(COMPETITOR)) for t in keep]
-    free = scaling_mod.activation_scaling(
-        model,
-        tok,
-        prompts,
-        betas=(1,),
-        steps=60,
-        lr=0.2,
-        lambda_m=0.0,
-        lambda_f=0.1,
-        batch_size=len(prompts),
-        zero_tol=0.0,
-    )
-    return model, tok, prompts, free
+    return model, tok, prompts, _fit_scalars(model, tok, prompts, lambda_m=0.0, zero_tol=0.0)
+
+
+def _fit_scalars(model, tok, prompts, lambda_m: float, zero_tol: float):
+    """ActivScalar on the planted task; only the minimality weight and the zero tolerance vary."""
+    return scaling_mod.activation_scaling(
+        model, tok, prompts, betas=(1,), steps=60, lr=0.2, lambda_m=lambda_m, lambda_f=0.1,
+        batch_size=len(prompts), zero_tol=zero_tol,
+    )  # fmt: skip
 
 
 def test_activation_scaling_flips_the_planted_preference(planted_preference):
@@ -291,18 +287,7 @@ def test_activation_scaling_flips_the_planted_preference(planted_preference):
 
 def test_l1_term_shrinks_the_scalars(planted_preference):
     model, tok, prompts, free = planted_preference
-    sparse = scaling_mod.activation_scaling(
-        model,
-        tok,
-        prompts,
-        betas=(1,),
-        steps=60,
-        lr=0.2,
-        lambda_m=0.3,
-        lambda_f=0.1,
-        batch_size=len(prompts),
-        zero_tol=1e-2,
-    )
+    sparse = _fit_scalars(model, tok, prompts, lambda_m=0.3, zero_tol=1e-2)
     l1_free = float(free.params["alpha"].abs().sum())
     l1_sparse = float(sparse.params["alpha"].abs().sum())
     assert l1_sparse < 0.6 * l1_free
