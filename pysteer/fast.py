@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .interventions import HeadScale, VectorScale, is_affine
 from .models.attention import decode_attention
+from .models.forward_args import cache_keyword
 from .models.sites import Site
 from .steering import _STATES, SteeringHandle, steer
 
@@ -177,6 +178,7 @@ class FastGenerator:
             {"logits_to_keep": 1} if "logits_to_keep" in fwd else {"num_logits_to_keep": 1} if "num_logits_to_keep" in fwd else {}
         )
         self._pass_cache_position = "cache_position" in fwd
+        self._cache_kw = cache_keyword(model)  # "cache" since transformers 5.24, "past_key_values" before
         if compile:
             import torch._dynamo.config as dcfg
 
@@ -231,11 +233,10 @@ class FastGenerator:
     # -- the step that gets compiled -------------------------------------------------------------
     def _decode_step(self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None) -> Tensor:
         kw = dict(self._logits_kw)
+        kw[self._cache_kw] = cache
         if cache_position is not None:
             kw["cache_position"] = cache_position
-        out = self.model(
-            input_ids=tokens, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True, **kw
-        )
+        out = self.model(input_ids=tokens, position_ids=pos, attention_mask=mask, use_cache=True, **kw)
         return out.logits[:, -1, :]
 
     # -- steering -------------------------------------------------------------------------------
@@ -370,11 +371,11 @@ class FastGenerator:
             state.external = (pos_prefill, mask_prompt.bool(), slot.prompt_len)
         try:
             kw = dict(self._logits_kw)
+            kw[self._cache_kw] = slot.cache
             if self._pass_cache_position:
                 kw["cache_position"] = torch.arange(S, device=self.device)
             logits = self.model(
-                input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, past_key_values=slot.cache,
-                use_cache=True, **kw,
+                input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, use_cache=True, **kw
             ).logits[:, -1, :]
             finished = torch.zeros(B, dtype=torch.bool, device=self.device)
             tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)

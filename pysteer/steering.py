@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._backend import resolve_backend
 from .interventions import compile_affine, is_affine
+from .models import forward_args
 from .models.sites import Site, install_site_hook, resolve_site
 from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, proj_weight_in_out
 from .ops.affine import affine_steer
@@ -119,15 +120,14 @@ class _ModelState:
             for h in self.handles:
                 h._compute_rows(pos, valid, prompt_len)
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        ref = forward_args.input_tensor(args, kwargs)
         if ref is None:
             raise ValueError("pysteer: the forward got neither input_ids nor inputs_embeds")
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        mask = kwargs.get("attention_mask")
-        past_len = _past_length(kwargs)
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[-1] >= S:
+        mask = forward_args.attention_mask_2d(args, kwargs)
+        past_len = forward_args.past_length(module, args, kwargs, S)
+        if mask is not None and mask.shape[-1] >= S:
             m = mask.to(torch.long)
             pos = (m.cumsum(-1) - 1)[:, -S:]
             valid = m[:, -S:].bool()
@@ -197,21 +197,6 @@ def _state(model: nn.Module) -> _ModelState:
     if st is None:
         st = _STATES[model] = _ModelState(model)
     return st
-
-
-def _past_length(kwargs) -> int | Tensor:
-    """Tokens already in the cache: a Python int, or a 0-dim tensor (never synchronised to the host)."""
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, Tensor) and cache_position.numel():
-        return cache_position[0]
-    past = kwargs.get("past_key_values")
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return past.get_seq_length()
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple cache
-        return int(past[0][0].shape[-2])
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 #   PYSTEER_VENV        venv directory (default: .venv in the repository)
 #   PYSTEER_TORCH       torch requirement, installed first and pinned for every later step
 #                       (default: torch==2.13.0)
+#   PYSTEER_TRANSFORMERS  optional transformers requirement pinned for every step, e.g.
+#                       "transformers==4.57.*" for the oldest supported line (default: the newest
+#                       release inside pyproject's tested range)
 #   PYSTEER_BUILD_CUDA  auto (default) | 0 | 1: build pysteer._C with nvcc (1 fails without nvcc)
 #   PYSTEER_CUDA_ARCHS  e.g. "80;90" (default) or "90"
 #   CUDA_HOME           where nvcc lives (default: /usr/local/cuda when it has bin/nvcc)
@@ -65,6 +68,9 @@ step "torch ($TORCH_REQ)"
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 CONSTRAINTS="$VENV/pysteer-constraints.txt"
 echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
+if [[ -n "${PYSTEER_TRANSFORMERS:-}" ]]; then
+    echo "$PYSTEER_TRANSFORMERS" >>"$CONSTRAINTS"
+fi
 export PIP_CONSTRAINT="$CONSTRAINTS"
 
 step "build tools"

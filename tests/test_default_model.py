@@ -169,9 +169,9 @@ def test_interrupted_build_leaves_no_cache(monkeypatch, tmp_path: Path, first_lo
 
     # Skip the 25 s de-quantisation: hand back the already converted model and tokenizer.
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: first_load[0])
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: first_load[1])
+    monkeypatch.setattr(dm, "_tokenizer_from_gguf", lambda source: (first_load[1], {}))
     # Interrupt while the tokenizer is being written, after the weights are on disk.
-    monkeypatch.setattr(type(first_load[1]), "save_pretrained", fail)
+    monkeypatch.setattr(dm, "_save_tokenizer", fail)
     target = tmp_path / "smollm2-135m-instruct"
     with pytest.raises(KeyboardInterrupt):
         dm.load_default_model(cache_dir=target, progress=False)
@@ -198,3 +198,85 @@ def test_cli_info_runs(cache_dir: Path, first_load):
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout
     assert f"{cache_dir}: cached" in result.stdout
+
+
+def _gguf_special_ids() -> dict[str, int | bool]:
+    from pysteer.default_model import _gguf_fields, gguf_path
+
+    keys = ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token")
+    meta = _gguf_fields(gguf_path(), tuple(f"tokenizer.ggml.{k}" for k in keys))
+    return {k: meta[f"tokenizer.ggml.{k}"] for k in keys}
+
+
+def test_special_tokens_come_from_the_model_file(cached_load):
+    """BOS/EOS/pad are the GGUF file's, on every transformers line (4.57's converter made EOS
+    ``<|im_start|>`` and added a BOS, so every chat prompt started with that token twice)."""
+    _, tokenizer = cached_load
+    want = _gguf_special_ids()
+    assert want["add_bos_token"] is False
+    assert tokenizer.bos_token_id == want["bos_token_id"]
+    assert tokenizer.eos_token_id == want["eos_token_id"]
+    assert tokenizer.pad_token_id == want["padding_token_id"]
+    ids = _chat_batch(tokenizer, PROMPTS[:1])["input_ids"][0].tolist()
+    assert ids[0] == want["bos_token_id"] and ids[1] != want["bos_token_id"], ids[:4]
+    assert "token_type_ids" not in tokenizer("Hello")
+
+
+def test_token_ids_are_the_same_on_every_transformers_line(cached_load):
+    """Fixed ids, checked on both CI lanes (newest transformers and 4.57): the tokenizer is built
+    from the GGUF file with the ``tokenizers`` library, not by a release's converter."""
+    _, tokenizer = cached_load
+    assert tokenizer("Hello world 2024!")["input_ids"] == [19556, 905, 216, 34, 32, 34, 36, 17]
+    ids = _chat_batch(tokenizer, ["What is the capital of France?"])["input_ids"][0].tolist()
+    assert ids[:6] == [1, 9690, 198, 2683, 359, 253]
+    assert ids[-6:] == [2, 198, 1, 520, 9531, 198]  # <|im_end|>\n<|im_start|>assistant\n
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return rope["rope_theta"]
+    return config.rope_theta
+
+
+def test_cached_config_reads_the_same_rope_theta_under_this_transformers(tmp_path: Path):
+    """A cache written by transformers 5 (``rope_parameters`` only) read by 4.57 silently used the
+    default rope_theta 10000 instead of SmolLM2's 100000."""
+    import json
+
+    from transformers import AutoConfig
+
+    from pysteer.default_model import _make_config_portable
+
+    written_by_5x = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(written_by_5x))
+    _make_config_portable(tmp_path)
+    assert _rope_theta(AutoConfig.from_pretrained(tmp_path)) == 100000.0
+
+
+def test_cache_from_other_library_versions_must_compute_the_same_logits(cached_load, cache_dir: Path):
+    import json
+
+    from pysteer.default_model import MARKER_FILENAME, _check_fingerprint
+
+    model, _ = cached_load
+    marker = json.loads((cache_dir / MARKER_FILENAME).read_text())
+    assert marker["written_by"]["transformers"]
+    _check_fingerprint(model, marker, cache_dir)  # the same model passes, whoever wrote it
+    other = {**marker, "written_by": {"transformers": "0.0.0"}}
+    _check_fingerprint(model, other, cache_dir)
+    weight = model.model.norm.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.5)
+        _check_fingerprint(model, marker, cache_dir)  # same writer: not re-checked
+        with pytest.raises(DefaultModelUnavailable, match="computes other logits"):
+            _check_fingerprint(model, other, cache_dir)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

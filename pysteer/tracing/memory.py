@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..models import forward_args
 from ..models.sites import ResolvedSite, Site, install_site_hook, parse_site, resolve_site
 from ..models.specs import get_spec
 
@@ -108,22 +109,6 @@ class TraceCache(Mapping[str, Tensor]):
         self._runs.clear()
 
 
-def _past_length(kwargs: dict) -> int:
-    past = kwargs.get("past_key_values")
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache: [B, KVH, S, D]
-
-
-def _attention_mask(args: tuple, kwargs: dict) -> Tensor | None:
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
-        mask = args[1]
-    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-
 class _Selector:
     """Turns ``positions`` into a per-call row/position selection of a ``[B, S, W]`` tensor."""
 
@@ -206,17 +191,16 @@ def trace(
     selector = _Selector(positions)
 
     def root_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = _past_length(kwargs)
+        inputs = forward_args.input_tensor(args, kwargs)
+        mask = forward_args.attention_mask_2d(args, kwargs)
+        if inputs is None:  # the model itself rejects such a call; nothing to record
+            return
+        past = int(forward_args.past_length(module, args, kwargs, inputs.shape[1]))
         if past == 0 or not cache._runs:
             cache._new_run()
         selector.offset = past
-        selector.mask = _attention_mask(args, kwargs)
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        selector.batch_seq = (
-            tuple(inputs.shape[:2]) if isinstance(inputs, Tensor) and inputs.dim() >= 2 else None
-        )
+        selector.mask = mask
+        selector.batch_seq = tuple(inputs.shape[:2])
 
     def make_capture(name: str):
         def capture(x: Tensor) -> None:
