@@ -124,6 +124,13 @@ def _default_model_info() -> dict[str, Any]:
     return {"cached": cached, "cache_dir": str(directory), "status": reason, "gguf": source}
 
 
+def _transformers_range() -> dict[str, Any]:
+    from pysteer.models.forward_args import tested_transformers
+
+    installed, spec, inside = tested_transformers()
+    return {"installed": installed, "tested": spec, "inside": inside}
+
+
 def collect() -> dict[str, Any]:
     """Everything ``pysteer info`` reports, as plain data."""
     import pysteer
@@ -140,6 +147,7 @@ def collect() -> dict[str, Any]:
             name: _version(name)
             for name in ("torch", "transformers", "triton", "safetensors", "numpy", "gguf", "accelerate")
         },
+        "transformers_tested_range": _transformers_range(),
         "device": device,
         "dispatch": {dev: _backend_rows(dev) for dev in devices},
         "extension": _extension_info(),
@@ -153,6 +161,14 @@ def _format(info: dict[str, Any]) -> str:
     lines.append("versions")
     for name, ver in info["versions"].items():
         lines.append(f"  {name:<13} {ver or 'not installed'}")
+    tested = info["transformers_tested_range"]
+    if tested["tested"] is None:
+        verdict = "tested range unknown (pysteer is not installed as a package)"
+    elif tested["inside"]:
+        verdict = f"inside the tested range {tested['tested']}"
+    else:
+        verdict = f"OUTSIDE the tested range {tested['tested']}: hooks may misread this release's forward arguments"
+    lines.append(f"  {'':<13} transformers {tested['installed']}: {verdict}")
 
     dev = info["device"]
     lines += ["", "device"]

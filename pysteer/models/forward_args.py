@@ -46,6 +46,34 @@ def transformers_version() -> str:
 _CACHE_TYPES: tuple[type, ...] | None = None
 
 
+def tested_transformers() -> tuple[str, str | None, bool | None]:
+    """``(installed version, tested range, inside it)`` for transformers.
+
+    The range is pysteer's own requirement on transformers (pyproject's ``dependencies``, read from
+    the installed package's metadata), so it is stated once; ``None`` where pysteer runs from a tree
+    that was never installed.
+    """
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    installed = transformers_version()
+    try:
+        requirements = importlib.metadata.requires("pysteer") or []
+    except importlib.metadata.PackageNotFoundError:
+        return installed, None, None
+    for line in requirements:
+        req = Requirement(line)
+        if req.name == "transformers" and not req.marker:
+            spec = str(req.specifier)
+            try:
+                return installed, spec, req.specifier.contains(Version(installed), prereleases=True)
+            except ValueError:
+                return installed, spec, None
+    return installed, None, None
+
+
 def _cache_types() -> tuple[type, ...]:
     global _CACHE_TYPES
     if _CACHE_TYPES is None:
@@ -155,5 +183,6 @@ __all__ = [
     "find_cache",
     "input_tensor",
     "past_length",
+    "tested_transformers",
     "transformers_version",
 ]
