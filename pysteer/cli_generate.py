@@ -34,19 +34,29 @@ def run(args) -> int:
 
     import pysteer
     from pysteer.default_model import load_model
+    from pysteer.interventions import finite_number
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    handle = None
+    # Everything the command line names is checked before the model loads (seconds).
+    empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
+    if empty:
+        raise ValueError(f"--prompt number {empty[0] + 1} is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.alpha is not None:
+        finite_number(args.alpha, "--alpha")
+    spec = None
     if args.steer:
         spec = pysteer.load(args.steer)
         if args.config:
             if args.config not in spec.configs:
-                print(f"error: {args.steer} has no config {args.config!r} (has {list(spec.configs)})", file=sys.stderr)
-                return 2
+                raise ValueError(f"{args.steer} has no config {args.config!r} (it has {list(spec.configs)})")
             spec.configs = {args.config: spec.configs[args.config]}
         else:
             first = next(iter(spec.configs))
             spec.configs = {first: spec.configs[first]}
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    handle = None
+    if spec is not None:
         handle = pysteer.steer(model, spec, positions=args.positions, mode=args.mode, backend=args.backend)
         if args.alpha is not None:
             handle.set_alpha(args.alpha)

@@ -83,7 +83,7 @@ class _Slot:
         model = gen.model
         dev = gen.device
         self.batch, self.length = batch, length
-        self.cache = _make_static_cache(model, batch, length, dev, gen.dtype)
+        self.cache = _make_static_cache(model, length)
         self.mask = torch.ones(batch, length, dtype=torch.long, device=dev)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -102,22 +102,22 @@ class _Slot:
                 torch._dynamo.mark_static_address(t)
 
 
-def _make_static_cache(model: nn.Module, batch: int, length: int, device, dtype):
+def _make_static_cache(model: nn.Module, length: int):
     from transformers import StaticCache
 
-    params = inspect.signature(StaticCache.__init__).parameters
-    if "max_batch_size" in params:  # transformers 4.x
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
+    # The same signature from 4.57 (the oldest supported line) to the newest tested release; the
+    # layers allocate on first use, so batch, device and dtype come from the prefill.
     cache = StaticCache(config=model.config, max_cache_len=length)
     # Sliding-window and chunked layers keep a Python int of tokens seen, which Dynamo specialises
     # on: every decode step would recompile. A full-length static layer with the model's own
     # sliding-window mask computes the same attention (the mask, not the buffer, drops old tokens)
     # and keeps all of its state in tensors.
-    from transformers.cache_utils import StaticLayer
+    from transformers import cache_utils
 
+    sliding = getattr(cache_utils, "StaticSlidingWindowLayer", None)
     for i, layer in enumerate(cache.layers):
-        if type(layer).__name__ == "StaticSlidingWindowLayer":
-            cache.layers[i] = StaticLayer(max_cache_len=length)
+        if sliding is not None and isinstance(layer, sliding):
+            cache.layers[i] = cache_utils.StaticLayer(max_cache_len=length)
     return cache
 
 
@@ -137,7 +137,9 @@ def _tensor_state_only(cache) -> bool:
     layers = getattr(cache, "layers", None)
     if layers is None:
         return False
-    return all(type(layer).__name__ == "StaticLayer" for layer in layers)
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in layers)
 
 
 class FastGenerator:
@@ -280,10 +282,14 @@ class FastGenerator:
         if inputs and isinstance(inputs[0], str):
             if self.tokenizer is None:
                 raise ValueError("generate: text inputs need a tokenizer")
-            return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in inputs]
-        rows = [list(map(int, r)) for r in inputs]
-        if not rows or any(not r for r in rows):
-            raise ValueError("generate: empty prompt")
+            rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in inputs]
+        else:
+            rows = [list(map(int, r)) for r in inputs]
+        if not rows:
+            raise ValueError("generate: no prompts given")
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"generate: prompt {empty[0]} is empty (no tokens); every request needs a prompt")
         return rows
 
     def _stop_ids(self, stop, ignore_eos: bool = False) -> list[int]:
@@ -486,6 +492,14 @@ def _per_request(steering, n: int) -> list[list | None]:
         return [[steering]] * n
     items = list(steering)
     if items and all(is_affine(x) for x in items):
+        if len(items) == n > 1:
+            # handle.rows() reads such a list as one intervention per row; read as one config here it
+            # would steer every prompt with all of them. Neither reading is safe to guess.
+            raise ValueError(
+                f"generate: steering is a flat list of {n} interventions for {n} prompts, which reads two ways; "
+                f"pass [[iv] for iv in steering] for one intervention per prompt (as handle.rows does), "
+                f"or [steering] * {n} for all of them on every prompt"
+            )
         return [items] * n
     if len(items) != n:
         raise ValueError(f"generate: {len(items)} per-request configs for {n} prompts")
@@ -545,7 +559,9 @@ def generate(
         inputs: text(s) (needs ``tokenizer``), a ``[B, S]`` tensor, or lists of token ids.
         tokenizer: for text inputs, stop strings and decoded outputs.
         steering: None; a dynamic ``SteeringHandle`` (its configs and ``rows``); one config (an
-            intervention or a list) for every request; or one config (or None) per request.
+            intervention, or a flat list of interventions whose length is not the number of prompts)
+            for every request; or one entry per request, each None, an intervention or a list.
+            A flat list of exactly one intervention per prompt is refused as ambiguous.
         max_new_tokens: tokens to generate per request.
         do_sample, temperature, top_p, top_k: sampling (on the device); greedy by default.
         stop: stop token id(s) or single-token string(s) besides EOS; multi-token strings cut the text.

@@ -9,6 +9,8 @@ row at the same site.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,8 +37,30 @@ def _heads(head: HeadSpec, n_heads: int, what: str) -> list[int]:
     return heads
 
 
+def finite_number(value, what: str) -> float:
+    """``value`` as a float: a real number (Python, NumPy or a one-element tensor) that is finite.
+
+    Strings and booleans are refused, not converted: ``alpha="2.0"`` is a mistake to report.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{what}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what}: expected a number, got {type(value).__name__} {value!r:.40}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{what}: must be finite, got {out}")
+    return out
+
+
 def _as_tensor(value, what: str) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, Tensor) else value.detach().float().cpu()
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{what}: expected a number or a tensor, got {type(value).__name__} {value!r:.40}")
+    try:
+        t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, Tensor) else value.detach().float().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what}: expected a number or a tensor, got {type(value).__name__} ({err})") from None
     if not torch.isfinite(t).all():
         raise ValueError(f"{what}: contains NaN or inf")
     return t
@@ -94,6 +118,12 @@ class HeadBias:
     alpha: float = 1.0
     sigma: float | Tensor = 1.0
 
+    def __post_init__(self) -> None:
+        self._alpha()
+
+    def _alpha(self) -> float:
+        return finite_number(self.alpha, f"HeadBias(layer={self.layer}).alpha")
+
     @property
     def site(self) -> Site:
         return Site(int(self.layer), "attn.heads")
@@ -105,7 +135,7 @@ class HeadBias:
         if (self.vector is None) == (self.direction is None):
             raise ValueError(f"{what}: give exactly one of vector= or direction=")
         if self.vector is not None:
-            v = _per_head(self.vector, heads, geo.head_dim, what + ".vector", scalar_ok=False) * float(self.alpha)
+            v = _per_head(self.vector, heads, geo.head_dim, what + ".vector", scalar_ok=False) * self._alpha()
         else:
             d = _per_head(self.direction, heads, geo.head_dim, what + ".direction", scalar_ok=False)
             norm = d.norm(dim=-1, keepdim=True)
@@ -115,7 +145,7 @@ class HeadBias:
             sigma = sigma.reshape(-1, 1) if sigma.dim() else sigma
             if sigma.dim() and sigma.shape[0] != len(heads):
                 raise ValueError(f"{what}: sigma has {sigma.shape[0]} entries for {len(heads)} heads")
-            v = d / norm * sigma * float(self.alpha)
+            v = d / norm * sigma * self._alpha()
         a = torch.zeros(geo.n_heads, geo.head_dim)
         a[heads] = v
         return AffineTerms(self.site, None, a)
@@ -169,6 +199,9 @@ class VectorAdd:
     vector: Tensor = field(default=None)  # type: ignore[assignment]
     alpha: float = 1.0
 
+    def __post_init__(self) -> None:
+        finite_number(self.alpha, f"VectorAdd({self.site_name!r}).alpha")
+
     @property
     def site(self) -> Site:
         return parse_site(self.site_name)
@@ -182,7 +215,7 @@ class VectorAdd:
         v = _as_tensor(self.vector, f"VectorAdd({site}).vector")
         if v.dim() != 1 or v.shape[0] != H * D:
             raise ValueError(f"VectorAdd({site}): vector must be [{H * D}], got {tuple(v.shape)}")
-        return AffineTerms(site, None, v.reshape(H, D) * float(self.alpha))
+        return AffineTerms(site, None, v.reshape(H, D) * finite_number(self.alpha, f"VectorAdd({site}).alpha"))
 
 
 @dataclass

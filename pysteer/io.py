@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ._files import write_safetensors
 from .interventions import HeadBias, HeadScale, VectorAdd, VectorScale
-from .steering import SteeringHandle, SteeringSpec
+from .steering import SteeringHandle, SteeringSpec, _check_positions
 
 FORMAT = "pysteer.steering/1"
 INTERVENTION_TYPES: dict[str, type] = {c.__name__: c for c in (HeadBias, HeadScale, VectorAdd, VectorScale)}
@@ -72,22 +71,36 @@ def save(obj, path: str | os.PathLike, metadata: dict | None = None) -> Path:
         "positions": spec.positions if isinstance(spec.positions, str) else [list(p) if not isinstance(p, int) else p for p in spec.positions],
         "metadata": {**spec.metadata, **(metadata or {})},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    if not tensors:  # safetensors needs at least one tensor
+        tensors["__empty__"] = torch.zeros(0)
+    return write_safetensors(tensors, path, metadata={"pysteer": json.dumps(doc)})
+
+
+def _read_intervention(path: Path, config: str, index: int, item, tensors: dict[str, torch.Tensor]):
+    where = f"{path}: configs[{config!r}][{index}]"
+    if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not isinstance(item.get("fields"), dict):
+        raise ValueError(f"{where}: expected {{'type': name, 'fields': {{...}}}}, got {item!r:.80}")
+    cls = INTERVENTION_TYPES.get(item["type"])
+    if cls is None:
+        raise ValueError(f"{where}: unknown intervention type {item['type']!r}; known: {sorted(INTERVENTION_TYPES)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(item["fields"]) - known)
+    if unknown:
+        raise ValueError(
+            f"{where}: {item['type']} has no field {unknown[0]!r} (its fields: {sorted(known)}); "
+            "the file may come from a newer pysteer"
+        )
+    kwargs = {}
+    for k, v in item["fields"].items():
+        if isinstance(v, dict) and set(v) == {"tensor"}:
+            if v["tensor"] not in tensors:
+                raise ValueError(f"{where}: field {k!r} names tensor {v['tensor']!r}, which the file does not hold")
+            v = tensors[v["tensor"]]
+        kwargs[k] = v
     try:
-        if not tensors:  # safetensors needs at least one tensor
-            tensors["__empty__"] = torch.zeros(0)
-        save_file(tensors, tmp, metadata={"pysteer": json.dumps(doc)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a steering file is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {item['type']}: {err}") from None
 
 
 def load(path: str | os.PathLike) -> SteeringSpec:
@@ -107,24 +120,30 @@ def load(path: str | os.PathLike) -> SteeringSpec:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     if "pysteer" not in meta:
         raise ValueError(f"{path}: safetensors file without pysteer metadata (not a steering file)")
-    doc = json.loads(meta["pysteer"])
+    try:
+        doc = json.loads(meta["pysteer"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the 'pysteer' metadata is not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: the 'pysteer' metadata must be a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported format {doc.get('format')!r}, expected {FORMAT}")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key!r} contains NaN or inf")
+    if not isinstance(doc.get("configs"), dict) or not doc["configs"]:
+        raise ValueError(f"{path}: field 'configs' must be a non-empty object of config name -> interventions")
     configs = {}
     for name, items in doc["configs"].items():
-        ivs = []
-        for item in items:
-            cls = INTERVENTION_TYPES.get(item["type"])
-            if cls is None:
-                raise ValueError(f"{path}: unknown intervention type {item['type']!r}")
-            kwargs = {}
-            for k, v in item["fields"].items():
-                if isinstance(v, dict) and set(v) == {"tensor"}:
-                    if v["tensor"] not in tensors:
-                        raise ValueError(f"{path}: missing tensor {v['tensor']!r}")
-                    v = tensors[v["tensor"]]
-                kwargs[k] = v
-            ivs.append(cls(**kwargs))
-        configs[name] = ivs
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: config {name!r} must be a list of interventions")
+        configs[name] = [_read_intervention(path, name, i, item, tensors) for i, item in enumerate(items)]
     positions = doc.get("positions", "all")
-    return SteeringSpec(configs, positions, doc.get("metadata", {}))
+    try:
+        _check_positions(positions)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: field 'positions': {err}") from None
+    metadata = doc.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: field 'metadata' must be a JSON object")
+    return SteeringSpec(configs, positions, metadata)

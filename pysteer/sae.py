@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._backend import resolve_backend
+from ._files import write_safetensors
 from .ops import sae as sae_ops
 from .ops.sae import EDIT_KINDS
 
@@ -401,6 +401,8 @@ class SAE(nn.Module):
         else:
             features, kinds, strengths = table
         flat = self._flat(x)
+        if flat.dtype == torch.float64 and strengths.dtype != torch.float64:
+            strengths = strengths.double()  # the op edits in float64 for a float64 SAE
         be = self._backend(backend, flat.device)
         y = sae_ops.sae_steer(
             flat,
@@ -417,7 +419,15 @@ class SAE(nn.Module):
             k=self.k or 0,
             backend=be,
         )
-        return y.to(x.dtype).reshape(x.shape)
+        if y.dtype == x.dtype:
+            return y.reshape(x.shape)
+        # The SAE computes in its own dtype. Hand back only the edit, added to the caller's own
+        # activations: tokens with no edit (row 0, a zero edit) keep x's bits, not x rounded through
+        # the SAE's dtype (a bf16 SAE on an fp32 model moved unsteered logits by 1e-3).
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x_flat = x.reshape(-1, self.d_in)
+        delta = y.to(acc) - flat.to(acc)
+        return torch.where(delta == 0, x_flat, (x_flat.to(acc) + delta).to(x.dtype)).reshape(x.shape)
 
     # -- construction from saved SAEs -------------------------------------------------------------
 
@@ -603,11 +613,9 @@ class SAE(nn.Module):
             cfg["k"] = self.k
         if self.metadata:
             cfg["metadata"] = self.metadata
-        tmp_w = root / (SAE_LENS_WEIGHTS + ".tmp")
         tmp_c = root / (SAE_LENS_CFG + ".tmp")
-        save_file(tensors, str(tmp_w))
         tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
-        os.replace(tmp_w, root / SAE_LENS_WEIGHTS)
+        write_safetensors(tensors, root / SAE_LENS_WEIGHTS)
         os.replace(tmp_c, root / SAE_LENS_CFG)
         return root
 
@@ -670,6 +678,9 @@ def _tensor(
             f"{src}: tensor '{name}' has shape {list(t.shape)}, expected {spec} = {list(shape)} "
             f"(config: d_in={d_in}, d_sae={d_sae})"
         )
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise SAEFormatError(f"{src}: tensor '{name}' holds {bad} NaN or inf value(s)")
     return t
 
 

@@ -28,10 +28,18 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._backend import resolve_backend
-from .interventions import compile_affine, is_affine
+from .interventions import compile_affine, finite_number, is_affine
 from .models import forward_args
 from .models.sites import Site, install_site_hook, resolve_site
-from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, proj_weight_in_out
+from .models.specs import (
+    ArchSpec,
+    ModelGeometry,
+    geometry,
+    get_spec,
+    get_submodule,
+    proj_weight_in_out,
+    unwrap_model,
+)
 from .ops.affine import affine_steer
 
 log = logging.getLogger("pysteer")
@@ -89,6 +97,29 @@ def _check_positions(positions: Positions) -> None:
     if all(isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(q, int) for q in p) for p in seq):
         return
     raise ValueError("positions: expected a rule name, a list of ints, or one list of ints per batch row")
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_position_range(positions: Positions, limit: int | None) -> None:
+    """Explicit positions must be tokens the model can hold: a position past the context length
+    (or further back than it) would steer nothing, silently."""
+    if isinstance(positions, str) or limit is None:
+        return
+    flat = [p for q in positions for p in ([q] if isinstance(q, int) else q)]
+    bad = [p for p in flat if not -limit <= p < limit]
+    if bad:
+        raise ValueError(
+            f"positions: {bad[0]} is outside the model's {limit}-token context "
+            f"(explicit positions are in [-{limit}, {limit}); negative ones count back from the prompt's end)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +212,9 @@ class _ModelState:
             if handle in lst:
                 lst.remove(handle)
             if not lst:
-                self.site_hooks.pop(site).remove()
+                hook = self.site_hooks.pop(site, None)  # absent when attaching failed at this site
+                if hook is not None:
+                    hook.remove()
                 del self.site_handles[site]
         if not self.handles and self.root_hook is not None:
             self.root_hook.remove()
@@ -190,6 +223,45 @@ class _ModelState:
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise ValueError(
+                f"steer: {name} is on the meta device (the model's weights are not loaded); "
+                "load or materialise the weights before steering"
+            )
+
+
+def _unfoldable_projection(model: nn.Module, spec: ArchSpec, compiled) -> str | None:
+    """Why a projection the steering would fold into cannot take it, or None.
+
+    Fold rewrites ``weight`` and ``bias`` of a plain ``nn.Linear`` (or GPT-2's ``Conv1D``). A PEFT
+    LoRA wrapper computes more than its weight (folding ignored the LoRA branch, and adding a bias
+    to it failed after the weight was already scaled), and a quantised linear stores no float weight.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    layers = get_submodule(model, spec.layers)
+    for rows in compiled.values():
+        for site in rows:
+            path = spec.attn_out_proj if site.kind in ("attn.heads", "attn.out") else spec.mlp_out_proj
+            proj = get_submodule(layers[site.layer], path)
+            where = f"layers.{site.layer}.{path}"
+            if type(proj) not in (nn.Linear, Conv1D):
+                return f"{where} is a {type(proj).__module__}.{type(proj).__name__}, not a plain Linear (a wrapper such as PEFT LoRA, or a quantised layer)"
+            weight = proj.weight
+            if weight.is_meta or not weight.dtype.is_floating_point:
+                return f"{where}.weight is {'on the meta device' if weight.is_meta else weight.dtype}"
+    return None
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -282,9 +354,12 @@ class SteeringHandle:
     ):
         if mode not in MODES:
             raise ValueError(f"steer: unknown mode {mode!r}; use one of {MODES}")
+        model = unwrap_model(model)
+        _check_materialised(model)
         configs, spec_positions, metadata = _normalise_configs(interventions)
         positions = positions if positions is not None else (spec_positions if spec_positions is not None else "all")
         _check_positions(positions)
+        _check_position_range(positions, _max_positions(model))
         spec = get_spec(model)
         geo = geometry(model, spec)
         # ---- validate and compile everything before touching the model ----
@@ -296,6 +371,10 @@ class SteeringHandle:
                     raise TypeError(f"steer: config {name!r}: {type(iv).__name__} is not an intervention")
         has_custom = any(custom.values())
         fold_reason = self._fold_blocker(compiled, has_custom, positions)
+        if fold_reason is None:
+            fold_reason = _unfoldable_projection(model, spec, compiled)
+            if fold_reason is not None and mode == "auto":
+                _log_once(f"pysteer: steering dynamically, not folded: {fold_reason}")
         if mode == "fold" and fold_reason:
             raise ValueError(f"steer(mode='fold'): cannot fold: {fold_reason}; use mode='dynamic'")
         self.mode = "fold" if mode == "fold" or (mode == "auto" and not fold_reason) else "dynamic"
@@ -341,7 +420,12 @@ class SteeringHandle:
         self._pinned_prompt_len: Tensor | None = None
         self._rows: Tensor | None = None  # [B*S] int32, computed per forward
         self._build_position_table()
-        _state(model).attach(self, sorted(set(sites) | set(self.appliers)))
+        state = _state(model)
+        try:
+            state.attach(self, sorted(set(sites) | set(self.appliers)))
+        except BaseException:
+            state.detach(self)  # no hook of a failed patch stays behind
+            raise
 
     # -------------------------------------------------------------------------------------------
     @staticmethod
@@ -371,14 +455,18 @@ class SteeringHandle:
                 proj = get_submodule(layer, self.spec.mlp_out_proj)
             side = "in" if site.kind == "attn.heads" else "out"
             planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
-        for proj, side, m, a in planned:
-            slot = _FOLD_SLOTS.get(proj)
-            if slot is None:
-                slot = _FOLD_SLOTS[proj] = _FoldSlot(proj, self.spec.proj_layout)
-            dev = slot.orig_weight.device
-            slot.entries.append((self.id, side, m.to(dev), a.to(dev)))
-            slot.recompute()
-            self._fold_modules.append(proj)
+        try:
+            for proj, side, m, a in planned:
+                slot = _FOLD_SLOTS.get(proj)
+                if slot is None:
+                    slot = _FOLD_SLOTS[proj] = _FoldSlot(proj, self.spec.proj_layout)
+                dev = slot.orig_weight.device
+                self._fold_modules.append(proj)
+                slot.entries.append((self.id, side, m.to(dev), a.to(dev)))
+                slot.recompute()
+        except BaseException:
+            self._unfold()  # every projection this handle touched goes back to its kept original
+            raise
 
     def _unfold(self) -> None:
         for proj in dict.fromkeys(self._fold_modules):
@@ -440,6 +528,7 @@ class SteeringHandle:
         """Change the position rule, in place when the encoding keeps its shape."""
         self._require_dynamic("set_positions")
         _check_positions(positions)
+        _check_position_range(positions, _max_positions(self.model_ref()))
         self.positions = positions
         self._build_position_table()
         return self
@@ -510,10 +599,13 @@ class SteeringHandle:
 
     # -- public API ------------------------------------------------------------------------------
     def rows(self, per_request: Sequence | None) -> SteeringHandle:
-        """Choose the config of each batch row: a config name, a list of interventions, or None (unsteered).
+        """Choose the config of each batch row: a config name, an intervention, a list of
+        interventions, or None (unsteered). A flat list ``[iv_a, iv_b]`` is one config per row.
 
         ``None`` as the whole argument resets every row to the first config. Lists of interventions
-        are written into free table rows in place (no recompilation).
+        are written into free table rows in place (no recompilation). A batch of ``len(per_request)
+        * n`` rows gives each entry ``n`` consecutive rows: the layout ``generate()`` uses for
+        ``num_return_sequences`` and beams. Any other batch size raises at the forward.
         """
         self._require_dynamic("rows")
         if per_request is None:
@@ -563,6 +655,7 @@ class SteeringHandle:
 
     def update(self, interventions, config: str | None = None) -> SteeringHandle:
         """Replace one config's interventions (same sites or a subset), in place."""
+        self._require_live("update")
         name = config or self.config_names[0]
         if name not in self.configs:
             raise KeyError(f"update: unknown config {name!r}; known: {self.config_names}")
@@ -586,12 +679,17 @@ class SteeringHandle:
 
     def set_alpha(self, alpha: float, config: str | None = None) -> SteeringHandle:
         """Set ``alpha`` on every intervention of a config (all configs when None) that has one; in place."""
+        self._require_live("set_alpha")
+        alpha = finite_number(alpha, "set_alpha: alpha")
         names = [config] if config else self.config_names
+        for name in names:
+            if name not in self.configs:
+                raise KeyError(f"set_alpha: unknown config {name!r}; known: {self.config_names}")
         for name in names:
             ivs = self.configs[name]
             for iv in ivs:
                 if hasattr(iv, "alpha"):
-                    iv.alpha = float(alpha)
+                    iv.alpha = alpha
             self.update(ivs, name)
         return self
 
@@ -607,6 +705,7 @@ class SteeringHandle:
             self._pinned_prompt_len = None
 
     def spec_(self) -> SteeringSpec:
+        self._require_live("spec_")
         return SteeringSpec(dict(self.configs), self.positions, dict(self.metadata))
 
     def remove(self) -> None:
@@ -620,11 +719,14 @@ class SteeringHandle:
             _state(model).detach(self)
         self.removed = True
 
+    def _require_live(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"{what}: the handle was removed; steer the model again for a new handle")
+
     def _require_dynamic(self, what: str) -> None:
+        self._require_live(what)
         if self.mode != "dynamic":
             raise ValueError(f"{what}: needs mode='dynamic' (this handle folded its steering into the weights)")
-        if self.removed:
-            raise ValueError(f"{what}: the handle was removed")
 
     def __enter__(self) -> SteeringHandle:
         return self

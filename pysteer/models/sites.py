@@ -13,6 +13,7 @@ On Gemma 2/3 ``attn.out`` and ``mlp.out`` are taken before the post-attention / 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .specs import ArchSpec, geometry, get_spec, get_submodule
+
+log = logging.getLogger("pysteer")
 
 SITE_KINDS = ("attn.heads", "attn.out", "mlp.out", "resid")
 _SITE_RE = re.compile(r"^(?:layers\.)?(\d+)\.(attn\.heads|attn\.out|mlp\.out|resid)$")
@@ -77,6 +80,34 @@ def resolve_site(model: nn.Module, site: str | Site, spec: ArchSpec | None = Non
     return ResolvedSite(s, layer, False, geo.d_model, 1)
 
 
+_HOOK_GUARDS_ON = False
+
+
+def guard_hooks_in_compiled_graphs() -> None:
+    """Make ``torch.compile`` see hooks added or removed after a model was compiled.
+
+    By default Dynamo does not guard on module hooks: a model compiled before ``pysteer.steer``
+    kept running its old graph, unsteered, and one compiled while steered kept steering after
+    ``remove()``. The first time pysteer installs a hook it turns those guards on for the process
+    and drops the graphs compiled without them (once), so every compiled model recompiles when its
+    hooks change, and never again after that for an in-place change of strength or rows.
+    """
+    global _HOOK_GUARDS_ON
+    if _HOOK_GUARDS_ON:
+        return
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.skip_nnmodule_hook_guards:
+        dynamo_config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+        log.info(
+            "pysteer: torch.compile now guards on module hooks (graphs compiled before were dropped once), "
+            "so compiled models follow steering and tracing hooks as they are added and removed"
+        )
+    _HOOK_GUARDS_ON = True
+
+
 def install_site_hook(
     resolved: ResolvedSite, fn: Callable[[Tensor], Tensor | None], *, prepend: bool = False
 ) -> RemovableHandle:
@@ -86,6 +117,7 @@ def install_site_hook(
     installs its hooks with ``prepend=True`` so that hooks added normally (tracing) see the
     steered tensor.
     """
+    guard_hooks_in_compiled_graphs()
     if resolved.pre:
 
         def pre_hook(module, args):

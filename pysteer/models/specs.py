@@ -103,6 +103,19 @@ def get_spec(model: nn.Module) -> ArchSpec:
     return ARCH_SPECS[model_type]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside wrappers that forward to it unchanged: a PEFT ``PeftModel``
+    (its base model, LoRA layers and all) and a ``torch.compile`` ``OptimizedModule``."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if inner is None and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()  # peft.PeftModel
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+    return model
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 

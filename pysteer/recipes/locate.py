@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .._files import write_safetensors
 from ..interventions import HeadBias
 from ..models.sites import install_site_hook, resolve_site
 from ..models.specs import geometry, get_spec
@@ -480,8 +480,6 @@ class LocateResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result as safetensors (tensors) + JSON metadata (no pickle)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"format": LOCATE_FORMAT, "heldout_groups": self.heldout_groups, "metadata": self.metadata}
         tensors = {
             "accuracy": self.accuracy.contiguous(),
@@ -489,24 +487,36 @@ class LocateResult:
             "diff": self.diff.contiguous(),
             "sigma": self.sigma.contiguous(),
         }
-        save_file(tensors, str(path), metadata={"pysteer.locate": json.dumps(doc)})
-        return path
+        return write_safetensors(tensors, path, metadata={"pysteer.locate": json.dumps(doc)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LocateResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (write it with `pysteer locate --out`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "pysteer.locate" not in meta:
-                raise ValueError(f"{path}: not a file written by locate_heads (no pysteer.locate metadata)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+        if "pysteer.locate" not in meta:
+            raise ValueError(f"{path}: not a file written by locate_heads (no pysteer.locate metadata)")
+        try:
             doc = json.loads(meta["pysteer.locate"])
-            if doc.get("format") != LOCATE_FORMAT:
-                raise ValueError(
-                    f"{path}: unsupported format {doc.get('format')!r}, expected {LOCATE_FORMAT}"
-                )
-            t = {k: f.get_tensor(k) for k in ("accuracy", "heldout_loss", "diff", "sigma")}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: the pysteer.locate metadata is not valid JSON ({err})") from None
+        if not isinstance(doc, dict) or doc.get("format") != LOCATE_FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else doc
+            raise ValueError(f"{path}: unsupported format {found!r}, expected {LOCATE_FORMAT}")
+        for key in ("heldout_groups", "metadata"):
+            if key not in doc:
+                raise ValueError(f"{path}: the pysteer.locate metadata has no field {key!r}")
+        for key in ("accuracy", "heldout_loss", "diff", "sigma"):
+            if key not in t:
+                raise ValueError(f"{path}: missing tensor {key!r}")
+            if t[key].is_floating_point() and not torch.isfinite(t[key]).all():
+                raise ValueError(f"{path}: tensor {key!r} contains NaN or inf")
         return cls(
             t["accuracy"],
             t["heldout_loss"],

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .._files import write_safetensors
 from ..interventions import HeadScale, VectorAdd, VectorScale
 from ..models.sites import Site, install_site_hook, parse_site, resolve_site
 from ..models.specs import geometry, get_spec
@@ -470,9 +470,9 @@ class ScalingResult:
             "betas": self.betas,
             "config": self.config,
         }
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.params.items()},
-            str(directory / "params.safetensors"),
+        write_safetensors(
+            dict(self.params),
+            directory / "params.safetensors",
             metadata={"pysteer.scaling": json.dumps(doc)},
         )
         if self.method == "dynamic":

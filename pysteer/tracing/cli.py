@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-tokens", type=int, default=None, help="rows per shard (default ~256 MiB)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the trace files already in --out (another run's trace) and start afresh",
+    )
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str | list[int]]:
@@ -55,14 +59,25 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str | list[
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--data {path}: expected a .txt or .jsonl file")
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--data {path}: line {lineno + 1} is not UTF-8 text ({err.reason})") from None
+            if not line:
+                return
+            lineno += 1
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             if suffix == ".txt":
                 yield line
                 continue
-            obj: Any = json.loads(line)
+            try:
+                obj: Any = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--data {path}:{lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
             if isinstance(obj, str):
                 yield obj
             elif isinstance(obj, dict) and isinstance(obj.get(text_field), str):
@@ -125,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.data.is_file():
         print(f"pysteer trace: --data {args.data} does not exist", file=sys.stderr)
         return 2
+    for _ in read_documents(args.data, args.text_field):  # the whole file is checked before the model loads
+        pass
     sites = [s for part in args.sites for s in part.split(",") if s.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, own_group = _init_distributed(device)
@@ -165,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                 shard_tokens=args.shard_tokens,
                 max_length=max_length,
                 progress=bar.update,
+                overwrite=args.overwrite,
             )
         except (TraceConfigError, ValueError) as err:
             print(f"pysteer trace: {err}", file=sys.stderr)

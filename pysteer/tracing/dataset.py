@@ -572,13 +572,42 @@ def _barrier(world: int) -> None:
 # ----------------------------------------------------------------------------- directory state
 
 
+def _refuse_foreign_files(out_dir: Path) -> None:
+    if not out_dir.is_dir():
+        raise TraceConfigError(f"out_dir {out_dir} exists and is not a directory")
+    foreign = sorted(p.name for p in out_dir.iterdir() if not is_trace_file(p.name))
+    if foreign:
+        raise TraceConfigError(
+            f"{out_dir} is not empty and is not a pysteer trace (found {', '.join(foreign[:5])}); "
+            "choose an empty or new directory"
+        )
+
+
+def _delete_trace_files(out_dir: Path) -> None:
+    """``overwrite=True``: remove the trace files of whatever run is there; never another file."""
+    if out_dir.exists():
+        _refuse_foreign_files(out_dir)
+        for p in out_dir.iterdir():
+            p.unlink()
+
+
 def _check_out_dir(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """The existing manifest if ``out_dir`` holds this very trace; raise if it holds anything else."""
     if not out_dir.exists():
         return None
-    if not out_dir.is_dir():
-        raise TraceConfigError(f"out_dir {out_dir} exists and is not a directory")
+    _refuse_foreign_files(out_dir)
     manifest_path = out_dir / MANIFEST
+    if not manifest_path.exists():
+        # A run writes its manifest before its first shard, so shards without one are another
+        # run's (or a copy's) files: resuming would delete or overwrite them.
+        found = sorted(p.name for p in out_dir.iterdir())
+        if found:
+            raise TraceConfigError(
+                f"{out_dir} holds trace files ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}) but no "
+                f"{MANIFEST}, so they are not a run this call can resume; pass overwrite=True "
+                "(`pysteer trace --overwrite`) to delete them, or trace into a new directory"
+            )
+        return None
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         old = manifest.get("config", {})
@@ -590,12 +619,6 @@ def _check_out_dir(out_dir: Path, config: dict[str, Any]) -> dict[str, Any] | No
                 + ". Trace into a new directory, or delete this one to start over."
             )
         return manifest
-    foreign = sorted(p.name for p in out_dir.iterdir() if not is_trace_file(p.name))
-    if foreign:
-        raise TraceConfigError(
-            f"{out_dir} is not empty and is not a pysteer trace (found {', '.join(foreign[:5])}); "
-            "choose an empty or new directory"
-        )
     return None
 
 
@@ -664,6 +687,7 @@ def trace_dataset(
     sae_k: int | None = None,
     add_special_tokens: bool = True,
     progress: ProgressArg = False,
+    overwrite: bool = False,
 ) -> TraceSummary:
     """Trace ``sites`` over a dataset into safetensors shards under ``out_dir``; resumable.
 
@@ -696,6 +720,9 @@ def trace_dataset(
         sae_k: k for SAEs whose ``encode`` returns dense features (default ``sae.k``).
         add_special_tokens: passed to the tokenizer.
         progress: ``True`` for a tqdm bar, or a callable receiving the rows of each batch.
+        overwrite: delete the trace files already in ``out_dir`` (a finished or another run's
+            trace) and start afresh; files that are not trace files are never deleted. Without it,
+            trace files with no manifest are refused.
 
     Returns:
         A :class:`TraceSummary` for this rank.
@@ -742,6 +769,10 @@ def trace_dataset(
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     out = Path(out_dir)
+    if overwrite:
+        if rank == 0:
+            _delete_trace_files(out)
+        _barrier(world)
     existing = _check_out_dir(out, config)
 
     item_size = torch.empty((), dtype=dtype).element_size()

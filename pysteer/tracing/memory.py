@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..models import forward_args
 from ..models.sites import ResolvedSite, Site, install_site_hook, parse_site, resolve_site
-from ..models.specs import get_spec
+from ..models.specs import get_spec, unwrap_model
 
 Positions = None | str | int | slice | Sequence[int] | Tensor
 
@@ -184,6 +184,7 @@ def trace(
         A :class:`TraceCache`: ``cache[site]`` is ``[B, S, d_model]``, or ``[B, S, H, D]`` for
         ``attn.heads``; S spans the prompt and the decode steps of a ``generate()`` call.
     """
+    model = unwrap_model(model)
     parsed = normalize_sites(sites)
     spec = get_spec(model)
     resolved = {s.name: resolve_site(model, s, spec) for s in parsed}
