@@ -582,3 +582,38 @@ def test_cli_malformed_trace_data_is_one_line(tmp_path, content, needle):
 def test_cli_debug_shows_the_traceback(tmp_path):
     proc = _cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "Hi", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda m: "{not json", "not a readable JSON manifest"),
+        (lambda m: json.dumps({k: v for k, v in json.loads(m).items() if k != "sites"}), "missing field 'sites'"),
+        (lambda m: json.dumps({**json.loads(m), "world_size": "two"}), "'world_size' must be int"),
+    ],
+)
+def test_a_damaged_trace_manifest_names_the_file_and_field(tmp_path, damage, match):
+    from pysteer.tracing import TraceReader, trace_dataset
+
+    out = tmp_path / "t"
+    trace_dataset(tiny_model("llama"), [[5, 6, 7]], ["layers.0.resid"], out, dtype=torch.float32)
+    manifest = out / "manifest.json"
+    manifest.write_text(damage(manifest.read_text()))
+    with pytest.raises(ValueError, match=match) as info:
+        TraceReader(out)
+    assert "manifest.json" in str(info.value)
+
+
+def test_a_rank_manifest_naming_a_file_outside_the_trace_is_refused(tmp_path):
+    from pysteer.tracing import TraceReader, trace_dataset
+
+    out = tmp_path / "t"
+    trace_dataset(tiny_model("llama"), [[5, 6, 7]], ["layers.0.resid"], out, dtype=torch.float32)
+    from pysteer.tracing.format import rank_manifest_name
+
+    rank = out / rank_manifest_name(0)
+    state = json.loads(rank.read_text())
+    state["shards"][0]["file"] = "../../elsewhere.safetensors"
+    rank.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="not a plain file name"):
+        TraceReader(out)

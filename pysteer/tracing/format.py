@@ -103,8 +103,12 @@ def write_json(directory: Path, name: str, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A trace directory's JSON file; a damaged one raises ``ValueError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON manifest ({err})") from None
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

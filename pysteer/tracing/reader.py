@@ -61,6 +61,15 @@ class ShardInfo:
     doc_range: tuple[int, int]  # document ids of its first and last rows
 
 
+def _field(doc: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    if key not in doc:
+        raise ValueError(f"{path}: missing field {key!r}")
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{path}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
 class TraceReader:
     """A traced dataset written by :func:`pysteer.trace_dataset` (any number of ranks), as one dataset.
 
@@ -84,28 +93,38 @@ class TraceReader:
         if not path.exists():
             raise FileNotFoundError(f"{self.out_dir} is not a trace directory: it has no {MANIFEST}")
         self.manifest: dict[str, Any] = read_json(path)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        self.config: dict[str, Any] = self.manifest["config"]
-        self.sites: dict[str, dict[str, Any]] = self.manifest["sites"]
-        self.dtype: torch.dtype = getattr(torch, self.config["dtype"])
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else self.manifest
+            raise ValueError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
+        self.config: dict[str, Any] = _field(self.manifest, "config", dict, path)
+        self.sites: dict[str, dict[str, Any]] = _field(self.manifest, "sites", dict, path)
+        dtype = getattr(torch, str(_field(self.config, "dtype", str, path)), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{path}: field 'config.dtype' is {self.config['dtype']!r}, not a torch dtype")
+        self.dtype: torch.dtype = dtype
         self.verify_checksums = verify
         self._verified: set[str] = set()
         shards: list[ShardInfo] = []
         complete = True
-        for rank in range(int(self.manifest["world_size"])):
+        for rank in range(_field(self.manifest, "world_size", int, path)):
             rpath = self.out_dir / rank_manifest_name(rank)
             if not rpath.exists():
                 complete = False
                 continue
             state = read_json(rpath)
-            if state.get("config_hash") != self.manifest["config_hash"]:
+            if not isinstance(state, dict) or state.get("config_hash") != self.manifest.get("config_hash"):
                 raise ValueError(f"{rpath} belongs to a different configuration than {path}")
             complete = complete and bool(state.get("complete"))
-            for s in state["shards"]:
-                shards.append(
-                    ShardInfo(s["file"], rank, s["rows"], s["bytes"], s["sha256"], tuple(s["doc_ids"]))
-                )
+            for s in _field(state, "shards", list, rpath):
+                try:
+                    info = ShardInfo(
+                        str(s["file"]), rank, int(s["rows"]), int(s["bytes"]), str(s["sha256"]), tuple(s["doc_ids"])
+                    )
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{rpath}: a shard entry lacks or mistypes field {err}: {s!r:.120}") from None
+                if Path(info.file).name != info.file:
+                    raise ValueError(f"{rpath}: shard file {info.file!r} is not a plain file name")
+                shards.append(info)
         self.shards: list[ShardInfo] = shards
         self.complete = complete
 
