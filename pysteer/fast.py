@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .interventions import HeadScale, VectorScale, is_affine
+from .interventions import HeadScale, VectorScale, finite_number, is_affine
 from .models.attention import decode_attention
 from .models.forward_args import cache_keyword
 from .models.sites import Site
@@ -327,8 +327,7 @@ class FastGenerator:
         ``set_positions``) apply from the next step. Hooks attached or removed while a stream runs
         apply from the next call: only the first decode step of a call runs Dynamo's full guard check.
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
         prompts = self._encode(inputs)
         n = len(prompts)
         B = _bucket(n, BATCH_BUCKETS, "batch size")
@@ -484,6 +483,20 @@ class FastGenerator:
 
 def _identity_for(site: Site):
     return HeadScale(site.layer, scale=1.0) if site.kind == "attn.heads" else VectorScale(site.name, 1.0)
+
+
+def _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k) -> None:
+    """Generation arguments, checked before anything runs (HF's ``generate`` refuses the same)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+    temperature = finite_number(temperature, "temperature")
+    top_p = finite_number(top_p, "top_p")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no top-k), got {top_k!r}")
 
 
 def _per_request(steering, n: int) -> list[list | None]:

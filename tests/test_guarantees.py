@@ -617,3 +617,19 @@ def test_a_rank_manifest_naming_a_file_outside_the_trace_is_refused(tmp_path):
     rank.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="not a plain file name"):
         TraceReader(out)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens="5"), "max_new_tokens"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature: must be finite"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(do_sample=True, top_p=2.0), "top_p"),
+        (dict(do_sample=True, top_k=-3), "top_k"),
+    ],
+)
+def test_generation_arguments_are_checked_before_anything_runs(model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        pysteer.generate(model, [[5, 6]], compile=False, progress=False, **kw)
