@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .interventions import HeadBias, VectorAdd
-from .models.sites import Site, install_site_hook, parse_site, resolve_site
+from .models.sites import Site, install_site_hook, parse_site, resolve_site, site_shape
 from .models.specs import geometry, get_spec
 
 
@@ -87,7 +87,7 @@ def collect(
                     v = x[torch.arange(x.shape[0]), last]
                 else:
                     v = (x * mask[..., None]).sum(1) / mask.sum(-1, keepdim=True)
-                H = geo.n_heads if s.kind == "attn.heads" else 1
+                H = site_shape(s, geo)[0]
                 grabbed[s].append(v.reshape(v.shape[0], H, -1).cpu())
     finally:
         tokenizer.padding_side = old_side

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .models.sites import Site, parse_site
+from .models.sites import LAYER_FREE_KINDS, Site, parse_site, site_shape
 from .models.specs import ModelGeometry
 
 HeadSpec = int | Sequence[int] | None
@@ -180,9 +180,7 @@ class HeadScale:
 
 
 def _site_width(site: Site, geo: ModelGeometry) -> tuple[int, int]:
-    if site.kind == "attn.heads":
-        return geo.n_heads, geo.head_dim
-    return 1, geo.d_model
+    return site_shape(site, geo)
 
 
 @dataclass
@@ -208,7 +206,7 @@ class VectorAdd:
 
     def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
         site = self.site
-        _check_layer(site.layer, geo, f"VectorAdd({site})")
+        _check_site_layer(site, geo, f"VectorAdd({site})")
         H, D = _site_width(site, geo)
         if self.vector is None:
             raise ValueError(f"VectorAdd({site}): vector is required")
@@ -231,7 +229,7 @@ class VectorScale:
 
     def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
         site = self.site
-        _check_layer(site.layer, geo, f"VectorScale({site})")
+        _check_site_layer(site, geo, f"VectorScale({site})")
         H, D = _site_width(site, geo)
         s = _as_tensor(self.scale, f"VectorScale({site}).scale")
         if s.dim() == 0:
@@ -239,6 +237,11 @@ class VectorScale:
         if s.dim() != 1 or s.shape[0] != H * D:
             raise ValueError(f"VectorScale({site}): scale must be a scalar or [{H * D}], got {tuple(s.shape)}")
         return AffineTerms(site, s.reshape(H, D).clone(), None)
+
+
+def _check_site_layer(site: Site, geo: ModelGeometry, what: str) -> None:
+    if site.kind not in LAYER_FREE_KINDS:
+        _check_layer(site.layer, geo, what)
 
 
 def _check_layer(layer: int, geo: ModelGeometry, what: str) -> None:

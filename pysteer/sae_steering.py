@@ -45,8 +45,11 @@ class SAEEdit:
 
     def _validate(self, resolved: ResolvedSite) -> None:
         site = self.site
-        if site.kind == "attn.heads":
-            raise ValueError(f"SAEEdit({site}): SAE edits act on d_model sites (attn.out, mlp.out, resid)")
+        if resolved.n_heads > 1:
+            raise ValueError(
+                f"SAEEdit({site}): SAE edits act on unheaded sites (embed, resid_pre, attn.out, mlp.hidden, "
+                "mlp.out, resid), not on head-major ones"
+            )
         if self.sae.d_in != resolved.width:
             raise ValueError(f"SAEEdit({site}): SAE d_in={self.sae.d_in} but the site has width {resolved.width}")
         if not self.edits:

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from ._backend import resolve_backend
 from .interventions import compile_affine, finite_number, is_affine
 from .models import forward_args
-from .models.sites import Site, install_site_hook, resolve_site
+from .models.sites import Site, install_site_hook, resolve_site, site_shape
 from .models.specs import (
     ArchSpec,
     ModelGeometry,
@@ -46,7 +46,25 @@ log = logging.getLogger("pysteer")
 
 POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
 MODES = ("auto", "fold", "dynamic")
-FOLDABLE_KINDS = ("attn.heads", "attn.out", "mlp.out")
+# Site kinds that fold, as data: the projection whose input ("in") or output ("out") the site is.
+FOLD_TARGETS: dict[str, tuple[str, str]] = {
+    "attn.q": ("q_proj", "out"),
+    "attn.k": ("k_proj", "out"),
+    "attn.v": ("v_proj", "out"),
+    "attn.heads": ("attn_out_proj", "in"),
+    "attn.out": ("attn_out_proj", "out"),
+    "mlp.hidden": ("mlp_out_proj", "in"),
+    "mlp.out": ("mlp_out_proj", "out"),
+}
+FOLDABLE_KINDS = tuple(FOLD_TARGETS)
+
+
+def _fold_target(model: nn.Module, spec: ArchSpec, site: Site) -> tuple[nn.Module, str, str]:
+    """``(projection, "in"|"out", its path)`` that steering at ``site`` folds into."""
+    attr, side = FOLD_TARGETS[site.kind]
+    path = getattr(spec, attr)
+    layer = get_submodule(model, spec.layers)[site.layer]
+    return get_submodule(layer, path), side, f"layers.{site.layer}.{path}"
 POSITION_SLOTS = 8  # explicit positions preallocated per row, so most changes are in place
 _NO_POSITION = -(2**40)  # sentinel that matches no position, even after adding a prompt length
 
@@ -250,12 +268,11 @@ def _unfoldable_projection(model: nn.Module, spec: ArchSpec, compiled) -> str | 
     """
     from transformers.pytorch_utils import Conv1D
 
-    layers = get_submodule(model, spec.layers)
     for rows in compiled.values():
         for site in rows:
-            path = spec.attn_out_proj if site.kind in ("attn.heads", "attn.out") else spec.mlp_out_proj
-            proj = get_submodule(layers[site.layer], path)
-            where = f"layers.{site.layer}.{path}"
+            if site.kind not in FOLD_TARGETS:
+                continue
+            proj, _, where = _fold_target(model, spec, site)
             if type(proj) not in (nn.Linear, Conv1D):
                 return f"{where} is a {type(proj).__module__}.{type(proj).__name__}, not a plain Linear (a wrapper such as PEFT LoRA, or a quantised layer)"
             weight = proj.weight
@@ -439,21 +456,15 @@ class SteeringHandle:
         for rows in compiled.values():
             for site in rows:
                 if site.kind not in FOLDABLE_KINDS:
-                    return f"site {site} is not a projection input/output (only {FOLDABLE_KINDS} fold)"
+                    return f"site {site} is not a projection's input or output (the kinds {FOLDABLE_KINDS} fold)"
         return None
 
     def _fold(self, model: nn.Module) -> None:
         (rows,) = self._compiled.values()
         self._fold_modules: list[nn.Module] = []
-        layers = get_submodule(model, self.spec.layers)
         planned = []
         for site, (m, a) in rows.items():
-            layer = layers[site.layer]
-            if site.kind in ("attn.heads", "attn.out"):
-                proj = get_submodule(layer, self.spec.attn_out_proj)
-            else:
-                proj = get_submodule(layer, self.spec.mlp_out_proj)
-            side = "in" if site.kind == "attn.heads" else "out"
+            proj, side, _ = _fold_target(model, self.spec, site)
             planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
         try:
             for proj, side, m, a in planned:
@@ -480,7 +491,7 @@ class SteeringHandle:
         self._fold_modules = []
 
     def _new_table(self, site: Site, C: int) -> None:
-        H, D = (self.geo.n_heads, self.geo.head_dim) if site.kind == "attn.heads" else (1, self.geo.d_model)
+        H, D = site_shape(site, self.geo)
         M = torch.ones(C, H, D, dtype=torch.float32, device=self._device)
         A = torch.zeros(C, H, D, dtype=torch.float32, device=self._device)
         self.tables[site] = (M, A)
@@ -589,7 +600,7 @@ class SteeringHandle:
                 f"{rows.shape[0]}; call the model (or its decoder stack), not a single layer"
             )
         tab = self.tables.get(site)
-        H = self.geo.n_heads if site.kind == "attn.heads" else 1
+        H = site_shape(site, self.geo)[0]
         y = x.reshape(T, H, W // H)
         if tab is not None:
             y = affine_steer(y, rows, tab[0], tab[1], self.backend)

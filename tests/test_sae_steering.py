@@ -103,7 +103,7 @@ def test_bad_sae_edits_raise_before_touching_the_model():
     model = tiny_model("llama")
     sae = _random_sae()
     for bad, match in [
-        (SAEEdit("layers.0.attn.heads", sae, {1: ("add", 1.0)}), "d_model sites"),
+        (SAEEdit("layers.0.attn.heads", sae, {1: ("add", 1.0)}), "unheaded sites"),
         (SAEEdit("layers.0.resid", sae, {1000: ("add", 1.0)}), "outside"),
         (SAEEdit("layers.0.resid", sae, {1: ("boost", 1.0)}), "unknown edit kind"),
         (SAEEdit("layers.0.resid", _random_sae().to(torch.float64), {}), "no edits"),

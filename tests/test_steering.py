@@ -8,8 +8,9 @@ import torch
 import pysteer
 from pysteer.interventions import HeadBias, HeadScale, VectorAdd, VectorScale
 from pysteer.models import SITE_KINDS, geometry
-from pysteer.models.sites import install_site_hook, resolve_site
+from pysteer.models.sites import LAYER_FREE_KINDS, install_site_hook, resolve_site
 from pysteer.models.tiny import TINY_TYPES, tiny_model
+from pysteer.steering import FOLDABLE_KINDS
 
 PROMPT_LEN = 6
 VOCAB_LOW = 3  # ids 0..2 are pad/bos/eos in the tiny configs
@@ -30,13 +31,29 @@ def _ids(batch=2, length=PROMPT_LEN, seed=1):
     return torch.randint(VOCAB_LOW, 128, (batch, length), generator=g)
 
 
-def _site_values(model, kind, seed=0):
+def _site_name(kind, layer):
+    return kind if kind in LAYER_FREE_KINDS else f"layers.{layer}.{kind}"
+
+
+def _has_site(model, site) -> bool:
+    """Whether the architecture has the site; where it does not, resolving must say why."""
+    try:
+        resolve_site(model, site)
+    except ValueError as err:
+        assert "fused projection" in str(err), err
+        assert site.split(".")[-1] in ("q", "k", "v"), f"only attn.q|k|v may be missing, not {site}"
+        return False
+    return True
+
+
+def _site_values(model, kind, seed=0, site=None):
     """(m, a) of the site's width for a site of each kind, deterministic."""
-    geo = geometry(model)
-    width = geo.n_heads * geo.head_dim if kind == "attn.heads" else geo.d_model
+    width = resolve_site(model, site or _site_name(kind, 0)).width
     g = torch.Generator().manual_seed(seed)
-    m = 1 + 0.5 * torch.randn(width, generator=g)
-    a = 0.5 * torch.randn(width, generator=g)
+    # keys move the output only through softmax(q.k), which a tiny random model keeps near uniform
+    spread = 4.0 if kind == "attn.k" else 0.5
+    m = 1 + spread * torch.randn(width, generator=g)
+    a = spread * torch.randn(width, generator=g)
     return m, a
 
 
@@ -56,12 +73,51 @@ def _logits(model, ids, **kw):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", FOLDABLE_KINDS)
+def test_fold_equals_dynamic_at_every_foldable_site(model, kind):
+    ids = _ids()
+    site = _site_name(kind, 1)
+    if not _has_site(model, site):
+        return
+    m, a = _site_values(model, kind, site=site)
+    steering = [VectorScale(site, m), VectorAdd(site, a)]
+    with pysteer.steer(model, steering, mode="dynamic"):
+        dyn = _logits(model, ids)
+    with pysteer.steer(model, steering) as h:
+        assert h.mode == "fold"
+        fold = _logits(model, ids)
+    torch.testing.assert_close(fold, dyn, rtol=1e-4, atol=1e-4)
+
+
+def test_site_shapes_follow_the_geometry(model):
+    geo = geometry(model)
+    widths = {
+        "embed": geo.d_model,
+        "layers.0.resid_pre": geo.d_model,
+        "layers.0.attn.heads": geo.n_heads * geo.head_dim,
+        "layers.0.mlp.hidden": geo.d_mlp,
+        "layers.0.attn.q": geo.n_heads * geo.head_dim,
+        "layers.0.attn.k": geo.n_kv_heads * geo.head_dim,
+        "layers.0.attn.v": geo.n_kv_heads * geo.head_dim,
+    }
+    for site, width in widths.items():
+        if _has_site(model, site):
+            assert resolve_site(model, site).width == width, site
+    with pysteer.trace(model, [s for s in widths if _has_site(model, s)]) as cache:
+        _logits(model, _ids())
+    for site in cache:
+        shape = cache[site].shape
+        assert shape[:2] == (2, PROMPT_LEN), site
+        assert int(torch.tensor(shape[2:]).prod()) == widths[site], (site, shape)
+
+
 @pytest.mark.parametrize("kind", SITE_KINDS)
 def test_steering_matches_manual_math_at_every_site(model, kind):
     ids = _ids()
-    layer = geometry(model).n_layers - 1
-    site = f"layers.{layer}.{kind}"
-    m, a = _site_values(model, kind)
+    site = _site_name(kind, geometry(model).n_layers - 1)
+    if not _has_site(model, site):
+        return
+    m, a = _site_values(model, kind, site=site)
     hook = _manual_hook(model, site, m, a)
     expected = _logits(model, ids)
     hook.remove()
@@ -77,9 +133,10 @@ def test_steering_matches_manual_math_at_every_site(model, kind):
 def test_identity_steering_is_bit_exact(model, kind):
     ids = _ids()
     base = _logits(model, ids)
-    site = f"layers.0.{kind}"
-    geo = geometry(model)
-    width = geo.n_heads * geo.head_dim if kind == "attn.heads" else geo.d_model
+    site = _site_name(kind, 0)
+    if not _has_site(model, site):
+        return
+    width = resolve_site(model, site).width
     with pysteer.steer(model, [VectorScale(site, 1.0), VectorAdd(site, torch.zeros(width))], mode="dynamic"):
         assert torch.equal(_logits(model, ids), base)
 

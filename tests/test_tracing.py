@@ -14,17 +14,31 @@ from torch import nn
 
 import pysteer
 from pysteer.models.sites import SITE_KINDS, install_site_hook, resolve_site
-from pysteer.models.specs import get_spec, get_submodule
+from pysteer.models.specs import geometry, get_spec, get_submodule
 from pysteer.models.tiny import TINY_TYPES, tiny_model
 from pysteer.tracing import CorruptShardError, TraceConfigError, TraceReader, trace, trace_dataset
 
 ALL_KINDS_SITES = [
+    "embed",
+    "layers.0.resid_pre",
+    "layers.0.attn.q",
+    "layers.0.attn.k",
+    "layers.0.attn.v",
     "layers.0.attn.heads",
     "layers.0.attn.out",
+    "layers.0.mlp.hidden",
     "layers.0.mlp.out",
     "layers.0.resid",
     "layers.1.resid",
 ]
+QKV = ("attn.q", "attn.k", "attn.v")
+
+
+def all_kinds_sites(model: nn.Module) -> list[str]:
+    """ALL_KINDS_SITES less attn.q|k|v where the architecture fuses them (resolving them says so)."""
+    if get_spec(model).q_proj is None:
+        return [s for s in ALL_KINDS_SITES if not s.endswith(QKV)]
+    return ALL_KINDS_SITES
 DOC_LENGTHS = [5, 11, 1, 0, 17, 8, 3, 13]
 
 
@@ -40,19 +54,30 @@ def manual_site_hooks(model: nn.Module, site_names: list[str], store: dict[str, 
     layers = get_submodule(model, spec.layers)
     handles = []
     for name in site_names:
-        _, i, *kind = name.split(".")
-        kind = ".".join(kind)
-        layer = layers[int(i)]
         store[name] = []
 
         def keep(t, name=name):
             store[name].append(t.detach().clone())
 
-        if kind == "attn.heads":
-            mod = get_submodule(layer, spec.attn_out_proj)
-            handles.append(mod.register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0])))
+        if name == "embed":
+            handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out, keep=keep: keep(out)))
+            continue
+        _, i, *kind = name.split(".")
+        kind = ".".join(kind)
+        layer = layers[int(i)]
+        if kind in ("attn.heads", "mlp.hidden", "resid_pre"):
+            path = {"attn.heads": spec.attn_out_proj, "mlp.hidden": spec.mlp_out_proj, "resid_pre": ""}[kind]
+            mod = get_submodule(layer, path)
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda m, args, kw, keep=keep: keep(args[0] if args else kw["hidden_states"]), with_kwargs=True
+                )
+            )
         else:
             mod = {
+                "attn.q": get_submodule(layer, spec.q_proj or ""),
+                "attn.k": get_submodule(layer, spec.k_proj or ""),
+                "attn.v": get_submodule(layer, spec.v_proj or ""),
                 "attn.out": get_submodule(layer, spec.attn_out_proj),
                 "mlp.out": get_submodule(layer, spec.mlp),
             }.get(kind, layer)
@@ -87,21 +112,29 @@ def reference_rows(model: nn.Module, docs: list[list[int]], site_names: list[str
 
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 def test_trace_equals_manual_hooks_for_every_site_kind(model_type):
-    assert {name.split(".", 2)[2] for name in ALL_KINDS_SITES} == set(SITE_KINDS)
+    assert {name.split(".", 2)[-1] for name in ALL_KINDS_SITES} == set(SITE_KINDS)
     model = tiny_model(model_type)
+    sites = all_kinds_sites(model)
+    if sites != ALL_KINDS_SITES:  # fused query/key/value: the three sites do not exist
+        with pytest.raises(ValueError, match="fused projection"):
+            with trace(model, "layers.0.attn.q"):
+                pass
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # a right-padded row
     manual: dict[str, list[torch.Tensor]] = {}
-    handles = manual_site_hooks(model, ALL_KINDS_SITES, manual)
-    with torch.no_grad(), trace(model, ALL_KINDS_SITES) as cache:
+    handles = manual_site_hooks(model, sites, manual)
+    with torch.no_grad(), trace(model, sites) as cache:
         model(ids, attention_mask=mask)
     for h in handles:
         h.remove()
-    r = resolve_site(model, "layers.0.attn.heads")
-    for name in ALL_KINDS_SITES:
+    geo = geometry(model)
+    heads = {"attn.heads": geo.n_heads, "attn.q": geo.n_heads, "attn.k": geo.n_kv_heads, "attn.v": geo.n_kv_heads}
+    for name in sites:
         expected = manual[name][0]
-        shape = (2, 9, r.n_heads, r.width // r.n_heads) if name.endswith("attn.heads") else (2, 9, 64)
+        H = heads.get(name.split(".", 2)[-1])
+        width = expected.shape[-1]
+        shape = (2, 9, H, width // H) if H else (2, 9, width)
         # OPT runs its MLP on flattened tokens [B*S, d]; the trace restores [B, S, d]
         assert cache[name].shape == shape, (model_type, name)
         assert torch.equal(cache[name], expected.reshape(shape)), (model_type, name)
@@ -217,10 +250,11 @@ def test_trace_rejects_unknown_sites_before_hooking():
 def test_trace_dataset_rows_equal_unpadded_forward(model_type, tmp_path):
     model = tiny_model(model_type)
     docs = make_docs()
-    trace_dataset(model, docs, ALL_KINDS_SITES, tmp_path, dtype=torch.float32, batch_size=3, shard_tokens=16)
+    sites = all_kinds_sites(model)
+    trace_dataset(model, docs, sites, tmp_path, dtype=torch.float32, batch_size=3, shard_tokens=16)
     reader = TraceReader(tmp_path)
-    expected = reference_rows(model, docs, ALL_KINDS_SITES)
-    for name in ALL_KINDS_SITES:
+    expected = reference_rows(model, docs, sites)
+    for name in sites:
         got = reader.load(name)
         torch.testing.assert_close(got.reshape(got.shape[0], -1), expected[name], rtol=1e-5, atol=1e-5)
 

@@ -1,11 +1,20 @@
-"""Sites: named points in a decoder layer where interventions act and activations are traced.
+"""Sites: named points of a model where interventions act and activations are traced.
 
-| site                  | tensor                      | hook point                                   |
-|-----------------------|-----------------------------|----------------------------------------------|
-| ``layers.{i}.attn.heads`` | ``[B, S, H*D]`` head-major | input of the attention output projection     |
-| ``layers.{i}.attn.out``   | ``[B, S, d_model]``        | output of that projection                    |
-| ``layers.{i}.mlp.out``    | ``[B, S, d_model]``        | output of the MLP                            |
-| ``layers.{i}.resid``      | ``[B, S, d_model]``        | output of the decoder layer (residual stream)|
+| site                        | tensor                         | hook point                                       |
+|-----------------------------|--------------------------------|--------------------------------------------------|
+| ``embed``                   | ``[B, S, d_model]``            | output of the token embedding                    |
+| ``layers.{i}.resid_pre``    | ``[B, S, d_model]``            | input of decoder layer i (its residual stream in)|
+| ``layers.{i}.attn.q|k|v``   | ``[B, S, H*D]`` / ``[B, S, H_kv*D]`` head-major | outputs of the query/key/value projections (before rotary) |
+| ``layers.{i}.attn.heads``   | ``[B, S, H*D]`` head-major     | input of the attention output projection         |
+| ``layers.{i}.attn.out``     | ``[B, S, d_model]``            | output of that projection                        |
+| ``layers.{i}.mlp.hidden``   | ``[B, S, d_mlp]``              | input of the MLP's output projection (neurons)   |
+| ``layers.{i}.mlp.out``      | ``[B, S, d_model]``            | output of the MLP                                |
+| ``layers.{i}.resid``        | ``[B, S, d_model]``            | output of the decoder layer (residual stream)    |
+
+Each kind is one row of ``SITE_TABLE``: which module (a path of the architecture's ``ArchSpec``), input
+or output, and its ``(heads, head width)`` from the model's geometry. ``attn.q|k|v`` do not exist where
+an architecture fuses the three projections (GPT-2, GPT-NeoX, Phi-3): resolving them says so.
+``embed`` is the embedding module's output: Gemma (1, 2) multiplies it by sqrt(d_model) afterwards.
 
 On Gemma 2/3 ``attn.out`` and ``mlp.out`` are taken before the post-attention / post-feedforward norms
 (they are the projections' outputs); ``resid`` is always what the layer hands to the next one.
@@ -21,37 +30,85 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .specs import ArchSpec, geometry, get_spec, get_submodule
+from .specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule
 
 log = logging.getLogger("pysteer")
 
-SITE_KINDS = ("attn.heads", "attn.out", "mlp.out", "resid")
-_SITE_RE = re.compile(r"^(?:layers\.)?(\d+)\.(attn\.heads|attn\.out|mlp\.out|resid)$")
+@dataclass(frozen=True)
+class SiteKind:
+    """One kind of site, as data.
+
+    Attributes:
+        module: the module, given the architecture spec: a path relative to the decoder layer
+            (``""``: the layer itself), or ``EMBEDDING`` for the model's input embedding; ``None``
+            where the architecture has no such module.
+        pre: the tensor is the module's input (else its output).
+        shape: ``(heads, head width)`` of the site tensor's last dim, from the geometry.
+    """
+
+    module: Callable[[ArchSpec], str | None]
+    pre: bool
+    shape: Callable[[ModelGeometry], tuple[int, int]]
+
+
+EMBEDDING = "<input embeddings>"
+
+
+def _model_width(geo: ModelGeometry) -> tuple[int, int]:
+    return 1, geo.d_model
+
+
+SITE_TABLE: dict[str, SiteKind] = {
+    "embed": SiteKind(lambda spec: EMBEDDING, pre=False, shape=_model_width),
+    "resid_pre": SiteKind(lambda spec: "", pre=True, shape=_model_width),
+    "attn.q": SiteKind(lambda spec: spec.q_proj, pre=False, shape=lambda g: (g.n_heads, g.head_dim)),
+    "attn.k": SiteKind(lambda spec: spec.k_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim)),
+    "attn.v": SiteKind(lambda spec: spec.v_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim)),
+    "attn.heads": SiteKind(lambda spec: spec.attn_out_proj, pre=True, shape=lambda g: (g.n_heads, g.head_dim)),
+    "attn.out": SiteKind(lambda spec: spec.attn_out_proj, pre=False, shape=_model_width),
+    "mlp.hidden": SiteKind(lambda spec: spec.mlp_out_proj, pre=True, shape=lambda g: (1, g.d_mlp)),
+    "mlp.out": SiteKind(lambda spec: spec.mlp, pre=False, shape=_model_width),
+    "resid": SiteKind(lambda spec: "", pre=False, shape=_model_width),
+}
+SITE_KINDS = tuple(SITE_TABLE)
+LAYER_FREE_KINDS = ("embed",)  # sites named without a layer
+_SITE_RE = re.compile(r"^(?:layers\.)?(\d+)\.(" + "|".join(re.escape(k) for k in SITE_KINDS) + r")$")
 
 
 @dataclass(frozen=True, order=True)
 class Site:
+    """A site: ``layer`` is -1 for the layer-free kinds (``embed``)."""
+
     layer: int
     kind: str
 
     @property
     def name(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
+        return self.kind if self.kind in LAYER_FREE_KINDS else f"layers.{self.layer}.{self.kind}"
 
     def __str__(self) -> str:
         return self.name
 
 
 def parse_site(site: str | Site) -> Site:
-    """Parse ``"layers.{i}.{kind}"`` (``kind`` in ``SITE_KINDS``); raises ``ValueError`` naming the problem."""
+    """Parse ``"embed"`` or ``"layers.{i}.{kind}"`` (``kind`` in ``SITE_KINDS``); raises ``ValueError``."""
     if isinstance(site, Site):
         return site
-    m = _SITE_RE.match(str(site).strip())
-    if not m:
+    text = str(site).strip()
+    if text in LAYER_FREE_KINDS:
+        return Site(-1, text)
+    m = _SITE_RE.match(text)
+    if not m or m.group(2) in LAYER_FREE_KINDS:
         raise ValueError(
-            f"unknown site {site!r}: expected 'layers.<i>.<kind>' with kind one of {', '.join(SITE_KINDS)}"
+            f"unknown site {site!r}: expected 'embed' or 'layers.<i>.<kind>' with kind one of "
+            f"{', '.join(k for k in SITE_KINDS if k not in LAYER_FREE_KINDS)}"
         )
     return Site(int(m.group(1)), m.group(2))
+
+
+def site_shape(site: Site, geo: ModelGeometry) -> tuple[int, int]:
+    """``(heads, head width)`` of ``site``'s last dim (``heads == 1`` for unheaded sites)."""
+    return SITE_TABLE[site.kind].shape(geo)
 
 
 @dataclass(frozen=True)
@@ -60,24 +117,28 @@ class ResolvedSite:
     module: nn.Module
     pre: bool  # True: the tensor is the module's first positional input; False: its (first) output
     width: int  # last dim of the site tensor
-    n_heads: int  # H of the [T, H, D] view (1 for d_model sites)
+    n_heads: int  # H of the [T, H, D] view (1 for unheaded sites)
 
 
 def resolve_site(model: nn.Module, site: str | Site, spec: ArchSpec | None = None) -> ResolvedSite:
-    """Find the module and hook point of ``site`` on ``model``; raises on unknown layers."""
+    """Find the module and hook point of ``site`` on ``model``; raises on unknown layers and on kinds
+    the architecture does not have."""
     spec = spec or get_spec(model)
     s = parse_site(site)
     geo = geometry(model, spec)
+    kind = SITE_TABLE[s.kind]
+    path = kind.module(spec)
+    if path is None:
+        model_type = getattr(model.config, "model_type", "?")
+        fused = f" (it computes them in one fused projection, {spec.fused_qkv})" if spec.fused_qkv else ""
+        raise ValueError(f"site {s.name}: {model_type} has no separate {s.kind} tensor{fused}")
+    H, D = kind.shape(geo)
+    if path == EMBEDDING:
+        return ResolvedSite(s, model.get_input_embeddings(), kind.pre, H * D, H)
     if not 0 <= s.layer < geo.n_layers:
         raise ValueError(f"site {s.name}: layer {s.layer} out of range, model has {geo.n_layers} layers")
     layer = get_submodule(model, spec.layers)[s.layer]
-    if s.kind == "attn.heads":
-        return ResolvedSite(s, get_submodule(layer, spec.attn_out_proj), True, geo.n_heads * geo.head_dim, geo.n_heads)
-    if s.kind == "attn.out":
-        return ResolvedSite(s, get_submodule(layer, spec.attn_out_proj), False, geo.d_model, 1)
-    if s.kind == "mlp.out":
-        return ResolvedSite(s, get_submodule(layer, spec.mlp), False, geo.d_model, 1)
-    return ResolvedSite(s, layer, False, geo.d_model, 1)
+    return ResolvedSite(s, get_submodule(layer, path), kind.pre, H * D, H)
 
 
 _HOOK_GUARDS_ON = False
@@ -120,13 +181,15 @@ def install_site_hook(
     guard_hooks_in_compiled_graphs()
     if resolved.pre:
 
-        def pre_hook(module, args):
-            out = fn(args[0])
-            if out is None:
-                return None
-            return (out, *args[1:])
+        def pre_hook(module, args, kwargs):
+            # the site tensor is the first argument, positional or (a decoder layer's) hidden_states=
+            if args:
+                out = fn(args[0])
+                return None if out is None else ((out, *args[1:]), kwargs)
+            out = fn(kwargs["hidden_states"])
+            return None if out is None else (args, {**kwargs, "hidden_states": out})
 
-        return resolved.module.register_forward_pre_hook(pre_hook, prepend=prepend)
+        return resolved.module.register_forward_pre_hook(pre_hook, prepend=prepend, with_kwargs=True)
 
     def post_hook(module, args, output):
         if isinstance(output, tuple):

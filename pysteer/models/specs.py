@@ -8,6 +8,7 @@ Adding an architecture is adding one entry to ``ARCH_SPECS``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ class ArchSpec:
         proj_layout: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (GPT-2 Conv1D, weight ``[in, out]``).
         heads_attr: config attributes tried in order for the number of attention heads.
         final_norm: path from the causal-LM module to the final norm (for early-stopped tracing).
+        q_proj, k_proj, v_proj: paths, relative to a layer, of the query/key/value projections
+            (the ``attn.q|k|v`` sites are their outputs); ``None`` where the architecture computes
+            them in one fused projection.
+        fused_qkv: the fused projection's path, named in the error for ``attn.q|k|v``.
     """
 
     layers: str
@@ -36,6 +41,10 @@ class ArchSpec:
     proj_layout: str = "linear"
     heads_attr: tuple[str, ...] = ("num_attention_heads", "n_head")
     final_norm: str = "model.norm"
+    q_proj: str | None = "self_attn.q_proj"
+    k_proj: str | None = "self_attn.k_proj"
+    v_proj: str | None = "self_attn.v_proj"
+    fused_qkv: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -50,7 +59,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "phi3": dataclasses.replace(_LLAMA_LIKE, q_proj=None, k_proj=None, v_proj=None, fused_qkv="self_attn.qkv_proj"),
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "phi": ArchSpec(
@@ -67,6 +76,10 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         mlp_out_proj="mlp.c_proj",
         proj_layout="conv1d",
         final_norm="transformer.ln_f",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        fused_qkv="attn.c_attn",
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers",
@@ -74,6 +87,10 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         mlp="mlp",
         mlp_out_proj="mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        fused_qkv="attention.query_key_value",
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",
@@ -122,12 +139,18 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """Shapes a model's sites have: ``attn.heads`` is ``[.., n_heads * head_dim]``, others ``[.., d_model]``."""
+    """The sizes a model's sites have (``pysteer.models.sites.SITE_TABLE`` maps each kind to them).
+
+    ``n_kv_heads`` is the key/value head count (grouped-query attention); ``d_mlp`` the width of the
+    MLP's hidden layer (the input of its output projection).
+    """
 
     n_layers: int
     n_heads: int
     head_dim: int
     d_model: int
+    n_kv_heads: int = 0
+    d_mlp: int = 0
 
 
 def proj_weight_in_out(proj: nn.Module, layout: str) -> tuple[int, int]:
@@ -150,7 +173,15 @@ def geometry(model: nn.Module, spec: ArchSpec | None = None) -> ModelGeometry:
         raise UnsupportedArchitecture(
             f"attention output projection input {in_f} is not divisible by {n_heads} heads"
         )
-    return ModelGeometry(n_layers=len(layers), n_heads=int(n_heads), head_dim=in_f // n_heads, d_model=out_f)
+    n_kv = next(
+        (getattr(config, a) for a in ("num_key_value_heads", "multi_query_group_num") if getattr(config, a, None)),
+        n_heads,
+    )
+    d_mlp, _ = proj_weight_in_out(get_submodule(layers[0], spec.mlp_out_proj), spec.proj_layout)
+    return ModelGeometry(
+        n_layers=len(layers), n_heads=int(n_heads), head_dim=in_f // n_heads, d_model=out_f, n_kv_heads=int(n_kv),
+        d_mlp=int(d_mlp),
+    )
 
 
 def layer_modules(model: nn.Module, spec: ArchSpec | None = None) -> torch.nn.ModuleList:

@@ -747,7 +747,7 @@ def trace_dataset(
     stores: dict[str, _Store] = {}
     for s in parsed:
         r = resolve_site(model, s, spec)
-        shape = (r.n_heads, r.width // r.n_heads) if s.kind == "attn.heads" else (r.width,)
+        shape = (r.n_heads, r.width // r.n_heads) if r.n_heads > 1 else (r.width,)
         stores[s.name] = _Store(s.name, r, shape)
     sae_config: dict[str, Any] = {}
     for site_name, sae_obj in (sae or {}).items():

@@ -72,7 +72,7 @@ class TraceCache(Mapping[str, Tensor]):
 
     def _shape(self, name: str, t: Tensor) -> Tensor:
         r = self._resolved[name]
-        if r.site.kind == "attn.heads":
+        if r.n_heads > 1:  # head-major sites come back as [..., H, D]
             return t.reshape(*t.shape[:-1], r.n_heads, r.width // r.n_heads)
         return t
 

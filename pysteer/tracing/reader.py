@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.sites import parse_site
 from .format import (
     FORMAT,
     MANIFEST,
@@ -147,7 +148,10 @@ class TraceReader:
         names = list(self.sites) if sites is None else [sites] if isinstance(sites, str) else list(sites)
         keys: list[str] = []
         for name in names:
-            norm = name if name.startswith("layers.") else f"layers.{name}"
+            try:
+                norm = parse_site(name).name
+            except ValueError:
+                norm = str(name)
             info = self.sites.get(norm)
             if info is None:
                 raise KeyError(f"site {name!r} is not in this trace; traced sites: {', '.join(self.sites)}")
