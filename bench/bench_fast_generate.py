@@ -77,12 +77,11 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
 
     Each generator must have run a batch of ``batch`` before (its compiled step and static cache).
     """
-    from pysteer.steering import _STATES
+    from pysteer.steering import runtime
 
     def stepper(gen: FastGenerator):
         slot = next(s for (b, _), s in gen.slots.items() if b == batch)
-        state = _STATES.get(gen.model)
-        state = state if state is not None and state.handles else None
+        steering_runtime = runtime(gen.model)
         # every step writes the same cache slot (the models read the cache length off the cache)
         n0 = int(slot.cache.get_seq_length())
         cache_position = torch.full((1,), n0, dtype=torch.long, device=gen.device)
@@ -90,14 +89,12 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
 
         def step(trusted: bool = True) -> float:
             t = time.perf_counter()
-            if state is not None:
-                state.external = slot.external
+            steering_runtime.supply_positions(*slot.positions)
             try:
                 args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position if gen._pass_cache_position else None)
                 gen._run_step(slot, args, trusted=trusted and trust)
             finally:
-                if state is not None:
-                    state.external = None
+                steering_runtime.clear_positions()
             if gen.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t

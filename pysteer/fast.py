@@ -18,6 +18,7 @@ decode step of a call runs Dynamo's full guard check.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import time
@@ -29,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .interventions import HeadScale, VectorScale, finite_number, is_affine
+from .interventions import finite_number, is_affine
 from .models.attention import decode_attention
 from .models.forward_args import cache_keyword
 from .models.sites import Site
-from .steering import _STATES, SteeringHandle, steer
+from .steering import SteeringHandle, reserve_tables, runtime
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -89,7 +90,7 @@ class _Slot:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.external = (self.pos, self.valid, self.prompt_len)
+        self.positions = (self.pos, self.valid, self.prompt_len)  # what decode steps supply to steering
         self.compiled = False
         # Later decode steps of a call may skip Dynamo's full guard check only when nothing the
         # graph specialised on changes between steps.
@@ -255,9 +256,10 @@ class FastGenerator:
                 self._managed.rows([None] * batch)
             return self._managed
         if isinstance(steering, SteeringHandle):
+            if steering.removed:
+                raise RuntimeError("generate: the steering handle was removed")
             if steering.mode != "dynamic":
                 return None  # folded steering lives in the weights
-            steering._require_dynamic("generate")
             return steering
         per_request = _per_request(steering, n)
         sites = frozenset(iv.site for cfg in per_request if cfg for iv in cfg)
@@ -265,8 +267,7 @@ class FastGenerator:
             if self._managed is not None and not self._managed.removed:
                 self._managed.remove()
             all_sites = sites | self._managed_sites
-            identity = [_identity_for(s) for s in sorted(all_sites)]
-            self._managed = steer(self.model, {"_sites": identity}, mode="dynamic", capacity=1 + max(BATCH_BUCKETS))
+            self._managed = reserve_tables(self.model, sorted(all_sites), capacity=1 + max(BATCH_BUCKETS))
             self._managed_sites = frozenset(all_sites)
         self._managed.rows(list(per_request) + [None] * (batch - n))
         return self._managed
@@ -337,13 +338,9 @@ class FastGenerator:
         if slot is None:
             slot = self.slots[(B, L)] = _Slot(self, B, L)
         handle = self._resolve_steering(steering, n, B)
-        user_rows = None
-        if isinstance(steering, SteeringHandle) and handle is not None and handle._batch_rows is not None:
-            user_rows = handle._batch_rows
-            if user_rows.shape[0] != n:
-                raise ValueError(f"generate: the handle's rows() cover {user_rows.shape[0]} requests, the batch has {n}")
-            pad_rows = torch.zeros(B - n, dtype=torch.int32, device=user_rows.device)
-            handle._batch_rows = torch.cat([user_rows, pad_rows])  # padding rows are not steered
+        if isinstance(steering, SteeringHandle) and handle is not None and handle.assigned_rows not in (None, n):
+            raise ValueError(f"generate: the handle's rows() cover {handle.assigned_rows} requests, the batch has {n}")
+        scope = contextlib.ExitStack()  # undone in `finally`: the user's rows(), positions
         stop_ids = torch.tensor(self._stop_ids(stop, ignore_eos) or [-1], device=self.device)
         stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
         text_stops = [s for s in stops if isinstance(s, str)]
@@ -365,16 +362,15 @@ class FastGenerator:
         slot.mask[:, :S].copy_(mask_prompt)
         slot.prompt_len.copy_(mask_prompt.sum(-1))
         slot.cache.reset()
-        state = _STATES.get(self.model)
-        if state is not None and not state.handles:
-            state = None
+        steering_runtime = runtime(self.model)
 
         t0 = time.perf_counter()
         # prefill: eager, positions counted from each row's first real token
         pos_prefill = (mask_prompt.cumsum(-1) - 1).clamp_min(0)
-        if state is not None:
-            state.external = (pos_prefill, mask_prompt.bool(), slot.prompt_len)
         try:
+            if handle is not None:
+                scope.enter_context(handle.padded_rows(B))  # padding rows are not steered
+            steering_runtime.supply_positions(pos_prefill, mask_prompt.bool(), slot.prompt_len)
             kw = dict(self._logits_kw)
             kw[self._cache_kw] = slot.cache
             if self._pass_cache_position:
@@ -388,8 +384,7 @@ class FastGenerator:
             slot.tokens[:, 0].copy_(tok)
             out_tokens = [tok]
             yield [int(t) for t in tok[:n].tolist()]
-            if state is not None:
-                state.external = slot.external
+            steering_runtime.supply_positions(*slot.positions)
             t_dec = time.perf_counter()
             steps = 0
             if self.compile_mode:
@@ -432,10 +427,8 @@ class FastGenerator:
                     text_stops=text_stops, prompts=prompts, compile_seconds=self.compile_seconds.get((B, L), 0.0),
                 )
         finally:
-            if state is not None:
-                state.external = None
-            if user_rows is not None:
-                handle._batch_rows = user_rows
+            steering_runtime.clear_positions()
+            scope.close()
             if self._managed is not None and handle is self._managed:
                 # Between calls the managed handle stays attached (removing its hooks would force a
                 # recompile next time) but steers nothing: one row 0, broadcast to any batch.
@@ -479,10 +472,6 @@ class FastGenerator:
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-def _identity_for(site: Site):
-    return HeadScale(site.layer, scale=1.0) if site.kind == "attn.heads" else VectorScale(site.name, 1.0)
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k) -> None:

@@ -664,6 +664,29 @@ class SteeringHandle:
             self._batch_rows = t
         return self
 
+    @property
+    def assigned_rows(self) -> int | None:
+        """How many batch rows the last ``rows()`` call covered; None when every row takes the first config."""
+        return None if self._batch_rows is None else int(self._batch_rows.shape[0])
+
+    @contextmanager
+    def padded_rows(self, batch: int) -> Iterator[SteeringHandle]:
+        """Inside the block, batch rows past those ``rows()`` named are padding and stay unsteered.
+
+        For a generation loop that pads a batch of requests up to a fixed size (the fast path's
+        batch buckets); the assignment the user made is back in place afterwards.
+        """
+        self._require_dynamic("padded_rows")
+        user = self._batch_rows
+        if user is None or user.shape[0] >= batch:
+            yield self
+            return
+        self._batch_rows = torch.cat([user, torch.zeros(batch - user.shape[0], dtype=torch.int32, device=user.device)])
+        try:
+            yield self
+        finally:
+            self._batch_rows = user
+
     def update(self, interventions, config: str | None = None) -> SteeringHandle:
         """Replace one config's interventions (same sites or a subset), in place."""
         self._require_live("update")
@@ -748,6 +771,63 @@ class SteeringHandle:
     def __repr__(self) -> str:
         state = "removed" if self.removed else self.mode
         return f"SteeringHandle({state}, configs={self.config_names}, positions={self.positions!r}, backend={self.backend})"
+
+
+class SteeringRuntime:
+    """What a generation loop that owns positions (``pysteer.generate``'s fast path) tells the
+    dynamic steering of one model.
+
+    Outside a generation loop the decoder stack's pre-hook derives each token's position from the
+    forward's attention mask and KV cache. A loop with a static cache and a compiled decode step
+    keeps positions in fixed-address buffers instead and supplies them here; every forward until
+    ``clear_positions()`` reads them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._model_ref = weakref.ref(unwrap_model(model))
+
+    def _state(self) -> _ModelState | None:
+        model = self._model_ref()
+        return None if model is None else _STATES.get(model)
+
+    @property
+    def active(self) -> bool:
+        """Whether any dynamic steering is attached to the model."""
+        state = self._state()
+        return state is not None and bool(state.handles)
+
+    def supply_positions(self, pos: Tensor, valid: Tensor, prompt_len: Tensor) -> None:
+        """Positions of the next forwards: ``pos [B, S]`` from each row's first real token,
+        ``valid [B, S]`` (False for padding) and ``prompt_len [B]`` real prompt tokens per row."""
+        state = self._state()
+        if state is not None:
+            state.external = (pos, valid, prompt_len)
+
+    def clear_positions(self) -> None:
+        """Back to positions derived from each forward's own arguments."""
+        state = self._state()
+        if state is not None:
+            state.external = None
+
+
+def runtime(model: nn.Module) -> SteeringRuntime:
+    """The :class:`SteeringRuntime` of ``model``."""
+    return SteeringRuntime(model)
+
+
+def _identity_at(site: Site):
+    from .interventions import HeadScale, VectorScale
+
+    return HeadScale(site.layer, scale=1.0) if site.kind == "attn.heads" else VectorScale(site.name, 1.0)
+
+
+def reserve_tables(model: nn.Module, sites: Sequence[Site], capacity: int, backend: str | None = None) -> SteeringHandle:
+    """A dynamic handle with identity tables at ``sites`` and ``capacity`` free rows, steering nothing
+    until ``handle.rows([...])`` writes per-request configs into it (the fast path's managed steering)."""
+    if not sites:
+        raise ValueError("reserve_tables: no sites")
+    identity = [_identity_at(site) for site in sorted(set(sites))]
+    return SteeringHandle(model, {"_reserved": identity}, mode="dynamic", backend=backend, capacity=capacity)
 
 
 def steer(
