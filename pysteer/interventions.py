@@ -249,9 +249,6 @@ def _check_layer(layer: int, geo: ModelGeometry, what: str) -> None:
         raise ValueError(f"{what}: layer {layer!r} out of range, the model has {geo.n_layers} layers")
 
 
-AFFINE_TYPES = (HeadBias, HeadScale, VectorAdd, VectorScale)
-
-
 def is_affine(iv) -> bool:
     return hasattr(iv, "affine_terms")
 

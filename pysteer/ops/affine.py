@@ -1,4 +1,4 @@
-"""The per-row affine steering op (DESIGN.md section 3).
+"""The per-row affine steering op (ARCHITECTURE.md, "Decisions every part shares").
 
     y[t, h, :] = x[t, h, :] * M[r[t], h, :] + A[r[t], h, :]
 

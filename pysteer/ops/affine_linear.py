@@ -1,4 +1,4 @@
-"""Per-row affine steering fused into the attention output projection (DESIGN.md sections 3-4).
+"""Per-row affine steering fused into the attention output projection (ARCHITECTURE.md, "Decisions every part shares").
 
     o[t] = W @ (z[t] * M[r[t]] + A[r[t]]) + bias
 

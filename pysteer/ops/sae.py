@@ -1,4 +1,4 @@
-"""Sparse-autoencoder ops (DESIGN.md section 3, "Other ops").
+"""Sparse-autoencoder ops (ARCHITECTURE.md, "Decisions every part shares").
 
 An SAE over a site of width ``d`` with ``m`` latents holds ``W_enc [d, m]``, ``b_enc [m]``,
 ``W_dec [m, d]``, ``b_dec [d]`` and, for JumpReLU, a per-latent ``threshold [m]``. With
