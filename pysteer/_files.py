@@ -7,9 +7,11 @@ the user's umask gives an ordinary file instead.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,3 +38,30 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def read_safetensors_doc(path: str | os.PathLike, key: str, what: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of a safetensors file and the JSON document stored under metadata ``key``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable safetensors file, no ``key`` metadata (not ``what``), or
+            metadata that is not JSON; each names the file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if key not in meta:
+        raise ValueError(f"{path}: not a {what} (no {key} metadata)")
+    try:
+        return tensors, json.loads(meta[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {key!r} metadata is not valid JSON ({err})") from None

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ._files import write_safetensors
+from ._files import read_safetensors_doc, write_safetensors
 from .interventions import HeadBias, HeadScale, VectorAdd, VectorScale
 from .steering import SteeringHandle, SteeringSpec, _check_positions
 
@@ -110,20 +109,7 @@ def load(path: str | os.PathLike) -> SteeringSpec:
         ValueError: not a pysteer steering file, unknown intervention type, or a missing tensor.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"steering file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if "pysteer" not in meta:
-        raise ValueError(f"{path}: safetensors file without pysteer metadata (not a steering file)")
-    try:
-        doc = json.loads(meta["pysteer"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the 'pysteer' metadata is not valid JSON ({err})") from None
+    tensors, doc = read_safetensors_doc(path, "pysteer", "steering file")
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: the 'pysteer' metadata must be a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT:

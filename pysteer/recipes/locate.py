@@ -29,10 +29,9 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from .._files import write_safetensors
+from .._files import read_safetensors_doc, write_safetensors
 from ..interventions import HeadBias
 from ..models.sites import install_site_hook, resolve_site
 from ..models.specs import geometry, get_spec
@@ -492,20 +491,7 @@ class LocateResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> LocateResult:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (write it with `pysteer locate --out`)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-        if "pysteer.locate" not in meta:
-            raise ValueError(f"{path}: not a file written by locate_heads (no pysteer.locate metadata)")
-        try:
-            doc = json.loads(meta["pysteer.locate"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: the pysteer.locate metadata is not valid JSON ({err})") from None
+        t, doc = read_safetensors_doc(path, "pysteer.locate", "file written by locate_heads")
         if not isinstance(doc, dict) or doc.get("format") != LOCATE_FORMAT:
             found = doc.get("format") if isinstance(doc, dict) else doc
             raise ValueError(f"{path}: unsupported format {found!r}, expected {LOCATE_FORMAT}")
