@@ -45,6 +45,13 @@ D_VALUES = [576, 4096]
 EXPANSIONS = [8, 16, 32]
 K_VALUES = [32, 64, 192]
 TOKENS = [1, 64, 4096]
+# --grid: "full" is the grid above; "quick" its headline cells (the GPU check's budget); "tiny" a
+# few small cells that only prove the script runs (the GPU check's CPU dry run).
+GRIDS = {
+    "full": (D_VALUES, EXPANSIONS, K_VALUES, TOKENS),
+    "quick": ([4096], [32], [64], [1, 4096]),
+    "tiny": ([64], [8], [8], [1, 16]),
+}
 N_FEATURES = 8  # features edited by the steering benchmark
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -165,7 +172,9 @@ class Recorder:
         return out
 
 
-def bench_tokens(rec: Recorder, sae: dict, T: int, backends: list[str], device: torch.device) -> None:
+def bench_tokens(
+    rec: Recorder, sae: dict, T: int, backends: list[str], device: torch.device, k_values: list[int] = K_VALUES
+) -> None:
     """Every op for one (d, m, T) cell; ``sae`` holds the weights and the edit tables."""
     W_enc, b_enc, W_dec, b_dec = sae["W_enc"], sae["b_enc"], sae["W_dec"], sae["b_dec"]
     d, m = W_dec.shape[1], W_dec.shape[0]
@@ -214,7 +223,7 @@ def bench_tokens(rec: Recorder, sae: dict, T: int, backends: list[str], device: 
         bytes_moved=2 * w_bytes + io,
         gemm_flop=3 * flop,
     )
-    for k in K_VALUES:
+    for k in k_values:
         distinct = min(T, 64)
         idx = torch.stack([torch.randperm(m, device=device)[:k] for _ in range(distinct)])
         idx = idx.repeat((T + distinct - 1) // distinct, 1)[:T].contiguous()
@@ -263,15 +272,16 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     rec = Recorder()
     skipped: list[dict] = []
-    for d in D_VALUES:
-        for e in EXPANSIONS:
+    d_values, expansions, k_values, tokens = GRIDS[args.grid]
+    for d in d_values:
+        for e in expansions:
             sae = make_sae(d, e * d, device, dtype)
-            for T in TOKENS:
+            for T in tokens:
                 if device.type == "cpu" and d == 4096 and T == 4096:
                     why = "CPU: d=4096 with 4096 tokens takes tens of seconds per GEMM on this machine"
                     skipped.append({"d": d, "m": e * d, "tokens": T, "reason": why})
                     continue
-                bench_tokens(rec, sae, T, backends, device)
+                bench_tokens(rec, sae, T, backends, device, k_values)
             del sae
             gc.collect()
     bandwidths.append(copy_bandwidth(device))
@@ -318,6 +328,7 @@ def main() -> None:
         "--backends", default=None, help="comma list; torch on CPU, cuda,triton,torch on CUDA"
     )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/sae-ops-<device>.json)")
+    parser.add_argument("--grid", default="full", choices=sorted(GRIDS), help="cells to time (default full)")
     parser.add_argument(
         "--threads",
         type=int,
