@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         slug = "".join(c if c.isalnum() else "-" for c in summary["device"]["name"].lower()).strip("-")
         for record in summary["steps"]:
             result = record.get("result")
-            if record["status"] == "ok" and result and result.endswith(".json") and (args.out / result).is_file():
+            # a step cut short by its cap keeps what its bench wrote so far (bench_e2e saves per figure)
+            if record["status"] in ("ok", "timeout") and result and result.endswith(".json") and (args.out / result).is_file():
                 shutil.copy(args.out / result, RESULTS / f"{result[:-5]}-gpu-{slug}.json")
         shutil.copy(args.out / "summary.json", RESULTS / f"gpu-check-{slug}.json")
     print(f"gpu_check: done in {time.perf_counter() - start:.0f} s; {args.out / 'summary.json'}", file=sys.stderr)
