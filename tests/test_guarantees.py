@@ -348,6 +348,30 @@ def test_generate_of_a_model_compiled_in_place_before_steering_is_steered():
         assert torch.equal(model.generate(ids, **kw), plain)
 
 
+def test_pysteer_generate_steers_a_model_compiled_before():
+    def fresh():
+        m = tiny_model("llama", seed=0)
+        m.generation_config.eos_token_id = None
+        m.config.eos_token_id = None
+        return m
+
+    add = VectorAdd("layers.1.resid", 4 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2)))
+    prompts, kw = [[5, 6, 7], [8, 9]], dict(max_new_tokens=5, progress=False)
+    eager = fresh()
+    steered = pysteer.generate(eager, prompts, steering=[[add], [add]], compile=False, **kw).tokens
+    plain = pysteer.generate(eager, prompts, compile=False, **kw).tokens
+    assert steered != plain
+    model = fresh()
+    model.compile(backend="aot_eager")
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))  # compiled and run before any steering existed
+    compiled = dict(compile="default", compile_backend="aot_eager", **kw)
+    assert pysteer.generate(model, prompts, steering=[[add], [add]], **compiled).tokens == steered
+    assert pysteer.generate(model, prompts, **compiled).tokens == plain
+    with pysteer.steer(model, add, mode="dynamic") as h:
+        assert pysteer.generate(model, prompts, steering=h, **compiled).tokens == steered
+
+
 # ------------------------------------------------------------------------------------------------
 # pysteer.generate: per-request steering and empty prompts
 # ------------------------------------------------------------------------------------------------
