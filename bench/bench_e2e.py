@@ -13,8 +13,8 @@ order of value, each timed as ms per decode step (median over ``--rounds`` calls
 - ``hf-eager`` / ``hf-eager+pysteer``: Hugging Face ``generate()`` without a static cache, unhooked
   and with the same steering.
 - ``hf-compiled``: Hugging Face ``generate()`` with a static cache and ``torch.compile(forward)``.
-- fused projection on/off: reported as not available while ``steer()`` does not route ``attn.heads``
-  through ``pysteer::affine_linear``.
+- ``fast+heads-fused``: the same steering with ``projection="fused"`` (``attn.heads`` applied while
+  the output projection reads its input, ``pysteer::affine_linear``), against ``fast+heads``.
 
 Targets (from the fast-generation issue): 8B steered decode <= 6.5 ms/token at batch 1,
 per-head steering <= 1.01x, first step after a change <= 1.05x, 16 configs >= 0.98x of one.
@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         "model_seconds": round(time.perf_counter() - t0, 1),
         "ms_per_step": {},
         "ratios": {},
-        "fused_projection": "not available: steer() does not route attn.heads through pysteer::affine_linear yet",
     }
 
     def save() -> None:
@@ -176,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             handle.set_alpha(1.5, "c0")
             first = step_times(gen, prompts, 4, handle)[0]
             report["ratios"]["first step after a change vs steady"] = first / steady
+            handle.remove()
+            # the same steering with attn.heads run as pysteer::affine_linear (fused projection)
+            handle = pysteer.steer(model, configs, mode="dynamic", projection="fused")
+            handle.rows(["c0"] * batch)
+            step_times(gen, prompts, 4, handle)
+            stamp("b1/fast+heads-fused", median_step(gen, prompts, args.new_tokens, args.rounds, handle))
+            report["ratios"]["b1/fused vs separate projection"] = ms["b1/fast+heads-fused"] / ms["b1/fast+heads"]
         else:
             handle.rows([f"c{i}" for i in range(16)])
             stamp("b16/fast+heads-16-configs", median_step(gen, prompts, args.new_tokens, args.rounds, handle))

@@ -41,11 +41,13 @@ from .models.specs import (
     unwrap_model,
 )
 from .ops.affine import affine_steer
+from .ops.affine_linear import affine_linear
 
 log = logging.getLogger("pysteer")
 
 POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
 MODES = ("auto", "fold", "dynamic")
+PROJECTIONS = ("separate", "fused")
 # Site kinds that fold, as data: the projection whose input ("in") or output ("out") the site is.
 FOLD_TARGETS: dict[str, tuple[str, str]] = {
     "attn.q": ("q_proj", "out"),
@@ -155,6 +157,7 @@ class _ModelState:
         self.handles: list[SteeringHandle] = []
         self.site_handles: dict[Site, list[SteeringHandle]] = {}
         self.site_hooks: dict[Site, RemovableHandle] = {}
+        self.fused: dict[Site, nn.Module] = {}  # attn.heads sites steered inside their projection
         stack_path = self.spec.layers.rsplit(".", 1)[0]
         self.stack = get_submodule(model, stack_path)
         self.root_hook: RemovableHandle | None = None
@@ -205,9 +208,25 @@ class _ModelState:
         for site in sites:
             self._attach_site(model, handle, site)
 
+    def check_attachable(self, handle: SteeringHandle, sites: Sequence[Site]) -> None:
+        """Raise before anything is attached if ``handle`` cannot share a site with the handles there:
+        a fused projection applies exactly one handle's rows."""
+        for site in sites:
+            others = self.site_handles.get(site, [])
+            if site in self.fused or (handle.projection == "fused" and site.kind == "attn.heads" and others):
+                raise ValueError(
+                    f"steer: {site} is already steered by another handle, and a fused projection "
+                    "(projection='fused') takes one handle per site; remove the other handle first"
+                )
+
     def _attach_site(self, model, handle: SteeringHandle, site: Site) -> None:
         lst = self.site_handles.setdefault(site, [])
         lst.append(handle)
+        if handle.projection == "fused" and site.kind == "attn.heads":
+            proj = resolve_site(model, site, self.spec).module
+            proj.forward = _fused_forward(proj, handle, site)  # an instance attribute: nothing class-level
+            self.fused[site] = proj
+            return
         if site not in self.site_hooks:
             resolved = resolve_site(model, site, self.spec)
             self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site), prepend=True)
@@ -233,11 +252,35 @@ class _ModelState:
                 hook = self.site_hooks.pop(site, None)  # absent when attaching failed at this site
                 if hook is not None:
                     hook.remove()
+                proj = self.fused.pop(site, None)
+                if proj is not None:
+                    del proj.forward  # the class's forward again
                 del self.site_handles[site]
         if not self.handles and self.root_hook is not None:
             self.root_hook.remove()
             self.root_hook = None
             self.prompt_len = None
+
+
+def _fused_forward(proj: nn.Linear, handle: SteeringHandle, site: Site):
+    """``proj``'s forward with the handle's rows applied while it reads its input (``affine_linear``)."""
+    plain = type(proj).forward
+
+    def forward(z: Tensor) -> Tensor:
+        rows = handle._rows
+        if rows is None:
+            return plain(proj, z)
+        K = z.shape[-1]
+        T = z.numel() // K
+        if rows.shape[0] != T:
+            raise RuntimeError(
+                f"pysteer: {site} saw {T} tokens but the decoder stack's forward announced {rows.shape[0]}"
+            )
+        M, A = handle.tables[site]
+        out = affine_linear(z.reshape(T, K), rows, M, A, proj.weight, proj.bias, backend=handle.backend)
+        return out.reshape(*z.shape[:-1], out.shape[-1])
+
+    return forward
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
@@ -248,6 +291,23 @@ def _log_once(message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
         log.warning(message)
+
+
+def _check_fusable(model: nn.Module, spec: ArchSpec, sites: Sequence[Site]) -> None:
+    """``projection='fused'`` replaces the attention output projection's forward: it must be a plain
+    ``nn.Linear`` whose forward nobody else replaced (an accelerate or PEFT wrapper computes more)."""
+    for site in sites:
+        if site.kind != "attn.heads":
+            continue
+        proj = resolve_site(model, site, spec).module
+        where = f"layers.{site.layer}.{spec.attn_out_proj}"
+        if type(proj) is not nn.Linear:
+            raise ValueError(
+                f"steer(projection='fused'): {where} is a {type(proj).__name__}, not a plain nn.Linear "
+                "(GPT-2's Conv1D, a LoRA or quantised layer); use projection='separate'"
+            )
+        if "forward" in proj.__dict__:
+            raise ValueError(f"steer(projection='fused'): {where} already has its forward replaced (e.g. by accelerate)")
 
 
 def _check_materialised(model: nn.Module) -> None:
@@ -368,9 +428,13 @@ class SteeringHandle:
         mode: str = "auto",
         backend: str | None = None,
         capacity: int | None = None,
+        projection: str = "separate",
     ):
         if mode not in MODES:
             raise ValueError(f"steer: unknown mode {mode!r}; use one of {MODES}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"steer: unknown projection {projection!r}; use one of {PROJECTIONS}")
+        self.projection = projection
         model = unwrap_model(model)
         _check_materialised(model)
         configs, spec_positions, metadata = _normalise_configs(interventions)
@@ -437,9 +501,13 @@ class SteeringHandle:
         self._pinned_prompt_len: Tensor | None = None
         self._rows: Tensor | None = None  # [B*S] int32, computed per forward
         self._build_position_table()
+        attach_sites = sorted(set(sites) | set(self.appliers))
+        if self.projection == "fused":
+            _check_fusable(model, spec, attach_sites)
         state = _state(model)
+        state.check_attachable(self, attach_sites)
         try:
-            state.attach(self, sorted(set(sites) | set(self.appliers)))
+            state.attach(self, attach_sites)
         except BaseException:
             state.detach(self)  # no hook of a failed patch stays behind
             raise
@@ -837,6 +905,7 @@ def steer(
     mode: str = "auto",
     backend: str | None = None,
     capacity: int | None = None,
+    projection: str = "separate",
 ) -> SteeringHandle:
     """Steer ``model`` (a Hugging Face causal LM instance; nothing class-level is patched).
 
@@ -853,9 +922,17 @@ def steer(
         backend: op backend for dynamic steering (``cuda | triton | torch | auto``; default
             ``PYSTEER_BACKEND`` or auto).
         capacity: table rows to preallocate for configs (for ad-hoc per-request configs).
+        projection: dynamic steering at ``attn.heads``: ``"separate"`` (default) applies the table
+            op on the output projection's input; ``"fused"`` runs the projection as
+            ``pysteer::affine_linear``, steering applied while it reads its input (one kernel, the
+            steered input never written). Needs a plain ``nn.Linear`` projection and one handle per
+            site; hooks on the projection's input (tracing ``attn.heads``) then see the unsteered
+            input. Folded steering is unaffected.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` (or leaving its ``with`` block) restores the
         model bit-exactly.
     """
-    return SteeringHandle(model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity)
+    return SteeringHandle(
+        model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity, projection=projection
+    )

@@ -466,3 +466,90 @@ def test_mean_difference_recovers_a_planted_direction():
 class _Batch(dict):
     def to(self, device):
         return _Batch({k: v.to(device) for k, v in self.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused projection: attn.heads steering applied while the output projection reads its input
+# ------------------------------------------------------------------------------------------------
+
+
+def _head_steering(geo, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        HeadBias(0, head=[0, 1], vector=torch.randn(geo.head_dim, generator=g)),
+        HeadScale(geo.n_layers - 1, head=1, scale=0.3),
+    ]
+
+
+def test_fused_projection_equals_separate_at_model_level(model, arch):
+    ids = _ids()
+    base = _logits(model, ids)
+    steering = _head_steering(geometry(model))
+    if arch == "gpt2":  # Conv1D: no plain nn.Linear to fuse into
+        with pytest.raises(ValueError, match="not a plain nn.Linear"):
+            pysteer.steer(model, steering, mode="dynamic", projection="fused")
+        assert torch.equal(_logits(model, ids), base)
+        return
+    with pysteer.steer(model, steering, mode="dynamic"):
+        separate = _logits(model, ids)
+    calls = []
+    proj = resolve_site(model, "layers.0.attn.heads").module
+    with pysteer.steer(model, steering, mode="dynamic", projection="fused"):
+        assert "forward" in proj.__dict__
+        hook = proj.register_forward_hook(lambda *a: calls.append(1))
+        fused = _logits(model, ids)
+        hook.remove()
+    assert calls, "the fused projection never ran"
+    assert "forward" not in proj.__dict__, "remove() must restore the class's forward"
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused, base, atol=1e-3)
+    assert torch.equal(_logits(model, ids), base)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3"])
+def test_fused_projection_under_the_triton_interpreter(arch_name):
+    pytest.importorskip("triton", reason="triton is not installed")
+    model = tiny_model(arch_name, seed=0)
+    ids = _ids()
+    steering = _head_steering(geometry(model))
+    with pysteer.steer(model, steering, mode="dynamic"):
+        separate = _logits(model, ids)
+    with pysteer.steer(model, steering, mode="dynamic", projection="fused", backend="triton") as h:
+        assert h.backend == "triton"
+        fused = _logits(model, ids)
+    torch.testing.assert_close(fused, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_projection_in_generate_with_kv_cache_and_positions():
+    model = tiny_model("llama", seed=0)
+    model.generation_config.eos_token_id = None
+    ids = _ids()
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    steering = _head_steering(geometry(model))
+    out = {}
+    for projection in ("separate", "fused"):
+        with pysteer.steer(model, steering, positions="generated", mode="dynamic", projection=projection):
+            with torch.no_grad():
+                out[projection] = model.generate(ids, **kw)
+            got = pysteer.generate(model, ids, steering=None, max_new_tokens=4, compile="default",
+                                   compile_backend="aot_eager", progress=False, ignore_eos=True)
+        out[projection + "-fast"] = got.tokens
+    assert torch.equal(out["separate"], out["fused"])
+    assert out["separate-fast"] == out["fused-fast"]
+
+
+def test_a_fused_site_takes_one_handle(model, arch):
+    if arch == "gpt2":
+        return
+    ids = _ids()
+    base = _logits(model, ids)
+    geo = geometry(model)
+    with pysteer.steer(model, [HeadScale(0, head=0, scale=0.5)], mode="dynamic", projection="fused"):
+        steered = _logits(model, ids)
+        with pytest.raises(ValueError, match="one handle per site"):
+            pysteer.steer(model, [HeadBias(0, head=1, vector=torch.ones(geo.head_dim))], mode="dynamic")
+        assert torch.equal(_logits(model, ids), steered)
+    with pysteer.steer(model, [HeadScale(0, head=0, scale=0.5)], mode="dynamic"):
+        with pytest.raises(ValueError, match="one handle per site"):
+            pysteer.steer(model, [HeadBias(0, head=1, vector=torch.ones(geo.head_dim))], mode="dynamic", projection="fused")
+    assert torch.equal(_logits(model, ids), base)
