@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import device_slug  # noqa: E402
+from bench_fast_generate import head_steering  # noqa: E402  (the same steering as the CPU bench)
 
 SHAPES = {
     "llama3-8b": dict(
@@ -64,17 +65,6 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(old)
     model.generation_config.eos_token_id = None
     return model.eval()
-
-
-def head_steering(geo, seed: int):
-    from pysteer import HeadBias, HeadScale
-
-    g = torch.Generator().manual_seed(seed)
-    ivs = []
-    for layer in range(geo.n_layers):
-        ivs.append(HeadBias(layer, head=None, vector=0.05 * torch.randn(geo.n_heads, geo.head_dim, generator=g)))
-        ivs.append(HeadScale(layer, head=None, scale=1 + 0.05 * torch.randn(geo.n_heads, generator=g)))
-    return ivs
 
 
 def step_times(gen, prompts, new_tokens: int, steering=None) -> list[float]:
