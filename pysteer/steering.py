@@ -262,6 +262,15 @@ class _ModelState:
             self.prompt_len = None
 
 
+def _check_token_count(site: Site, T: int, rows: Tensor) -> None:
+    """The site saw as many tokens as the decoder stack's forward announced (one row index each)."""
+    if rows.shape[0] != T:
+        raise RuntimeError(
+            f"pysteer: {site} saw {T} tokens but the decoder stack's forward announced "
+            f"{rows.shape[0]}; call the model (or its decoder stack), not a single layer"
+        )
+
+
 def _fused_forward(proj: nn.Linear, handle: SteeringHandle, site: Site):
     """``proj``'s forward with the handle's rows applied while it reads its input (``affine_linear``)."""
     plain = type(proj).forward
@@ -272,10 +281,7 @@ def _fused_forward(proj: nn.Linear, handle: SteeringHandle, site: Site):
             return plain(proj, z)
         K = z.shape[-1]
         T = z.numel() // K
-        if rows.shape[0] != T:
-            raise RuntimeError(
-                f"pysteer: {site} saw {T} tokens but the decoder stack's forward announced {rows.shape[0]}"
-            )
+        _check_token_count(site, T, rows)
         M, A = handle.tables[site]
         out = affine_linear(z.reshape(T, K), rows, M, A, proj.weight, proj.bias, backend=handle.backend)
         return out.reshape(*z.shape[:-1], out.shape[-1])
@@ -662,11 +668,7 @@ class SteeringHandle:
             return x
         W = x.shape[-1]
         T = x.numel() // W  # [B, S, W], or [B*S, W] where a model flattens tokens (OPT's MLP)
-        if rows.shape[0] != T:
-            raise RuntimeError(
-                f"pysteer: {site} saw {T} tokens but the decoder stack's forward announced "
-                f"{rows.shape[0]}; call the model (or its decoder stack), not a single layer"
-            )
+        _check_token_count(site, T, rows)
         tab = self.tables.get(site)
         H = site_shape(site, self.geo)[0]
         y = x.reshape(T, H, W // H)
