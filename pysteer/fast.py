@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .interventions import finite_number, is_affine
+from .interventions import finite_number, is_affine, is_intervention
 from .models.attention import decode_attention
 from .models.forward_args import cache_keyword
 from .models.sites import Site
-from .steering import SteeringHandle, reserve_tables, runtime
+from .steering import SteeringHandle, reserve_tables, runtime, steer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -175,6 +175,7 @@ class FastGenerator:
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._managed: SteeringHandle | None = None
+        self._call_handle: SteeringHandle | None = None  # non-affine steering of the running call
         self._managed_sites: frozenset[Site] = frozenset()
         fwd = inspect.signature(model.forward).parameters
         self._logits_kw = (
@@ -262,6 +263,8 @@ class FastGenerator:
                 return None  # folded steering lives in the weights
             return steering
         per_request = _per_request(steering, n)
+        if any(not is_affine(iv) for cfg in per_request if cfg for iv in cfg):
+            return self._steer_for_call(per_request, batch)
         sites = frozenset(iv.site for cfg in per_request if cfg for iv in cfg)
         if self._managed is None or not sites <= self._managed_sites or self._managed.removed:
             if self._managed is not None and not self._managed.removed:
@@ -271,6 +274,25 @@ class FastGenerator:
             self._managed_sites = frozenset(all_sites)
         self._managed.rows(list(per_request) + [None] * (batch - n))
         return self._managed
+
+    def _steer_for_call(self, per_request: list, batch: int) -> SteeringHandle:
+        """Steering with non-affine interventions (SAE edits, scalars): a handle for this call only,
+        one config per distinct request config, removed when the call ends."""
+        configs: dict[str, list] = {}
+        names = []
+        for cfg in per_request:
+            if not cfg:
+                names.append(None)
+                continue
+            key = next((k for k, v in configs.items() if len(v) == len(cfg) and all(a is b for a, b in zip(v, cfg))), None)
+            if key is None:
+                key = f"request{len(configs)}"
+                configs[key] = list(cfg)
+            names.append(key)
+        handle = steer(self.model, configs, mode="dynamic")
+        handle.rows(names + [None] * (batch - len(names)))
+        self._call_handle = handle
+        return handle
 
     # -- generation -------------------------------------------------------------------------------
     def _encode(self, inputs) -> list[list[int]]:
@@ -429,6 +451,9 @@ class FastGenerator:
         finally:
             steering_runtime.clear_positions()
             scope.close()
+            if self._call_handle is not None:
+                self._call_handle.remove()
+                self._call_handle = None
             if self._managed is not None and handle is self._managed:
                 # Between calls the managed handle stays attached (removing its hooks would force a
                 # recompile next time) but steers nothing: one row 0, broadcast to any batch.
@@ -490,10 +515,10 @@ def _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k) -> Non
 
 def _per_request(steering, n: int) -> list[list | None]:
     """Normalise ``steering`` (one config for all, or one per request) to a list of n configs."""
-    if is_affine(steering):
+    if is_intervention(steering):
         return [[steering]] * n
     items = list(steering)
-    if items and all(is_affine(x) for x in items):
+    if items and all(is_intervention(x) for x in items):
         if len(items) == n > 1:
             # handle.rows() reads such a list as one intervention per row; read as one config here it
             # would steer every prompt with all of them. Neither reading is safe to guess.
@@ -509,12 +534,12 @@ def _per_request(steering, n: int) -> list[list | None]:
     for x in items:
         if x is None:
             out.append(None)
-        elif is_affine(x):
+        elif is_intervention(x):
             out.append([x])
         else:
             cfg = list(x)
-            if not all(is_affine(iv) for iv in cfg):
-                raise TypeError("generate: per-request configs hold affine interventions (or None)")
+            if not all(is_intervention(iv) for iv in cfg):
+                raise TypeError("generate: per-request configs hold interventions (or None)")
             out.append(cfg)
     return out
 

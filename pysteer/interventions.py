@@ -1,10 +1,27 @@
-"""Interventions: plain dataclasses, validated once against a model, compiled to table rows.
+"""Interventions: what an intervention kind is, and the affine kinds.
 
-Affine interventions (``HeadBias``, ``HeadScale``, ``VectorAdd``, ``VectorScale``) at one site and
-in one config compose into a single affine row ``x * m + a`` of that site's steering table. They
-apply in list order: ``[VectorAdd(a1), VectorScale(m2)]`` is ``(x + a1) * m2 = x * m2 + a1 * m2``.
-Other interventions (e.g. SAE feature edits) implement ``make_applier`` and run after the affine
-row at the same site.
+An intervention kind is one class (a dataclass, registered with ``@intervention_kind`` so
+``pysteer.save`` / ``pysteer.load`` know it). It has:
+
+- ``site``: the ``Site`` it acts on;
+- a lowering, one of
+    - ``affine_terms(geo) -> AffineTerms``: an affine edit ``x * m + a`` per site. Affine
+      interventions of one config compose into one row of the site's table and run through
+      ``pysteer::affine_steer`` (``HeadBias``, ``HeadScale``, ``VectorAdd``, ``VectorScale``);
+    - ``applier_key()`` and ``make_applier(model, resolved_site, num_rows, device, group) -> Applier``:
+      any other edit. Interventions with equal ``(site, applier_key())`` across a handle's configs
+      share one applier, which holds one row per config (``write_row(row, iv)``, row 0 the
+      identity) and edits a site's ``[T, H, D]`` tensor given the forward's ``TokenContext``
+      (``apply(y, ctx)``: token rows, positions, prompt lengths, backend). Appliers run after the
+      site's affine row, in config order (``SAEEdit``, ``ActivScalar``, ``DynScalar``, ...);
+- ``trainable``: the names of the tensor fields ``handle.parameters()`` trains
+  (``steer(..., trainable=True)``);
+- saving: dataclass fields that are JSON values or tensors save as they are; a kind with other
+  fields defines ``to_fields(put) -> dict`` and ``from_fields(fields, get) -> instance`` (``put``
+  stores a tensor or an object and returns its reference, ``get`` reads one back).
+
+Affine interventions apply in list order: ``[VectorAdd(a1), VectorScale(m2)]`` is
+``(x + a1) * m2 = x * m2 + a1 * m2``.
 """
 
 from __future__ import annotations
@@ -13,6 +30,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -21,6 +39,62 @@ from .models.sites import LAYER_FREE_KINDS, Site, parse_site, site_shape
 from .models.specs import ModelGeometry
 
 HeadSpec = int | Sequence[int] | None
+
+KINDS: dict[str, type] = {}  # registered intervention kinds, by class name (what steering files name)
+
+
+def intervention_kind(cls: type) -> type:
+    """Register an intervention kind (a class decorator): ``pysteer.save`` / ``load`` know it by name."""
+    name = cls.__name__
+    if name in KINDS and KINDS[name] is not cls:
+        raise ValueError(f"intervention_kind: another kind is already registered as {name!r}")
+    KINDS[name] = cls
+    return cls
+
+
+class Applier(Protocol):
+    """The lowering of a non-affine intervention kind at one site (see the module docstring)."""
+
+    def write_row(self, row: int, iv) -> None: ...
+
+    def apply(self, y: Tensor, ctx) -> Tensor: ...
+
+
+def is_affine(iv) -> bool:
+    return hasattr(iv, "affine_terms")
+
+
+def is_intervention(iv) -> bool:
+    """Whether ``iv`` has one of the two lowerings (an affine or a non-affine intervention)."""
+    return is_affine(iv) or hasattr(iv, "make_applier")
+
+
+def check_intervention(iv, where: str) -> None:
+    """Raise unless ``iv`` is an intervention: it has a site and one of the two lowerings."""
+    if not (is_affine(iv) or hasattr(iv, "make_applier")) or not hasattr(iv, "site"):
+        raise TypeError(
+            f"{where}: {type(iv).__name__} is not an intervention (an intervention kind has a site and "
+            "either affine_terms or make_applier)"
+        )
+
+
+def trainable_tensors(iv, device: torch.device) -> list[Tensor]:
+    """``iv``'s trainable fields as float32 leaves that require grad (numbers become tensors on
+    ``device``; tensors keep their device, a non-leaf is detached into a new leaf)."""
+    out = []
+    for name in getattr(type(iv), "trainable", ()):
+        value = getattr(iv, name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value), device=device)
+        if not value.is_leaf or value.dtype != torch.float32:
+            value = value.detach().float()
+        if not value.requires_grad:
+            value.requires_grad_(True)
+        setattr(iv, name, value)
+        out.append(value)
+    return out
 
 
 def _heads(head: HeadSpec, n_heads: int, what: str) -> list[int]:
@@ -57,6 +131,10 @@ def finite_number(value, what: str) -> float:
 def _as_tensor(value, what: str) -> Tensor:
     if isinstance(value, (str, bytes, bool)) or value is None:
         raise TypeError(f"{what}: expected a number or a tensor, got {type(value).__name__} {value!r:.40}")
+    if isinstance(value, Tensor) and value.requires_grad:  # a trained field: keep its graph and device
+        if not torch.isfinite(value.detach()).all():
+            raise ValueError(f"{what}: contains NaN or inf")
+        return value if value.dtype == torch.float64 else value.float()
     try:
         t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, Tensor) else value.detach().float().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -95,6 +173,7 @@ class AffineTerms:
     a: Tensor | None
 
 
+@intervention_kind
 @dataclass
 class HeadBias:
     """Add a bias to the output of attention heads (at ``attn.heads``, before the output projection).
@@ -117,6 +196,7 @@ class HeadBias:
     direction: Tensor | None = None
     alpha: float = 1.0
     sigma: float | Tensor = 1.0
+    trainable: ClassVar[tuple[str, ...]] = ("vector", "direction")
 
     def __post_init__(self) -> None:
         self._alpha()
@@ -146,11 +226,12 @@ class HeadBias:
             if sigma.dim() and sigma.shape[0] != len(heads):
                 raise ValueError(f"{what}: sigma has {sigma.shape[0]} entries for {len(heads)} heads")
             v = d / norm * sigma * self._alpha()
-        a = torch.zeros(geo.n_heads, geo.head_dim)
+        a = torch.zeros(geo.n_heads, geo.head_dim, device=v.device)
         a[heads] = v
         return AffineTerms(self.site, None, a)
 
 
+@intervention_kind
 @dataclass
 class HeadScale:
     """Scale the output of attention heads (at ``attn.heads``).
@@ -164,6 +245,7 @@ class HeadScale:
     layer: int
     head: HeadSpec = None
     scale: float | Tensor = 1.0
+    trainable: ClassVar[tuple[str, ...]] = ("scale",)
 
     @property
     def site(self) -> Site:
@@ -174,7 +256,7 @@ class HeadScale:
         _check_layer(self.layer, geo, what)
         heads = _heads(self.head, geo.n_heads, what)
         s = _per_head(self.scale, heads, geo.head_dim, what + ".scale", scalar_ok=True)
-        m = torch.ones(geo.n_heads, geo.head_dim)
+        m = torch.ones(geo.n_heads, geo.head_dim, device=s.device)
         m[heads] = s
         return AffineTerms(self.site, m, None)
 
@@ -183,6 +265,7 @@ def _site_width(site: Site, geo: ModelGeometry) -> tuple[int, int]:
     return site_shape(site, geo)
 
 
+@intervention_kind
 @dataclass
 class VectorAdd:
     """Add ``alpha * vector`` at a site (CAA / repeng style steering vector).
@@ -196,6 +279,7 @@ class VectorAdd:
     site_name: str
     vector: Tensor = field(default=None)  # type: ignore[assignment]
     alpha: float = 1.0
+    trainable: ClassVar[tuple[str, ...]] = ("vector",)
 
     def __post_init__(self) -> None:
         finite_number(self.alpha, f"VectorAdd({self.site_name!r}).alpha")
@@ -216,12 +300,14 @@ class VectorAdd:
         return AffineTerms(site, None, v.reshape(H, D) * finite_number(self.alpha, f"VectorAdd({site}).alpha"))
 
 
+@intervention_kind
 @dataclass
 class VectorScale:
     """Multiply the activation at a site by ``scale`` (scalar or ``[width]``)."""
 
     site_name: str
     scale: float | Tensor = 1.0
+    trainable: ClassVar[tuple[str, ...]] = ("scale",)
 
     @property
     def site(self) -> Site:
@@ -249,23 +335,21 @@ def _check_layer(layer: int, geo: ModelGeometry, what: str) -> None:
         raise ValueError(f"{what}: layer {layer!r} out of range, the model has {geo.n_layers} layers")
 
 
-def is_affine(iv) -> bool:
-    return hasattr(iv, "affine_terms")
-
-
-def compile_affine(interventions: Sequence, geo: ModelGeometry) -> dict[Site, tuple[Tensor, Tensor]]:
-    """Compose the affine interventions of one config into ``{site: (m [H,D], a [H,D])}`` (fp32, CPU)."""
-    rows: dict[Site, tuple[Tensor, Tensor]] = {}
+def compose_affine(interventions: Sequence, geo: ModelGeometry) -> dict[Site, tuple[Tensor, Tensor]]:
+    """Compose the affine interventions of one config into ``{site: (m [H,D], a [H,D])}`` (fp32; on
+    the CPU, or on a trained field's device). Non-affine interventions are skipped."""
+    terms_at: dict[Site, tuple[Tensor, Tensor]] = {}
     for iv in interventions:
         if not is_affine(iv):
             continue
         terms = iv.affine_terms(geo)
         H, D = _site_width(terms.site, geo)
-        m, a = rows.get(terms.site, (torch.ones(H, D), torch.zeros(H, D)))
+        dev = next(t.device for t in (terms.m, terms.a, torch.empty(0)) if t is not None)
+        m, a = terms_at.get(terms.site, (torch.ones(H, D, device=dev), torch.zeros(H, D, device=dev)))
         if terms.m is not None:
-            m = m * terms.m
-            a = a * terms.m  # a later scale also scales earlier additive terms of the row
+            m = m * terms.m.to(m.device)
+            a = a * terms.m.to(m.device)  # a later scale also scales earlier additive terms of the row
         if terms.a is not None:
-            a = a + terms.a
-        rows[terms.site] = (m, a)
-    return rows
+            a = a + terms.a.to(a.device)
+        terms_at[terms.site] = (m, a)
+    return terms_at

@@ -581,6 +581,43 @@ class SAE(nn.Module):
 
     # -- writing ----------------------------------------------------------------------------------
 
+    def to_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, config)``: everything ``from_state`` needs (a steering file stores SAEs so)."""
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold
+        config = {
+            "activation": self.activation,
+            "k": self.k,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "metadata": self.metadata,
+        }
+        return {n: t.detach() for n, t in tensors.items()}, config
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> SAE:
+        """The SAE ``to_state`` described (validated like any construction)."""
+        unknown = sorted(set(tensors) - {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"})
+        if unknown:
+            raise ValueError(f"SAE: unknown tensor {unknown[0]!r}")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            if name not in tensors:
+                raise ValueError(f"SAE: missing tensor {name!r}")
+        for name, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"SAE: tensor {name!r} contains NaN or inf")
+        return cls(
+            tensors["W_enc"],
+            tensors["b_enc"],
+            tensors["W_dec"],
+            tensors["b_dec"],
+            activation=config.get("activation", "relu"),
+            threshold=tensors.get("threshold"),
+            k=config.get("k"),
+            apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)),
+            metadata=config.get("metadata") or {},
+        )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the SAE in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``).
 

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .interventions import intervention_kind
 from .models.sites import ResolvedSite, Site, parse_site
 from .ops.sae import EDIT_KINDS
+from .positions import TokenContext
 from .sae import SAE, SAEEditTable
 
 
+@intervention_kind
 @dataclass(eq=False)
 class SAEEdit:
     """Edit SAE latents at a site.
@@ -42,6 +45,24 @@ class SAEEdit:
 
     def applier_key(self) -> int:
         return id(self.sae)
+
+    def to_fields(self, put) -> dict:
+        """Saved form: the SAE stored once per file, edits as ``[latent, kind, strength]`` lists."""
+        edits = [[int(latent), str(kind), float(strength)] for latent, (kind, strength) in self.edits.items()]
+        return {"site_name": self.site_name, "sae": put(self.sae, "sae"), "edits": edits}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping, get) -> SAEEdit:
+        unknown = sorted(set(fields) - {"site_name", "sae", "edits"})
+        if unknown:
+            raise ValueError(f"no field {unknown[0]!r}; the file may come from a newer pysteer")
+        sae = get(fields.get("sae"), "sae")
+        if not isinstance(sae, SAE):
+            raise ValueError("field 'sae' does not name a stored SAE")
+        edits = fields.get("edits")
+        if not isinstance(edits, list) or not all(isinstance(e, list) and len(e) == 3 for e in edits):
+            raise ValueError("field 'edits' must be a list of [latent, kind, strength]")
+        return cls(str(fields.get("site_name")), sae, {int(f): (str(k), float(v)) for f, k, v in edits})
 
     def _validate(self, resolved: ResolvedSite) -> None:
         site = self.site
@@ -86,5 +107,5 @@ class _SAEApplier:
         for latent, (kind, strength) in iv.edits.items():
             self.table.set(row, int(latent), kind, float(strength))
 
-    def apply(self, y: Tensor, rows: Tensor, backend: str) -> Tensor:
-        return self.sae.steer_rows(y, rows, self.table, backend=backend)
+    def apply(self, y: Tensor, ctx: TokenContext) -> Tensor:
+        return self.sae.steer_rows(y, ctx.rows, self.table, backend=ctx.backend)

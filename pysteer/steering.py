@@ -1,17 +1,19 @@
 """Patch a Hugging Face causal LM with steering; return a handle that undoes it bit-exactly.
 
 ``steer(model, interventions)`` validates everything, then either *folds* static steering into
-the projection weights (free at run time) or installs *dynamic* steering: one hook per site that
-applies the affine steering op ``x * M[r] + A[r]`` with preallocated tables ``M, A [C, H, D]``
-and a row index ``r`` per token. Row 0 of every table is the identity and is never written.
+the projection weights (free at run time; ``pysteer/folding.py``) or installs *dynamic* steering:
+one hook per site that applies the affine steering op ``x * M[r] + A[r]`` with preallocated tables
+``M, A [C, H, D]`` and a table row ``r`` per token, then the site's non-affine appliers (SAE edits,
+activation-dependent scalars, patches: any intervention kind with ``make_applier``). Row 0 of
+every table is the identity and is never written.
 
-The row index is computed once per forward, in a pre-hook on the decoder stack, from the batch
-row's config (``handle.rows``) and the position rule. Positions are counted from each sequence's
-first real token (``attention_mask.cumsum - 1``), so left padding and the KV cache are handled:
-padding tokens are never steered, and a decode step knows whether its token is in the prompt.
+The row of every token is computed once per forward, in a pre-hook on the decoder stack, from the
+batch row's config (``handle.rows``) and the position rule (``pysteer/positions.py``).
 
-Tables and the per-row config index are updated **in place** (``update``, ``set_alpha``, ``rows``),
-so a compiled model sees the same tensors and does not recompile.
+Tables and the per-request config rows are updated **in place** (``update``, ``set_alpha``,
+``rows``), so a compiled model sees the same tensors and does not recompile. A handle made with
+``trainable=True`` instead rebuilds its tables from the interventions at every forward, so the
+gradients of ``handle.parameters()`` flow through the ops' backward.
 """
 
 from __future__ import annotations
@@ -27,50 +29,31 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import folding
 from ._backend import resolve_backend
-from .interventions import compile_affine, finite_number, is_affine
-from .models import forward_args
+from .folding import FOLD_TARGETS, FOLDABLE_KINDS  # noqa: F401  (re-exported)
+from .interventions import check_intervention, compose_affine, finite_number, is_affine, trainable_tensors
 from .models.sites import Site, install_site_hook, resolve_site, site_shape
-from .models.specs import (
-    ArchSpec,
-    ModelGeometry,
-    geometry,
-    get_spec,
-    get_submodule,
-    proj_weight_in_out,
-    unwrap_model,
-)
+from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, unwrap_model
 from .ops.affine import affine_steer
 from .ops.affine_linear import affine_linear
+from .positions import (
+    POSITION_RULES,  # noqa: F401  (re-exported)
+    Positions,
+    PositionTable,
+    PromptLengths,
+    TokenContext,
+    check_position_range,
+    check_positions,
+    forward_positions,
+    max_positions,
+    token_rows,
+)
 
 log = logging.getLogger("pysteer")
 
-POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
 MODES = ("auto", "fold", "dynamic")
 PROJECTIONS = ("separate", "fused")
-# Site kinds that fold, as data: the projection whose input ("in") or output ("out") the site is.
-FOLD_TARGETS: dict[str, tuple[str, str]] = {
-    "attn.q": ("q_proj", "out"),
-    "attn.k": ("k_proj", "out"),
-    "attn.v": ("v_proj", "out"),
-    "attn.heads": ("attn_out_proj", "in"),
-    "attn.out": ("attn_out_proj", "out"),
-    "mlp.hidden": ("mlp_out_proj", "in"),
-    "mlp.out": ("mlp_out_proj", "out"),
-}
-FOLDABLE_KINDS = tuple(FOLD_TARGETS)
-
-
-def _fold_target(model: nn.Module, spec: ArchSpec, site: Site) -> tuple[nn.Module, str, str]:
-    """``(projection, "in"|"out", its path)`` that steering at ``site`` folds into."""
-    attr, side = FOLD_TARGETS[site.kind]
-    path = getattr(spec, attr)
-    layer = get_submodule(model, spec.layers)[site.layer]
-    return get_submodule(layer, path), side, f"layers.{site.layer}.{path}"
-POSITION_SLOTS = 8  # explicit positions preallocated per row, so most changes are in place
-_NO_POSITION = -(2**40)  # sentinel that matches no position, even after adding a prompt length
-
-Positions = str | Sequence[int] | Sequence[Sequence[int]]
 
 
 @dataclass
@@ -101,49 +84,14 @@ def _normalise_configs(interventions) -> tuple[dict[str, list], Positions | None
         configs = {"default": list(interventions)}
     if not configs:
         raise ValueError("steer: no configs given")
+    for name, ivs in configs.items():
+        for iv in ivs:
+            check_intervention(iv, f"steer: config {name!r}")
     return configs, None, {}
 
 
-def _check_positions(positions: Positions) -> None:
-    if isinstance(positions, str):
-        if positions not in POSITION_RULES:
-            raise ValueError(f"unknown position rule {positions!r}; use one of {POSITION_RULES} or a list of positions")
-        return
-    seq = list(positions)
-    if not seq:
-        raise ValueError("positions: empty list")
-    if all(isinstance(p, int) for p in seq):
-        return
-    if all(isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(q, int) for q in p) for p in seq):
-        return
-    raise ValueError("positions: expected a rule name, a list of ints, or one list of ints per batch row")
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _check_position_range(positions: Positions, limit: int | None) -> None:
-    """Explicit positions must be tokens the model can hold: a position past the context length
-    (or further back than it) would steer nothing, silently."""
-    if isinstance(positions, str) or limit is None:
-        return
-    flat = [p for q in positions for p in ([q] if isinstance(q, int) else q)]
-    bad = [p for p in flat if not -limit <= p < limit]
-    if bad:
-        raise ValueError(
-            f"positions: {bad[0]} is outside the model's {limit}-token context "
-            f"(explicit positions are in [-{limit}, {limit}); negative ones count back from the prompt's end)"
-        )
-
-
 # ------------------------------------------------------------------------------------------------
-# per-model state: position bookkeeping and one dispatcher hook per site
+# per-model state: the position pre-hook and one dispatcher hook per site
 # ------------------------------------------------------------------------------------------------
 
 
@@ -151,55 +99,30 @@ class _ModelState:
     """Everything pysteer attached to one model instance (dynamic steering only)."""
 
     def __init__(self, model: nn.Module):
-        self.spec: ArchSpec = get_spec(model)
-        self.geo: ModelGeometry = geometry(model, self.spec)
+        self.arch: ArchSpec = get_spec(model)
+        self.geo: ModelGeometry = geometry(model, self.arch)
         self.model_ref = weakref.ref(model)
         self.handles: list[SteeringHandle] = []
         self.site_handles: dict[Site, list[SteeringHandle]] = {}
         self.site_hooks: dict[Site, RemovableHandle] = {}
         self.fused: dict[Site, nn.Module] = {}  # attn.heads sites steered inside their projection
-        stack_path = self.spec.layers.rsplit(".", 1)[0]
+        stack_path = self.arch.layers.rsplit(".", 1)[0]
         self.stack = get_submodule(model, stack_path)
         self.root_hook: RemovableHandle | None = None
-        self.prompt_len: Tensor | None = None  # [B] real prompt tokens per row, set at prefill
-        # Set by a generation loop that owns positions (the fast path): (pos [B,S], valid [B,S], prompt_len [B])
-        self.external: tuple[Tensor, Tensor, Tensor] | None = None
+        self.prompt_lengths = PromptLengths()
+        # Positions supplied by a generation loop that owns them (SteeringRuntime): (pos, valid, prompt_len)
+        self.supplied_positions: tuple[Tensor, Tensor, Tensor] | None = None
 
-    # -- positions ---------------------------------------------------------------------------------
     def _root_pre_hook(self, module, args, kwargs):
-        if self.external is not None:
-            pos, valid, prompt_len = self.external
-            for h in self.handles:
-                h._compute_rows(pos, valid, prompt_len)
-            return None
-        ref = forward_args.input_tensor(args, kwargs)
-        if ref is None:
-            raise ValueError("pysteer: the forward got neither input_ids nor inputs_embeds")
-        B, S = ref.shape[0], ref.shape[1]
-        device = ref.device
-        mask = forward_args.attention_mask_2d(args, kwargs)
-        past_len = forward_args.past_length(module, args, kwargs, S)
-        if mask is not None and mask.shape[-1] >= S:
-            m = mask.to(torch.long)
-            pos = (m.cumsum(-1) - 1)[:, -S:]
-            valid = m[:, -S:].bool()
+        if self.supplied_positions is not None:
+            pos, valid, prompt_len = self.supplied_positions
         else:
-            pos = (torch.arange(S, device=device) + past_len).expand(B, S)
-            valid = torch.ones(B, S, dtype=torch.bool, device=device)
-        # A forward with an empty cache is a prefill: it fixes each row's prompt length (real tokens);
-        # decode steps keep it. Without a cache every forward is a prefill. The test stays a tensor op
-        # when the cache length is a tensor (static caches), so it neither syncs nor breaks a graph.
-        new_len = valid.sum(-1)
-        if self.prompt_len is None or self.prompt_len.shape[0] != B or not isinstance(past_len, Tensor):
-            if self.prompt_len is None or self.prompt_len.shape[0] != B or past_len == 0:
-                self.prompt_len = new_len
-        else:
-            self.prompt_len = torch.where(past_len == 0, new_len, self.prompt_len)
+            pos, valid, past_len = forward_positions(module, args, kwargs)
+            prompt_len = self.prompt_lengths.update(valid, past_len)
         for h in self.handles:
-            h._compute_rows(pos, valid, self.prompt_len)
+            h._begin_forward(pos, valid, prompt_len)
         return None
 
-    # -- hooks -----------------------------------------------------------------------------------------
     def attach(self, handle: SteeringHandle, sites: Sequence[Site]) -> None:
         model = self.model_ref()
         if self.root_hook is None:
@@ -223,12 +146,12 @@ class _ModelState:
         lst = self.site_handles.setdefault(site, [])
         lst.append(handle)
         if handle.projection == "fused" and site.kind == "attn.heads":
-            proj = resolve_site(model, site, self.spec).module
+            proj = resolve_site(model, site, self.arch).module
             proj.forward = _fused_forward(proj, handle, site)  # an instance attribute: nothing class-level
             self.fused[site] = proj
             return
         if site not in self.site_hooks:
-            resolved = resolve_site(model, site, self.spec)
+            resolved = resolve_site(model, site, self.arch)
             self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site), prepend=True)
 
     def _make_site_fn(self, site: Site):
@@ -259,7 +182,7 @@ class _ModelState:
         if not self.handles and self.root_hook is not None:
             self.root_hook.remove()
             self.root_hook = None
-            self.prompt_len = None
+            self.prompt_lengths.reset()
 
 
 def _check_token_count(site: Site, T: int, rows: Tensor) -> None:
@@ -276,14 +199,14 @@ def _fused_forward(proj: nn.Linear, handle: SteeringHandle, site: Site):
     plain = type(proj).forward
 
     def forward(z: Tensor) -> Tensor:
-        rows = handle._rows
-        if rows is None:
+        ctx = handle._ctx
+        if ctx is None:
             return plain(proj, z)
         K = z.shape[-1]
         T = z.numel() // K
-        _check_token_count(site, T, rows)
+        _check_token_count(site, T, ctx.rows)
         M, A = handle.tables[site]
-        out = affine_linear(z.reshape(T, K), rows, M, A, proj.weight, proj.bias, backend=handle.backend)
+        out = affine_linear(z.reshape(T, K), ctx.rows, M, A, proj.weight, proj.bias, backend=handle.backend)
         return out.reshape(*z.shape[:-1], out.shape[-1])
 
     return forward
@@ -325,89 +248,11 @@ def _check_materialised(model: nn.Module) -> None:
             )
 
 
-def _unfoldable_projection(model: nn.Module, spec: ArchSpec, compiled) -> str | None:
-    """Why a projection the steering would fold into cannot take it, or None.
-
-    Fold rewrites ``weight`` and ``bias`` of a plain ``nn.Linear`` (or GPT-2's ``Conv1D``). A PEFT
-    LoRA wrapper computes more than its weight (folding ignored the LoRA branch, and adding a bias
-    to it failed after the weight was already scaled), and a quantised linear stores no float weight.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    for rows in compiled.values():
-        for site in rows:
-            if site.kind not in FOLD_TARGETS:
-                continue
-            proj, _, where = _fold_target(model, spec, site)
-            if type(proj) not in (nn.Linear, Conv1D):
-                return f"{where} is a {type(proj).__module__}.{type(proj).__name__}, not a plain Linear (a wrapper such as PEFT LoRA, or a quantised layer)"
-            weight = proj.weight
-            if weight.is_meta or not weight.dtype.is_floating_point:
-                return f"{where}.weight is {'on the meta device' if weight.is_meta else weight.dtype}"
-    return None
-
-
 def _state(model: nn.Module) -> _ModelState:
     st = _STATES.get(model)
     if st is None:
         st = _STATES[model] = _ModelState(model)
     return st
-
-
-# ------------------------------------------------------------------------------------------------
-# folding into projection weights
-# ------------------------------------------------------------------------------------------------
-
-
-class _FoldSlot:
-    """Original weights of one projection plus the folded edits applied to it, in order."""
-
-    def __init__(self, module: nn.Module, layout: str):
-        self.module = module
-        self.layout = layout
-        self.orig_weight = module.weight.detach().clone()
-        bias = getattr(module, "bias", None)
-        self.orig_bias = bias.detach().clone() if bias is not None else None
-        self.entries: list[tuple[int, str, Tensor, Tensor]] = []  # (handle id, "in"|"out", m, a)
-
-    def recompute(self) -> None:
-        mod = self.module
-        if not self.entries:
-            with torch.no_grad():
-                mod.weight.copy_(self.orig_weight)
-                if self.orig_bias is None:
-                    if getattr(mod, "bias", None) is not None:
-                        mod.register_parameter("bias", None)
-                else:
-                    mod.bias.copy_(self.orig_bias)
-            return
-        in_f, out_f = proj_weight_in_out(mod, self.layout)
-        dev = self.orig_weight.device
-        m_in, a_in = torch.ones(in_f, device=dev), torch.zeros(in_f, device=dev)
-        m_out, a_out = torch.ones(out_f, device=dev), torch.zeros(out_f, device=dev)
-        for _, side, m, a in self.entries:
-            if side == "in":
-                m_in, a_in = m_in * m, a_in * m + a
-            else:
-                m_out, a_out = m_out * m, a_out * m + a
-        W = self.orig_weight.float()
-        b = self.orig_bias.float() if self.orig_bias is not None else torch.zeros(out_f, device=dev)
-        if self.layout == "linear":  # y = W x + b, W [out, in]
-            b = b + W @ a_in
-            W = W * m_in[None, :] * m_out[:, None]
-        else:  # Conv1D: y = x W + b, W [in, out]
-            b = b + a_in @ W
-            W = W * m_in[:, None] * m_out[None, :]
-        b = b * m_out + a_out
-        with torch.no_grad():
-            mod.weight.copy_(W.to(mod.weight.dtype))
-            if getattr(mod, "bias", None) is None:
-                mod.bias = nn.Parameter(b.to(mod.weight.dtype), requires_grad=False)
-            else:
-                mod.bias.copy_(b.to(mod.bias.dtype))
-
-
-_FOLD_SLOTS: weakref.WeakKeyDictionary[nn.Module, _FoldSlot] = weakref.WeakKeyDictionary()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,6 +269,8 @@ class SteeringHandle:
         mode: ``"fold"`` or ``"dynamic"`` (what ``"auto"`` resolved to).
         backend: op backend used by dynamic steering.
         config_names: names of the configs, in row order (row 1 is the first).
+        arch: the model's ``ArchSpec`` (where its layers and projections are).
+        trainable: whether the tables are rebuilt from the interventions at every forward.
     """
 
     def __init__(
@@ -435,39 +282,29 @@ class SteeringHandle:
         backend: str | None = None,
         capacity: int | None = None,
         projection: str = "separate",
+        trainable: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"steer: unknown mode {mode!r}; use one of {MODES}")
         if projection not in PROJECTIONS:
             raise ValueError(f"steer: unknown projection {projection!r}; use one of {PROJECTIONS}")
-        self.projection = projection
+        if trainable and mode == "fold":
+            raise ValueError("steer(trainable=True): a trainable handle needs the dynamic op, not mode='fold'")
         model = unwrap_model(model)
         _check_materialised(model)
         configs, spec_positions, metadata = _normalise_configs(interventions)
         positions = positions if positions is not None else (spec_positions if spec_positions is not None else "all")
-        _check_positions(positions)
-        _check_position_range(positions, _max_positions(model))
-        spec = get_spec(model)
-        geo = geometry(model, spec)
-        # ---- validate and compile everything before touching the model ----
-        compiled = {name: compile_affine(ivs, geo) for name, ivs in configs.items()}
-        custom = {name: [iv for iv in ivs if not is_affine(iv)] for name, ivs in configs.items()}
-        for name, ivs in configs.items():
-            for iv in ivs:
-                if not is_affine(iv) and not hasattr(iv, "make_applier"):
-                    raise TypeError(f"steer: config {name!r}: {type(iv).__name__} is not an intervention")
-        has_custom = any(custom.values())
-        fold_reason = self._fold_blocker(compiled, has_custom, positions)
-        if fold_reason is None:
-            fold_reason = _unfoldable_projection(model, spec, compiled)
-            if fold_reason is not None and mode == "auto":
-                _log_once(f"pysteer: steering dynamically, not folded: {fold_reason}")
-        if mode == "fold" and fold_reason:
-            raise ValueError(f"steer(mode='fold'): cannot fold: {fold_reason}; use mode='dynamic'")
-        self.mode = "fold" if mode == "fold" or (mode == "auto" and not fold_reason) else "dynamic"
+        check_positions(positions)
+        check_position_range(positions, max_positions(model))
+        self.arch = get_spec(model)
+        self.geo = geometry(model, self.arch)
+        # ---- validate and compose everything before touching the model ----
+        terms = {name: compose_affine(ivs, self.geo) for name, ivs in configs.items()}
+        self.projection = projection
+        self.trainable = bool(trainable)
+        self.mode = "dynamic" if trainable else self._choose_mode(mode, model, terms, configs, positions)
         self.model_ref = weakref.ref(model)
         self.id = next(_handle_ids)
-        self.spec, self.geo = spec, geo
         self.configs = configs
         self.positions = positions
         self.metadata = metadata
@@ -475,106 +312,69 @@ class SteeringHandle:
         self.removed = False
         self._device = next(model.parameters()).device
         self.backend = resolve_backend(backend, self._device) if self.mode == "dynamic" else "torch"
-        self._compiled = compiled
+        self._terms = terms
         if self.mode == "fold":
-            self._fold(model)
+            (only,) = terms.values()
+            self._folded = folding.fold(self.id, model, self.arch, only)
             return
-        # ---- dynamic: tables, row buffers, custom appliers ----
-        n_cfg = len(configs)
-        self.capacity = max(capacity or 0, n_cfg)
+        self.capacity = max(capacity or 0, len(configs))
+        self._request_rows: Tensor | None = None  # [n] int32: config row per batch row (handle.rows)
+        self._pinned_prompt_len: Tensor | None = None
+        self._ctx: TokenContext | None = None  # this forward's token rows and positions
+        self._free_rows = list(range(1 + len(configs), 1 + self.capacity))
+        self._adhoc: dict[int, object] = {}  # free rows now holding ad-hoc configs of rows(): their terms
+        self._build_tables(model)
+        self._position_table = PositionTable(positions, self._device)
+        self._attach(model)
+
+    def _choose_mode(self, mode: str, model: nn.Module, terms, configs, positions) -> str:
+        non_affine = any(not is_affine(iv) for ivs in configs.values() for iv in ivs)
+        reason = folding.fold_blocker(terms, non_affine, positions)
+        if reason is None:
+            reason = folding.unfoldable_projection(model, self.arch, terms)
+            if reason is not None and mode == "auto":
+                _log_once(f"pysteer: steering dynamically, not folded: {reason}")
+        if mode == "fold" and reason:
+            raise ValueError(f"steer(mode='fold'): cannot fold: {reason}; use mode='dynamic'")
+        return "fold" if mode == "fold" or (mode == "auto" and not reason) else "dynamic"
+
+    # -- tables and appliers -----------------------------------------------------------------------
+    def _build_tables(self, model: nn.Module) -> None:
+        """Affine tables ``M, A [1 + capacity, H, D]`` per site and one applier per non-affine group,
+        every config written into its row. A trainable handle calls this at every forward."""
         C = 1 + self.capacity
-        sites = sorted({s for rows in compiled.values() for s in rows})
+        sites = sorted({s for t in self._terms.values() for s in t})
         self.tables: dict[Site, tuple[Tensor, Tensor]] = {}
         for site in sites:
-            self._new_table(site, C)
-        self.appliers: dict[Site, list] = {}
-        for row, name in enumerate(configs, start=1):
-            self._write_row(row, compiled[name])
+            H, D = site_shape(site, self.geo)
+            self.tables[site] = (
+                torch.ones(C, H, D, dtype=torch.float32, device=self._device),
+                torch.zeros(C, H, D, dtype=torch.float32, device=self._device),
+            )
+        for row, name in enumerate(self.configs, start=1):
+            self._write_row(row, self._terms[name])
+        for row, terms in self._adhoc.items():
+            self._write_row(row, terms)
         # non-affine interventions: one applier per (site, key), built from every config's edits
         groups: dict[tuple, list[tuple[int, object]]] = {}
-        for row, name in enumerate(configs, start=1):
-            for iv in custom[name]:
-                groups.setdefault((iv.site, iv.applier_key()), []).append((row, iv))
+        for row, name in enumerate(self.configs, start=1):
+            for iv in self.configs[name]:
+                if not is_affine(iv):
+                    groups.setdefault((iv.site, iv.applier_key()), []).append((row, iv))
+        self.appliers: dict[Site, list] = {}
         for (site, _), items in groups.items():
             ivs = [iv for _, iv in items]
-            applier = ivs[0].make_applier(model, resolve_site(model, site, spec), C, self._device, ivs)
-            for row, iv in items:
-                applier.write_row(row, iv)
+            applier = ivs[0].make_applier(model, resolve_site(model, site, self.arch), C, self._device, ivs)
+            with torch.set_grad_enabled(self.trainable):
+                for row, iv in items:
+                    applier.write_row(row, iv)
             self.appliers.setdefault(site, []).append(applier)
-        self._free_rows = list(range(1 + n_cfg, C))
-        self._adhoc_rows: list[int] = []
-        self._batch_rows: Tensor | None = None  # [n] int32: config row per batch row
-        self._pinned_prompt_len: Tensor | None = None
-        self._rows: Tensor | None = None  # [B*S] int32, computed per forward
-        self._build_position_table()
-        attach_sites = sorted(set(sites) | set(self.appliers))
-        if self.projection == "fused":
-            _check_fusable(model, spec, attach_sites)
-        state = _state(model)
-        state.check_attachable(self, attach_sites)
-        try:
-            state.attach(self, attach_sites)
-        except BaseException:
-            state.detach(self)  # no hook of a failed patch stays behind
-            raise
 
-    # -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _fold_blocker(compiled, has_custom: bool, positions) -> str | None:
-        if len(compiled) != 1:
-            return "several configs (per-request steering needs the dynamic op)"
-        if positions != "all":
-            return f"positions={positions!r} (folding applies to every token, prompt included)"
-        if has_custom:
-            return "non-affine interventions (e.g. SAE edits) do not fold"
-        for rows in compiled.values():
-            for site in rows:
-                if site.kind not in FOLDABLE_KINDS:
-                    return f"site {site} is not a projection's input or output (the kinds {FOLDABLE_KINDS} fold)"
-        return None
-
-    def _fold(self, model: nn.Module) -> None:
-        (rows,) = self._compiled.values()
-        self._fold_modules: list[nn.Module] = []
-        planned = []
-        for site, (m, a) in rows.items():
-            proj, side, _ = _fold_target(model, self.spec, site)
-            planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
-        try:
-            for proj, side, m, a in planned:
-                slot = _FOLD_SLOTS.get(proj)
-                if slot is None:
-                    slot = _FOLD_SLOTS[proj] = _FoldSlot(proj, self.spec.proj_layout)
-                dev = slot.orig_weight.device
-                self._fold_modules.append(proj)
-                slot.entries.append((self.id, side, m.to(dev), a.to(dev)))
-                slot.recompute()
-        except BaseException:
-            self._unfold()  # every projection this handle touched goes back to its kept original
-            raise
-
-    def _unfold(self) -> None:
-        for proj in dict.fromkeys(self._fold_modules):
-            slot = _FOLD_SLOTS.get(proj)
-            if slot is None:
-                continue
-            slot.entries = [e for e in slot.entries if e[0] != self.id]
-            slot.recompute()
-            if not slot.entries:
-                del _FOLD_SLOTS[proj]
-        self._fold_modules = []
-
-    def _new_table(self, site: Site, C: int) -> None:
-        H, D = site_shape(site, self.geo)
-        M = torch.ones(C, H, D, dtype=torch.float32, device=self._device)
-        A = torch.zeros(C, H, D, dtype=torch.float32, device=self._device)
-        self.tables[site] = (M, A)
-
-    def _write_row(self, row: int, site_rows: dict[Site, tuple[Tensor, Tensor]]) -> None:
+    def _write_row(self, row: int, site_terms) -> None:
         """Write one config's rows in place; sites the config does not touch get the identity."""
-        for site, (M, A) in self.tables.items():
-            m, a = site_rows.get(site, (None, None))
-            with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable):
+            for site, (M, A) in self.tables.items():
+                m, a = site_terms.get(site, (None, None))
                 if m is None:
                     M[row].fill_(1.0)
                     A[row].zero_()
@@ -582,103 +382,55 @@ class SteeringHandle:
                     M[row].copy_(m)
                     A[row].copy_(a)
 
-    def _build_position_table(self) -> None:
-        """Encode the position rule as tensors so changing it never recompiles a compiled model.
-
-        ``_pos_code [R]`` holds a rule per batch row (R = 1 when shared): 0 all, 1 prompt,
-        2 generated, 3 last prompt token, 4 explicit positions listed in ``_pos_list [R, P]``
-        (unused slots hold a sentinel that matches nothing; negative entries count back from the
-        end of the prompt).
-        """
-        p = self.positions
-        if isinstance(p, str):
-            codes, lists = [POSITION_RULES.index(p)], [[]]
-        else:
-            lists = [list(p)] if all(isinstance(q, int) for q in p) else [list(q) for q in p]
-            codes = [4] * len(lists)
-        width = max(POSITION_SLOTS, max(len(q) for q in lists))
-        table = torch.full((len(lists), width), _NO_POSITION, dtype=torch.long)
-        for i, q in enumerate(lists):
-            table[i, : len(q)] = torch.tensor(q, dtype=torch.long)
-        code = torch.tensor(codes, dtype=torch.long)
-        old_code, old_table = getattr(self, "_pos_code", None), getattr(self, "_pos_list", None)
-        if old_code is not None and old_code.shape == code.shape and old_table.shape == table.shape:
-            old_code.copy_(code)  # in place: same tensors, no recompilation
-            old_table.copy_(table)
-        else:
-            self._pos_code = code.to(self._device)
-            self._pos_list = table.to(self._device)
-
-    def set_positions(self, positions: Positions) -> SteeringHandle:
-        """Change the position rule, in place when the encoding keeps its shape."""
-        self._require_dynamic("set_positions")
-        _check_positions(positions)
-        _check_position_range(positions, _max_positions(self.model_ref()))
-        self.positions = positions
-        self._build_position_table()
-        return self
+    def _attach(self, model: nn.Module) -> None:
+        sites = sorted(set(self.tables) | set(self.appliers))
+        if self.projection == "fused":
+            _check_fusable(model, self.arch, sites)
+        state = _state(model)
+        state.check_attachable(self, sites)
+        try:
+            state.attach(self, sites)
+        except BaseException:
+            state.detach(self)  # no hook of a failed patch stays behind
+            raise
 
     # -- per forward -------------------------------------------------------------------------------
-    def _compute_rows(self, pos: Tensor, valid: Tensor, prompt_len: Tensor) -> None:
-        """Row index per token ``[B*S]`` int32 from positions ``[B, S]`` (tensor ops only)."""
-        B, S = pos.shape
+    def _begin_forward(self, pos: Tensor, valid: Tensor, prompt_len: Tensor) -> None:
+        """Table row of every token of this forward (and fresh tables when trainable)."""
+        if self.trainable:
+            self._terms = {name: compose_affine(ivs, self.geo) for name, ivs in self.configs.items()}
+            self._build_tables(self.model_ref())
         if self._pinned_prompt_len is not None:
             prompt_len = self._pinned_prompt_len.to(pos.device)
-        br = self._batch_rows
-        if br is None:
-            br = torch.ones(B, dtype=torch.int32, device=pos.device)
-        elif br.shape[0] != B:
-            if B % br.shape[0]:
-                raise ValueError(
-                    f"pysteer: handle.rows() was given {br.shape[0]} batch rows but the batch has {B}"
-                )
-            br = br.repeat_interleave(B // br.shape[0])  # generate() expands rows for beams / samples
-        if not torch.compiler.is_compiling() and self.positions == "all":
-            # Eager shortcut for the common rule (same result as the tensor encoding, a tenth of the
-            # small ops). Compiled graphs keep the encoding (is_compiling() first, so Dynamo never
-            # guards on the rule) and set_positions never recompiles.
-            sel = valid
-        else:
-            sel = self._rule_selects(pos, prompt_len) & valid
-        self._rows = torch.where(sel, br[:, None].to(pos.device), 0).reshape(-1).to(torch.int32)
-
-    def _rule_selects(self, pos: Tensor, prompt_len: Tensor) -> Tensor:
-        """``[B, S]`` bool: the tokens the tensor-encoded position rule selects."""
-        B = pos.shape[0]
-        code, plist = self._pos_code, self._pos_list
-        if code.shape[0] not in (1, B):
-            raise ValueError(f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}")
-        pl = prompt_len[:, None]
-        code = code[:, None]
-        target = torch.where(plist < 0, plist + pl, plist)  # [R|B, P]
-        explicit = (pos[:, :, None] == target[:, None, :]).any(-1)
-        return torch.where(
-            code == 0,
-            True,
-            torch.where(
-                code == 1,
-                pos < pl,
-                torch.where(code == 2, pos >= pl, torch.where(code == 3, pos == pl - 1, explicit)),
-            ),
-        )
+        rows = token_rows(self._position_table, self._request_rows, pos, valid, prompt_len)
+        self._ctx = TokenContext(rows, pos, prompt_len, self.backend)
 
     def _apply(self, site: Site, x: Tensor) -> Tensor:
-        rows = self._rows
-        if rows is None:
+        ctx = self._ctx
+        if ctx is None:
             return x
         W = x.shape[-1]
         T = x.numel() // W  # [B, S, W], or [B*S, W] where a model flattens tokens (OPT's MLP)
-        _check_token_count(site, T, rows)
+        _check_token_count(site, T, ctx.rows)
         tab = self.tables.get(site)
         H = site_shape(site, self.geo)[0]
         y = x.reshape(T, H, W // H)
         if tab is not None:
-            y = affine_steer(y, rows, tab[0], tab[1], self.backend)
+            y = affine_steer(y, ctx.rows, tab[0], tab[1], self.backend)
         for applier in self.appliers.get(site, ()):
-            y = applier.apply(y, rows, self.backend)
+            y = applier.apply(y, ctx)
         return y.reshape(x.shape)
 
     # -- public API ------------------------------------------------------------------------------
+    def set_positions(self, positions: Positions) -> SteeringHandle:
+        """Change the position rule, in place when the encoding keeps its shape."""
+        self._require_dynamic("set_positions")
+        check_positions(positions)
+        check_position_range(positions, max_positions(self.model_ref()))
+        self.positions = positions
+        self._position_table.set(positions)
+        return self
+
     def rows(self, per_request: Sequence | None) -> SteeringHandle:
         """Choose the config of each batch row: a config name, an intervention, a list of
         interventions, or None (unsteered). A flat list ``[iv_a, iv_b]`` is one config per row.
@@ -690,13 +442,12 @@ class SteeringHandle:
         """
         self._require_dynamic("rows")
         if per_request is None:
-            self._batch_rows = None
+            self._request_rows = None
             return self
-        for row in self._adhoc_rows:
-            self._free_rows.append(row)
-        self._adhoc_rows = []
-        idx = []
-        pending = []
+        self._free_rows.extend(self._adhoc)
+        self._adhoc = {}
+        idx: list[int] = []
+        pending: list = []
         for item in per_request:
             if item is None:
                 idx.append(0)
@@ -705,39 +456,44 @@ class SteeringHandle:
                     raise KeyError(f"rows: unknown config {item!r}; known: {self.config_names}")
                 idx.append(1 + self.config_names.index(item))
             else:
-                ivs = [item] if is_affine(item) else list(item)
-                if any(not is_affine(iv) for iv in ivs):
-                    raise TypeError("rows: ad-hoc configs may hold affine interventions only")
-                compiled = compile_affine(ivs, self.geo)
-                missing = [s for s in compiled if s not in self.tables]
-                if missing:
-                    raise ValueError(
-                        f"rows: ad-hoc config steers {missing[0]}, which this handle has no table for; "
-                        "include that site in one of the handle's configs"
-                    )
-                pending.append(compiled)
+                pending.append(self._adhoc_terms(item))
                 idx.append(-len(pending))
         if len(pending) > len(self._free_rows):
             raise ValueError(
                 f"rows: {len(pending)} ad-hoc configs but only {len(self._free_rows)} free table rows; "
                 "pass capacity= to steer()"
             )
-        for k, compiled in enumerate(pending, start=1):
+        for k, terms in enumerate(pending, start=1):
             row = self._free_rows.pop(0)
-            self._adhoc_rows.append(row)
-            self._write_row(row, compiled)
+            self._adhoc[row] = terms
+            self._write_row(row, terms)
             idx = [row if i == -k else i for i in idx]
         t = torch.tensor(idx, dtype=torch.int32, device=self._device)
-        if self._batch_rows is not None and self._batch_rows.shape == t.shape:
-            self._batch_rows.copy_(t)
+        if self._request_rows is not None and self._request_rows.shape == t.shape:
+            self._request_rows.copy_(t)
         else:
-            self._batch_rows = t
+            self._request_rows = t
         return self
+
+    def _adhoc_terms(self, item):
+        if self.trainable:
+            raise TypeError("rows: a trainable handle takes config names (or None) per batch row, not interventions")
+        ivs = [item] if is_affine(item) else list(item)
+        if any(not is_affine(iv) for iv in ivs):
+            raise TypeError("rows: ad-hoc configs may hold affine interventions only")
+        terms = compose_affine(ivs, self.geo)
+        missing = [s for s in terms if s not in self.tables]
+        if missing:
+            raise ValueError(
+                f"rows: ad-hoc config steers {missing[0]}, which this handle has no table for; "
+                "include that site in one of the handle's configs"
+            )
+        return terms
 
     @property
     def assigned_rows(self) -> int | None:
         """How many batch rows the last ``rows()`` call covered; None when every row takes the first config."""
-        return None if self._batch_rows is None else int(self._batch_rows.shape[0])
+        return None if self._request_rows is None else int(self._request_rows.shape[0])
 
     @contextmanager
     def padded_rows(self, batch: int) -> Iterator[SteeringHandle]:
@@ -747,15 +503,16 @@ class SteeringHandle:
         batch buckets); the assignment the user made is back in place afterwards.
         """
         self._require_dynamic("padded_rows")
-        user = self._batch_rows
+        user = self._request_rows
         if user is None or user.shape[0] >= batch:
             yield self
             return
-        self._batch_rows = torch.cat([user, torch.zeros(batch - user.shape[0], dtype=torch.int32, device=user.device)])
+        pad = torch.zeros(batch - user.shape[0], dtype=torch.int32, device=user.device)
+        self._request_rows = torch.cat([user, pad])
         try:
             yield self
         finally:
-            self._batch_rows = user
+            self._request_rows = user
 
     def update(self, interventions, config: str | None = None) -> SteeringHandle:
         """Replace one config's interventions (same sites or a subset), in place."""
@@ -764,21 +521,38 @@ class SteeringHandle:
         if name not in self.configs:
             raise KeyError(f"update: unknown config {name!r}; known: {self.config_names}")
         ivs = [interventions] if is_affine(interventions) else list(interventions)
-        compiled = compile_affine(ivs, self.geo)
+        for iv in ivs:
+            check_intervention(iv, "update")
+        terms = compose_affine(ivs, self.geo)
+        if any(not is_affine(iv) for iv in [*ivs, *self.configs[name]]):
+            return self._rebuild_with(name, ivs, terms)
         if self.mode == "fold":
-            if set(compiled) - set(self._compiled[name]):
+            if set(terms) - set(self._terms[name]):
                 raise ValueError("update: a folded handle cannot steer new sites; remove it and steer again")
             self.configs[name] = ivs
-            self._compiled[name] = compiled
-            self._unfold()
-            self._fold(self.model_ref())
+            self._terms[name] = terms
+            folding.unfold(self.id, self._folded)
+            self._folded = folding.fold(self.id, self.model_ref(), self.arch, terms)
             return self
-        new_sites = [s for s in compiled if s not in self.tables]
+        new_sites = [s for s in terms if s not in self.tables]
         if new_sites:
             raise ValueError(f"update: {new_sites[0]} has no table in this handle; steer it in a new handle")
         self.configs[name] = ivs
-        self._compiled[name] = compiled
-        self._write_row(1 + self.config_names.index(name), compiled)
+        self._terms[name] = terms
+        self._write_row(1 + self.config_names.index(name), terms)
+        return self
+
+    def _rebuild_with(self, name: str, ivs: list, terms) -> SteeringHandle:
+        """Replace a config that holds non-affine interventions: every table and applier is rebuilt
+        (new tensors: a compiled model recompiles once). The steered sites may not grow."""
+        self._require_dynamic("update")
+        old_sites = set(self.tables) | set(self.appliers)
+        new_sites = set(terms) | {iv.site for iv in ivs if not is_affine(iv)}
+        if new_sites - old_sites:
+            raise ValueError(f"update: {sorted(new_sites - old_sites)[0]} is not steered by this handle; steer it in a new handle")
+        self.configs[name] = ivs
+        self._terms[name] = terms
+        self._build_tables(self.model_ref())
         return self
 
     def set_alpha(self, alpha: float, config: str | None = None) -> SteeringHandle:
@@ -808,8 +582,27 @@ class SteeringHandle:
         finally:
             self._pinned_prompt_len = None
 
-    def spec_(self) -> SteeringSpec:
-        self._require_live("spec_")
+    def parameters(self) -> list[Tensor]:
+        """The trainable tensors of every intervention (each kind's ``trainable`` fields), made
+        leaves that require grad; shared tensors are listed once. Pass them to an optimizer: a
+        forward's loss reaches them through the steering ops' backward.
+
+        Raises:
+            ValueError: the handle was not made with ``steer(..., trainable=True)``.
+        """
+        self._require_live("parameters")
+        if not self.trainable:
+            raise ValueError("parameters: steer the model with trainable=True to train the interventions")
+        seen: dict[int, Tensor] = {}
+        for ivs in self.configs.values():
+            for iv in ivs:
+                for t in trainable_tensors(iv, self._device):
+                    seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def to_spec(self) -> SteeringSpec:
+        """The handle's configs, positions and metadata (what ``pysteer.save`` writes)."""
+        self._require_live("to_spec")
         return SteeringSpec(dict(self.configs), self.positions, dict(self.metadata))
 
     def remove(self) -> None:
@@ -818,7 +611,8 @@ class SteeringHandle:
             return
         model = self.model_ref()
         if self.mode == "fold":
-            self._unfold()
+            folding.unfold(self.id, self._folded)
+            self._folded = []
         elif model is not None:
             _state(model).detach(self)
         self.removed = True
@@ -871,13 +665,13 @@ class SteeringRuntime:
         ``valid [B, S]`` (False for padding) and ``prompt_len [B]`` real prompt tokens per row."""
         state = self._state()
         if state is not None:
-            state.external = (pos, valid, prompt_len)
+            state.supplied_positions = (pos, valid, prompt_len)
 
     def clear_positions(self) -> None:
         """Back to positions derived from each forward's own arguments."""
         state = self._state()
         if state is not None:
-            state.external = None
+            state.supplied_positions = None
 
 
 def runtime(model: nn.Module) -> SteeringRuntime:
@@ -908,6 +702,7 @@ def steer(
     backend: str | None = None,
     capacity: int | None = None,
     projection: str = "separate",
+    trainable: bool = False,
 ) -> SteeringHandle:
     """Steer ``model`` (a Hugging Face causal LM instance; nothing class-level is patched).
 
@@ -930,11 +725,15 @@ def steer(
             steered input never written). Needs a plain ``nn.Linear`` projection and one handle per
             site; hooks on the projection's input (tracing ``attn.heads``) then see the unsteered
             input. Folded steering is unaffected.
+        trainable: rebuild the tables from the interventions at every forward, so a loss reaches
+            ``handle.parameters()`` (each kind's ``trainable`` tensor fields) through the ops'
+            backward. Dynamic; per-request rows take config names.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` (or leaving its ``with`` block) restores the
         model bit-exactly.
     """
     return SteeringHandle(
-        model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity, projection=projection
+        model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity, projection=projection,
+        trainable=trainable,
     )

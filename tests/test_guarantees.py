@@ -198,7 +198,7 @@ def test_a_removed_handle_is_inert(model, ids, mode):
         "update": lambda: h.update([HeadScale(1, head=2, scale=0.1)]),
         "rows": lambda: h.rows(["default"]),
         "set_positions": lambda: h.set_positions("generated"),
-        "spec_": lambda: h.spec_(),
+        "to_spec": lambda: h.to_spec(),
         "save": lambda: pysteer.save(h, "/tmp/never-written.safetensors"),
     }
     for name, call in calls.items():
@@ -213,11 +213,11 @@ def test_a_removed_handle_is_inert(model, ids, mode):
 
 
 def test_a_fold_that_fails_halfway_restores_every_projection(model, ids, monkeypatch):
-    from pysteer import steering
+    from pysteer import folding
 
     base, weights = _logits(model, ids), _weights(model)
     calls = {"n": 0}
-    original = steering._FoldSlot.recompute
+    original = folding.FoldedProjection.recompute
 
     def fail_on_second(self):
         calls["n"] += 1
@@ -225,13 +225,13 @@ def test_a_fold_that_fails_halfway_restores_every_projection(model, ids, monkeyp
             raise RuntimeError("simulated failure while folding")
         original(self)
 
-    monkeypatch.setattr(steering._FoldSlot, "recompute", fail_on_second)
+    monkeypatch.setattr(folding.FoldedProjection, "recompute", fail_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
         pysteer.steer(model, [HeadScale(0, head=1, scale=0.5), HeadScale(1, head=2, scale=0.5)], mode="fold")
-    monkeypatch.setattr(steering._FoldSlot, "recompute", original)
+    monkeypatch.setattr(folding.FoldedProjection, "recompute", original)
     assert _same_weights(model, weights)
     assert torch.equal(_logits(model, ids), base)
-    assert not any(p in steering._FOLD_SLOTS for p in model.modules())
+    assert not any(p in folding.FOLDED for p in model.modules())
 
 
 def test_a_dynamic_patch_that_fails_halfway_leaves_no_hook(model, ids, monkeypatch):

@@ -302,7 +302,11 @@ def _reference_affine(x, rows, M, A, backend):
 
 
 @pytest.mark.parametrize("method", ["scalar", "vector", "dynamic"])
-def test_scaling_gradients_through_the_fused_op_match_float64(method):
+def test_scaling_gradients_through_the_affine_op_match_float64(method, monkeypatch):
+    """The trainable handle's gradients (the op's own backward) are as close to a float64 truth as
+    plain float32 autograd math of the same edit."""
+    import pysteer.scalars as scalars_mod
+
     tok = IntTokenizer()
     # equal lengths: no padding (a float64 llama turns fully masked padding rows into NaN)
     prompts = [scaling_mod.ConflictPrompt(t, "10", "11") for t in _random_texts(6, seed=3, lo=7, hi=8)]
@@ -312,16 +316,18 @@ def test_scaling_gradients_through_the_fused_op_match_float64(method):
     g = torch.Generator().manual_seed(0)
     base = scaling_mod._init_params(method, len(sites), 5, [64] * 3, [1] * 3, "cpu")
     base = {k: (torch.randn(v.shape, generator=g) * 0.3) for k, v in base.items()}
+    op = scalars_mod.affine_steer
 
     def grads(m, dtype, affine):
+        monkeypatch.setattr(scalars_mod, "affine_steer", affine)
         params = {k: v.to(dtype).clone().requires_grad_(True) for k, v in base.items()}
         with torch.no_grad():
             ref = scaling_mod._last_logits(m, *_ids(tok, prompts))
-        psi, _ = scaling_mod.scaling_objective(m, tok, prompts, params, affine=affine, ref_logits=ref, **kw)
+        psi, _ = scaling_mod.scaling_objective(m, tok, prompts, params, ref_logits=ref, backend="torch", **kw)
         psi.backward()
         return {k: v.grad.double() for k, v in params.items()}
 
-    g_op = grads(model, torch.float32, scaling_mod.op_affine)
+    g_op = grads(model, torch.float32, op)
     g_ref32 = grads(model, torch.float32, _reference_affine)
     g_64 = grads(tiny_model("llama").double(), torch.float64, _reference_affine)
     for k in base:
@@ -344,34 +350,38 @@ def test_offsets_count_back_from_the_last_real_token():
     assert offsets_from_end(right).tolist() == [[-2, -1, 0]]
 
 
-def test_scaling_files_reproduce_the_trained_intervention(planted_preference, tmp_path):
+def _training_logits(model, result, ids, mask, beta):
+    """Last-token logits through the training path: a trainable handle over the stacked parameters."""
+    params = {k: v.clone() for k, v in result.params.items()}
+    configs = scaling_mod._configs(result.method, result.sites, params)
+    with pysteer.steer(model, configs, trainable=True) as h, torch.no_grad():
+        h.rows([f"beta{beta:+d}"] * ids.shape[0])
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+
+def test_scaling_file_reproduces_the_trained_intervention(planted_preference, tmp_path):
     model, tok, prompts, free = planted_preference
     paths = free.save(tmp_path / "scal")
-    assert len(paths) == len({k for _, k in free.active()}) > 0
-    spec = pysteer.load(paths[-1])
-    assert spec.positions == [-1] and list(spec.configs) == ["beta+1", "beta-1"]
+    assert [p.name for p in paths] == ["steering.safetensors"]
+    spec = pysteer.load(paths[0])
+    assert spec.positions == "all" and list(spec.configs) == ["beta+1", "beta-1"]
+    assert all(isinstance(iv, pysteer.ActivScalar) for iv in spec.configs["beta+1"])
     ids, mask = _ids(tok, prompts)
-    hooks = scaling_mod._Steering(
-        model, [pysteer.models.parse_site(s) for s in free.sites], "scalar", free.params, free.window, "torch"
-    )
-    try:
-        hooks.set_batch(mask, torch.ones(ids.shape[0]))
+    trained = _training_logits(model, free, ids, mask, 1)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    with pysteer.steer(model, spec) as h:
+        assert h.mode == "dynamic"
         with torch.no_grad():
-            trained = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-    finally:
-        hooks.remove()
-    handles = scaling_mod.steer_files(model, paths)
-    try:
-        with torch.no_grad():
-            from_files = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-            out = model.generate(
-                input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=3, do_sample=False
-            )
-    finally:
-        for h in handles:
-            h.remove()
-    torch.testing.assert_close(from_files, trained, rtol=1e-5, atol=1e-5)
+            from_file = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            out = model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=3, do_sample=False)
+    assert not torch.allclose(trained, base, atol=1e-3)
+    torch.testing.assert_close(from_file, trained, rtol=1e-5, atol=1e-5)
     assert out.shape == (2, ids.shape[1] + 3)
+    # the same steering on the fast path generates what Hugging Face's generate did under the handle
+    prompts_ids = [r[m.bool()].tolist() for r, m in zip(ids[:2], mask[:2])]
+    fast = pysteer.generate(model, prompts_ids, steering=spec.configs["beta+1"], max_new_tokens=3, compile=False)
+    assert fast.tokens == out[:, ids.shape[1] :].tolist()
 
 
 def test_scaling_rejects_bad_input(planted_preference):
@@ -401,8 +411,7 @@ def test_jola_with_closed_gates_is_the_identity_bit_exactly():
     enc = tok(_random_texts(5, seed=4), return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = model(**enc).logits
-        with jola_mod.JolaHooks(model, p, training=False) as hooks:
-            hooks.set_mask(enc["attention_mask"])
+        with jola_mod.steer_gates(model, p, training=False):
             out = model(**enc).logits
     assert torch.equal(out, ref)
     assert p.n_open() == 0 and p.interventions() == []
@@ -600,32 +609,20 @@ def test_cli_jola_trains_and_saves(tiny_dir, tmp_path):
     assert (tmp_path / "jola.png").stat().st_size > 0 and (tmp_path / "jola_loss.png").stat().st_size > 0
 
 
-def test_per_head_scalars_save_as_head_scales_that_reproduce_the_hooks(tmp_path):
+def test_per_head_scalars_save_one_file_that_reproduces_the_training_path(tmp_path):
     model = tiny_model("llama")
     tok = IntTokenizer()
     sites = scaling_mod.default_sites(model, heads=True)
     alpha = torch.randn(len(sites), 3, 4, generator=torch.Generator().manual_seed(2)) * 0.5
-    alpha[0, 1] = 0  # an all-zero (site, position) is not written
+    alpha[0] = 0  # an all-zero site is not written
     r = scaling_mod.ScalingResult("scalar", sites, 3, {"alpha": alpha}, [1, -1])
-    paths = r.save(tmp_path / "heads")
-    assert [p.name for p in paths] == ["pos-3.safetensors", "pos-2.safetensors", "pos-1.safetensors"]
-    assert all(isinstance(iv, pysteer.HeadScale) for iv in pysteer.load(paths[0]).configs["beta+1"])
+    (path,) = r.save(tmp_path / "heads")
+    spec = pysteer.load(path)
+    assert [iv.site_name for iv in spec.configs["beta+1"]] == sites[1:]
     ids, mask = _ids(tok, [scaling_mod.ConflictPrompt(t, "1", "2") for t in _random_texts(4, seed=8)])
     for beta, config in ((1, "beta+1"), (-1, "beta-1")):
-        hooks = scaling_mod._Steering(
-            model, [pysteer.models.parse_site(s) for s in sites], "scalar", r.params, 3, "torch"
-        )
-        try:
-            hooks.set_batch(mask, torch.full((ids.shape[0],), float(beta)))
-            with torch.no_grad():
-                hooked = model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            hooks.remove()
-        handles = scaling_mod.steer_files(model, paths, config=config)
-        try:
-            with torch.no_grad():
-                from_files = model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            for h in handles:
-                h.remove()
-        torch.testing.assert_close(from_files, hooked, rtol=1e-5, atol=1e-6)
+        trained = _training_logits(model, r, ids, mask, beta)
+        with pysteer.steer(model, spec) as h, torch.no_grad():
+            h.rows([config] * ids.shape[0])
+            from_file = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        torch.testing.assert_close(from_file, trained, rtol=1e-5, atol=1e-6)

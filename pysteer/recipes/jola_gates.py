@@ -15,10 +15,11 @@ distributions (Louizos et al., 2018) with one ``log_alpha`` each, temperature ``
 The loss is the task's cross-entropy plus ``lambda_l0`` times the expected fraction of open gates,
 ``mean(sigmoid(log_alpha - temperature * log(0.1 / 1.1)))``, the closed form of ``P(gate > 0)``.
 
-Training runs through the fused op: the tables ``M = [1; 1 + g2 m]``, ``A = [0; g1 a]`` ``[2, H, D]``
-are rebuilt from freshly sampled gates every step and every real token uses row 1. At evaluation the
-gates are deterministic and most are exactly 0, so the edit is a per-head scale and bias on a few
-heads: ``JolaResult.interventions()`` exports them as ``HeadScale`` + ``HeadBias``, which
+Each layer's edit is a ``JolaGate`` intervention at ``attn.heads``. Training steers the model with
+``pysteer.steer(..., trainable=True)``: every forward rebuilds the affine table ``M = 1 + g2 m``,
+``A = g1 a`` from freshly sampled gates and the gradients are ``pysteer::affine_steer``'s backward. At
+evaluation the gates are deterministic and most are exactly 0, so the edit is a per-head scale and
+bias on a few heads: ``JolaResult.interventions()`` exports them as ``HeadScale`` + ``HeadBias``, which
 ``pysteer.steer(..., mode="fold")`` folds into ``o_proj`` (``W_o (m z + a) = (W_o diag(m)) z + W_o a``).
 """
 
@@ -29,21 +30,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..interventions import HeadBias, HeadScale
-from ..models.sites import install_site_hook, resolve_site
-from ..models.specs import geometry, get_spec
-from ..steering import SteeringSpec
+from ..interventions import AffineTerms, HeadBias, HeadScale, _check_layer, intervention_kind
+from ..models.sites import Site
+from ..models.specs import ModelGeometry, geometry
+from ..steering import SteeringHandle, SteeringSpec, steer
 from ._common import (
     curves_png,
     data_path,
     freeze,
     heatmap_png,
     model_device,
-    op_affine,
     read_jsonl,
     single_token_id,
     training_backend,
@@ -213,76 +214,70 @@ class JolaResult:
         )
 
 
-class JolaHooks:
-    """Installs the JoLA edit at ``attn.heads`` of each layer through the fused op.
+@intervention_kind
+@dataclass(eq=False)
+class JolaGate:
+    """The JoLA edit of one layer's heads: ``z <- (1 + g2 * mul) * z + g1 * add`` at ``attn.heads``.
 
-    With ``training=True`` gates are sampled on every forward; otherwise the evaluation gates are used.
-    Every real token is steered (row 1); padding is left alone (row 0).
+    Args:
+        layer: decoder layer.
+        log_alpha_add, log_alpha_mul: ``[H]`` gate parameters of ``g1`` and ``g2``.
+        add, mul: ``[H, D]``.
+        sample: draw the gates from their HardConcrete distributions at every forward (training);
+            False uses the deterministic evaluation gates.
+        generator: random source of the samples (not saved).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        params: JolaResult,
-        *,
-        training: bool,
-        backend: str | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        spec = get_spec(model)
-        self.geo = geometry(model, spec)
-        self.p = params
-        self.training = training
-        self.generator = generator
-        self.backend = training_backend(backend, model_device(model))
-        self.mask: Tensor | None = None
-        self.tables: list[tuple[Tensor, Tensor]] | None = None
-        self.handles = [
-            install_site_hook(resolve_site(model, f"layers.{layer}.attn.heads", spec), self._fn(i))
-            for i, layer in enumerate(params.layers)
-        ]
+    layer: int
+    log_alpha_add: Tensor
+    log_alpha_mul: Tensor
+    add: Tensor
+    mul: Tensor
+    sample: bool = False
+    generator: torch.Generator | None = field(default=None, repr=False)
+    trainable: ClassVar[tuple[str, ...]] = ("log_alpha_add", "log_alpha_mul", "add", "mul")
 
-    def set_mask(self, attention_mask: Tensor) -> None:
-        """Row index per token for the next forward (and fresh gates when training)."""
-        self.mask = attention_mask
-        if self.training:
-            g1 = hard_concrete_sample(self.p.log_alpha_add, self.generator)
-            g2 = hard_concrete_sample(self.p.log_alpha_mul, self.generator)
-        else:
-            g1 = hard_concrete_eval(self.p.log_alpha_add)
-            g2 = hard_concrete_eval(self.p.log_alpha_mul)
-        n, H, D = self.p.add.shape
-        one = torch.ones(n, 1, H, D, device=self.p.add.device)
-        zero = torch.zeros(n, 1, H, D, device=self.p.add.device)
-        M = torch.cat([one, (1 + g2[..., None] * self.p.mul)[:, None]], dim=1)  # [n, 2, H, D]
-        A = torch.cat([zero, (g1[..., None] * self.p.add)[:, None]], dim=1)
-        self.tables = [(M[i], A[i]) for i in range(n)]
+    @property
+    def site(self) -> Site:
+        return Site(int(self.layer), "attn.heads")
 
-    def _fn(self, i: int):
-        H, D = self.geo.n_heads, self.geo.head_dim
+    def affine_terms(self, geo: ModelGeometry) -> AffineTerms:
+        what = f"JolaGate(layer={self.layer})"
+        _check_layer(self.layer, geo, what)
+        H, D = geo.n_heads, geo.head_dim
+        for name, shape in (("log_alpha_add", (H,)), ("log_alpha_mul", (H,)), ("add", (H, D)), ("mul", (H, D))):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{what}: {name} must be {list(shape)}, got {tuple(getattr(self, name).shape)}")
+        gate = (lambda la: hard_concrete_sample(la, self.generator)) if self.sample else hard_concrete_eval
+        g1, g2 = gate(self.log_alpha_add), gate(self.log_alpha_mul)
+        return AffineTerms(self.site, (1 + g2[:, None] * self.mul).float(), (g1[:, None] * self.add).float())
 
-        def hook(x: Tensor) -> Tensor:
-            if self.tables is None:
-                return x
-            rows = self.mask.reshape(-1).to(torch.int32) if self.mask is not None else None
-            y = x.reshape(-1, H, D)
-            if rows is None or rows.shape[0] != y.shape[0]:
-                rows = torch.ones(y.shape[0], dtype=torch.int32, device=x.device)
-            M, A = self.tables[i]
-            return op_affine(y, rows, M, A, self.backend).reshape(x.shape)
+    def to_fields(self, put) -> dict:
+        names = ("log_alpha_add", "log_alpha_mul", "add", "mul")
+        return {"layer": self.layer, **{n: put(getattr(self, n), n) for n in names}}
 
-        return hook
+    @classmethod
+    def from_fields(cls, fields, get) -> JolaGate:
+        names = {"layer", "log_alpha_add", "log_alpha_mul", "add", "mul"}
+        if set(fields) != names:
+            raise ValueError(f"JolaGate needs exactly the fields {sorted(names)}, got {sorted(fields)}")
+        return cls(int(fields["layer"]), *(get(fields[n], n) for n in ("log_alpha_add", "log_alpha_mul", "add", "mul")))
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
-    def __enter__(self) -> JolaHooks:
-        return self
+def gate_interventions(params: JolaResult, *, sample: bool = False, generator: torch.Generator | None = None) -> list[JolaGate]:
+    """One ``JolaGate`` per edited layer over views of ``params`` (gradients reach its tensors)."""
+    return [
+        JolaGate(layer, params.log_alpha_add[i], params.log_alpha_mul[i], params.add[i], params.mul[i], sample, generator)
+        for i, layer in enumerate(params.layers)
+    ]
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+
+def steer_gates(
+    model: nn.Module, params: JolaResult, *, training: bool, backend: str | None = None, generator: torch.Generator | None = None
+) -> SteeringHandle:
+    """Steer ``model`` with the JoLA edit: sampled gates and a trainable handle when ``training``."""
+    ivs = gate_interventions(params, sample=training, generator=generator)
+    return steer(model, ivs, mode="dynamic", trainable=training, backend=training_backend(backend, model_device(model)))
 
 
 def init_params(
@@ -350,18 +345,16 @@ def evaluate_topics(
     labels = sorted({e.label for e in examples})
     label_ids = torch.tensor([single_token_id(tokenizer, " " + lab) for lab in labels], device=device)
     ces, correct = [], []
-    hooks = JolaHooks(model, params, training=False, backend=backend) if params is not None else None
+    handle = steer_gates(model, params, training=False, backend=backend) if params is not None else None
     try:
         for s in range(0, len(examples), batch_size):
             ids, mask, y = _encode(tokenizer, examples[s : s + batch_size], device, prompt)
-            if hooks is not None:
-                hooks.set_mask(mask)
             lg = _logits(model, ids, mask)
             ces.append(torch.nn.functional.cross_entropy(lg, y, reduction="none"))
             correct.append(label_ids[lg[:, label_ids].argmax(-1)] == y)
     finally:
-        if hooks is not None:
-            hooks.remove()
+        if handle is not None:
+            handle.remove()
     return {
         "ce": float(torch.cat(ces).mean()),
         "accuracy": float(torch.cat(correct).float().mean()),
@@ -430,13 +423,12 @@ def jola(
     g = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"loss": [], "ce": [], "l0": [], "open": []}
     saved = freeze(model)
-    hooks = JolaHooks(model, params, training=True, backend=backend, generator=g)
+    handle = steer_gates(model, params, training=True, backend=backend, generator=g)
     try:
         for step in range(steps):
             idx = torch.randperm(len(examples), generator=g)[:batch_size].tolist()
             ids, mask, y = _encode(tokenizer, [examples[i] for i in idx], device, prompt)
             opt.zero_grad()
-            hooks.set_mask(mask)
             ce = torch.nn.functional.cross_entropy(_logits(model, ids, mask), y)
             l0 = torch.cat(
                 [expected_l0(params.log_alpha_add).flatten(), expected_l0(params.log_alpha_mul).flatten()]
@@ -455,7 +447,7 @@ def jola(
                     flush=True,
                 )
     finally:
-        hooks.remove()
+        handle.remove()
         unfreeze(saved)
     for t in trainable:
         t.requires_grad_(False)
@@ -491,17 +483,14 @@ def jola(
 def fold_check(
     model: nn.Module, tokenizer, params: JolaResult, examples: Sequence[LabelledText], prompt: str = PROMPT
 ) -> dict:
-    """Logits of the hooked edit (training hooks, evaluation gates) vs ``pysteer.steer`` folded and dynamic.
+    """Logits of the gated edit (``JolaGate``, evaluation gates) vs its export steered folded and dynamic.
 
     Returns:
         ``{"max_abs_diff_fold", "max_abs_diff_dynamic", "max_abs_logit"}`` over the examples' last tokens.
     """
-    from ..steering import steer
-
     device = model_device(model)
     ids, mask, _ = _encode(tokenizer, list(examples), device, prompt)
-    with JolaHooks(model, params, training=False) as hooks:
-        hooks.set_mask(mask)
+    with steer_gates(model, params, training=False):
         hooked = _logits(model, ids, mask)
     spec = params.spec()
     with steer(model, spec, mode="fold"):

@@ -19,24 +19,23 @@ Three interventions share this objective (``method=``):
 - ``"dynamic"`` (DynScalar): ``alpha = w . x / |x| + b`` per site, a function of the activation
   itself, so it applies at every position and transfers to prompts of other lengths.
 
-Training runs through the fused op: each hook calls ``pysteer::affine_steer`` with tables built from the
-parameters every step (``M = [1; 1 + alpha; 1 - alpha]``, rows = window position + 1, offset by ``P``
-for ``beta = -1`` batch rows), so the parameters' gradients are the op's own backward.
+Each method is an intervention kind (``pysteer.scalars``): ``ActivScalar``, ``SteerVec``,
+``DynScalar``, one per site, in two configs ``"beta+1"`` and ``"beta-1"`` that share their tensors.
+Training steers the model with ``pysteer.steer(..., trainable=True)`` and optimises
+``handle.parameters()``: the tables are rebuilt from the parameters every forward and the gradients
+are ``pysteer::affine_steer``'s own backward. The result is one steering file (``ScalingResult.save``)
+that ``pysteer.steer``, ``pysteer.generate`` and ``pysteer generate --steer`` run as trained.
 
 Positions. Prompts differ in length, so position ``k`` of the window means the ``k``-th token counted
 back from the end of the prompt (``-1`` is the last prompt token); the window holds the last ``P`` tokens.
-``pysteer.steer`` takes one position rule per handle, so the position-specific result is saved as **one
-steering file per position** (``pos-1.safetensors`` steers only position ``-1`` of the prompt, ...), each
-with configs ``"beta+1"`` (default) and ``"beta-1"``. Applied together (``steer_files``) they reproduce the
-trained intervention exactly; any single file is a valid, smaller intervention. DynScalar is not affine
-in the activation (its scale depends on it), so it is kept as its parameters, not as a steering file.
+Generated tokens and earlier prompt tokens are left alone; DynScalar applies at every position.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,18 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from .._files import write_safetensors
-from ..interventions import HeadScale, VectorAdd, VectorScale
-from ..models.sites import Site, install_site_hook, parse_site, resolve_site
-from ..models.specs import geometry, get_spec
-from ..steering import SteeringSpec
+from ..models.sites import parse_site, resolve_site
+from ..models.specs import geometry
+from ..scalars import ActivScalar, DynScalar, SteerVec
+from ..steering import SteeringHandle, SteeringSpec, steer
 from ._common import (
     curves_png,
     data_path,
     freeze,
     heatmap_png,
     model_device,
-    offsets_from_end,
-    op_affine,
     read_jsonl,
     single_token_id,
     training_backend,
@@ -179,94 +176,30 @@ def default_sites(model: nn.Module, heads: bool = False, layers: Sequence[int] |
     return [f"layers.{i}.{k}" for i in layers for k in kinds]
 
 
-class _Steering:
-    """Training hooks: every site multiplies (or shifts) its activation through the fused op."""
+def interventions_of(method: str, sites: Sequence[str], params: dict[str, Tensor], beta: int) -> list:
+    """One intervention per site from the stacked parameters (views: gradients reach ``params``)."""
+    if method == "scalar":
+        return [ActivScalar(site, params["alpha"][i], beta) for i, site in enumerate(sites)]
+    if method == "vector":
+        return [SteerVec(site, params["vector"][i], beta) for i, site in enumerate(sites)]
+    return [DynScalar(site, params["weight"][i], params["bias"][i], beta) for i, site in enumerate(sites)]
 
-    def __init__(
-        self,
-        model: nn.Module,
-        sites: Sequence[Site],
-        method: str,
-        params: dict[str, Tensor],
-        window: int,
-        backend: str,
-        affine: Callable[[Tensor, Tensor, Tensor, Tensor, str], Tensor] = op_affine,
-    ):
-        spec = get_spec(model)
-        self.geo = geometry(model, spec)
-        self.sites = list(sites)
-        self.method = method
-        self.params = params
-        self.P = window
-        self.backend = backend
-        self.affine = affine
-        self.rows: Tensor | None = None  # [T] int32
-        self.beta_tok: Tensor | None = None  # [T] float, +1/-1 per token (dynamic)
-        self.live: Tensor | None = None  # [T] bool (dynamic)
-        self.handles = [
-            install_site_hook(resolve_site(model, s, spec), self._fn(i, s)) for i, s in enumerate(self.sites)
-        ]
 
-    def set_batch(self, attention_mask: Tensor, betas: Tensor) -> None:
-        """Row index per token for a batch whose row ``b`` is steered with sign ``betas[b]``."""
-        off = offsets_from_end(attention_mask)  # [B, S], -1 = last prompt token, 0 = padding
-        valid = attention_mask.bool()
-        neg = (betas < 0)[:, None]
-        if self.method == "dynamic":
-            self.live = valid.reshape(-1)
-            self.beta_tok = betas[:, None].expand_as(off).reshape(-1).float()
-            T = off.numel()
-            self.rows = torch.where(self.live, torch.arange(1, T + 1, device=off.device), 0).to(torch.int32)
-            return
-        inside = valid & (off >= -self.P)
-        row = self.P + off + 1 + torch.where(neg, self.P, 0)  # window position + 1, beta=-1 rows after
-        self.rows = torch.where(inside, row, 0).reshape(-1).to(torch.int32)
+def _configs(method: str, sites: Sequence[str], params: dict[str, Tensor]) -> dict[str, list]:
+    return {_config(b): interventions_of(method, sites, params, b) for b in (1, -1)}
 
-    def tables(self, i: int, H: int, W: int, device) -> tuple[Tensor, Tensor]:
-        """``(M, A)`` of site ``i`` for the scalar / vector methods: ``[1 + 2P, H, 1|W]``."""
-        if self.method == "scalar":
-            a = self.params["alpha"][i].reshape(self.P, -1, 1)  # [P, H|1, 1]
-            one = torch.ones(1, a.shape[1], 1, device=device)
-            M = torch.cat([one, 1 + a, 1 - a])
-            return M, torch.zeros(1, 1, 1, device=device).expand(M.shape[0], a.shape[1], 1)
-        v = self.params["vector"][i].reshape(self.P, 1, W)
-        A = torch.cat([torch.zeros(1, 1, W, device=device), v, -v])
-        return torch.ones(1, 1, 1, device=device).expand(A.shape[0], 1, 1), A
 
-    def _fn(self, i: int, site: Site):
-        H = self.geo.n_heads if site.kind == "attn.heads" else 1
+def _config(beta: int) -> str:
+    return f"beta{beta:+d}"
 
-        def hook(x: Tensor) -> Tensor:
-            if self.rows is None:
-                return x
-            shape = x.shape
-            W = shape[-1] // H
-            y = x.reshape(-1, H, W)
-            if self.method == "dynamic":
-                w, b = self.params["weight"][i], self.params["bias"][i]
-                flat = y.reshape(y.shape[0], -1)
-                flat = flat.to(torch.promote_types(flat.dtype, w.dtype))
-                alpha = (flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-6)) @ w + b  # [T]
-                scale = 1 + self.beta_tok * alpha
-                M = (
-                    torch.cat([torch.ones(1, dtype=scale.dtype, device=x.device), scale])
-                    .reshape(-1, 1, 1)
-                    .expand(-1, H, 1)
-                )
-                A = torch.zeros(1, 1, 1, device=x.device).expand(M.shape[0], H, 1)
-                return self.affine(y, self.rows, M, A, self.backend).reshape(shape)
-            M, A = self.tables(i, H, W, x.device)
-            return self.affine(y, self.rows, M, A, self.backend).reshape(shape)
 
-        return hook
-
-    def clear(self) -> None:
-        self.rows = None
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+def _steered_last_logits(handle: SteeringHandle, model: nn.Module, batch: _Batch, betas: Sequence[int]) -> Tensor:
+    """Last-token logits of the batch once per beta (rows ``beta`` major), each under its config."""
+    B = batch.input_ids.shape[0]
+    handle.rows([_config(b) for b in betas for _ in range(B)])
+    ids = batch.input_ids.repeat(len(betas), 1)
+    mask = batch.attention_mask.repeat(len(betas), 1)
+    return _last_logits(model, ids, mask)
 
 
 def _init_params(
@@ -310,10 +243,9 @@ def _kl(ref_logp: Tensor, logp: Tensor) -> Tensor:
     return terms.sum(-1)
 
 
-def _l1(params: dict[str, Tensor], method: str) -> Tensor:
-    if method == "dynamic":
-        return params["weight"].abs().sum() + params["bias"].abs().sum()
-    return sum(p.abs().sum() for p in params.values())
+def _l1(params: dict[str, Tensor | list[Tensor]]) -> Tensor:
+    """L1 norm of the parameters (stacked tensors, or one tensor per site)."""
+    return sum(t.abs().sum() for v in params.values() for t in (v if isinstance(v, list) else [v]))
 
 
 def scaling_objective(
@@ -330,17 +262,18 @@ def scaling_objective(
     lambda_f: float = 1.0,
     lambda_m: float = 1e-3,
     backend: str | None = None,
-    affine: Callable[[Tensor, Tensor, Tensor, Tensor, str], Tensor] = op_affine,
     ref_logits: Tensor | None = None,
+    handle: SteeringHandle | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``Psi`` for one batch of prompts with the given parameters (differentiable w.r.t. ``params``).
 
     Args:
         params: ``{"alpha": [sites, P(, H)]}``, ``{"vector": [sites, P, W]}`` or
-            ``{"weight": [sites, W], "bias": [sites]}``.
-        affine: the op the hooks call (``op_affine``: the registered fused op); tests swap in plain
-            torch math to check the op's gradients.
+            ``{"weight": [sites, W], "bias": [sites]}`` (or a list of per-site tensors per key).
+        window: ``P``; checked against ``params`` when given.
         ref_logits: unsteered last-token logits ``[B, V]`` (computed here when None).
+        handle: a trainable handle already steering the model with these parameters (the training
+            loop keeps one); None steers the model for this call only.
 
     Returns:
         ``(psi, parts)`` with parts ``E``, ``F`` (means over prompts and betas), ``M`` (L1), and the
@@ -354,17 +287,19 @@ def scaling_objective(
     if ref_logits is None:
         with torch.no_grad():
             ref_logits = _last_logits(model, batch.input_ids, batch.attention_mask)
-    parsed = [parse_site(s) for s in sites]
-    P = window if window is not None else batch.input_ids.shape[1]
+    if window is not None and method != "dynamic":
+        key = "alpha" if method == "scalar" else "vector"
+        if int(params[key][0].shape[0]) != window:
+            raise ValueError(f"window={window} but the parameters hold {int(params[key][0].shape[0])} positions")
     bt = torch.tensor(list(betas), dtype=torch.float32, device=device)
-    hooks = _Steering(model, parsed, method, params, P, training_backend(backend, device), affine)
+    own = handle is None
+    if own:
+        handle = steer(model, _configs(method, sites, params), trainable=True, backend=training_backend(backend, device))
     try:
-        ids = batch.input_ids.repeat(len(betas), 1)
-        mask = batch.attention_mask.repeat(len(betas), 1)
-        hooks.set_batch(mask, bt.repeat_interleave(B))
-        logits = _last_logits(model, ids, mask)
+        logits = _steered_last_logits(handle, model, batch, betas)
     finally:
-        hooks.remove()
+        if own:
+            handle.remove()
     tgt = batch.target.repeat(len(betas))
     comp = batch.competitor.repeat(len(betas))
     idx = torch.arange(logits.shape[0], device=device)
@@ -372,7 +307,7 @@ def scaling_objective(
     E = torch.relu(margin - bt.repeat_interleave(B) * ld).mean()
     ref = _other_logprobs(ref_logits.repeat(len(betas), 1), tgt, comp)
     F = _kl(ref, _other_logprobs(logits, tgt, comp)).mean()
-    M = _l1(params, method)
+    M = _l1(params)
     psi = E + lambda_f * F + lambda_m * M
     return psi, {"E": E.detach(), "F": F.detach(), "M": M.detach(), "ld": ld.detach().reshape(len(betas), B)}
 
@@ -425,38 +360,27 @@ class ScalingResult:
         nz = (p != 0).reshape(p.shape[0], p.shape[1], -1).any(-1)
         return [(int(i), int(k)) for i, k in nz.nonzero().tolist()]
 
-    def interventions(self, position: int, beta: int = 1) -> list:
-        """Affine interventions (``VectorScale`` / ``HeadScale`` / ``VectorAdd``) of window position ``position``."""
-        if self.method == "dynamic":
-            raise ValueError("DynScalar's scale depends on the activation; it has no affine intervention")
+    def interventions(self, beta: int = 1) -> list:
+        """One ``ActivScalar`` / ``SteerVec`` / ``DynScalar`` per site whose parameters are not all zero."""
         if beta not in (1, -1):
             raise ValueError(f"beta must be +1 or -1, got {beta}")
-        out = []
-        for i, name in enumerate(self.sites):
-            site = parse_site(name)
-            if self.method == "scalar":
-                a = self.params["alpha"][i, position]
-                if not bool((a != 0).any()):
-                    continue
-                if site.kind == "attn.heads":
-                    heads = [int(h) for h in (a != 0).nonzero().flatten()]
-                    scale = (1 + beta * a[heads])[:, None].clone()  # [n, 1]: never mistaken for a [D] vector
-                    out.append(HeadScale(site.layer, head=heads, scale=scale))
-                else:
-                    out.append(VectorScale(site.name, float(1 + beta * a.reshape(()))))
-            else:
-                v = self.params["vector"][i, position]
-                if bool((v != 0).any()):
-                    out.append(VectorAdd(site.name, v.clone(), alpha=float(beta)))
-        return out
+        ivs = interventions_of(self.method, self.sites, self.params, beta)
+        keep = [i for i in range(len(self.sites)) if any(bool((p[i] != 0).any()) for p in self.params.values())]
+        return [ivs[i] for i in keep]
+
+    def spec(self) -> SteeringSpec:
+        """Configs ``"beta+1"`` (the default) and ``"beta-1"``; positions ``"all"`` (the interventions
+        select their own window)."""
+        meta = {"recipe": "activation_scaling", "method": self.method, "window": self.window, "config": self.config}
+        return SteeringSpec({_config(1): self.interventions(1), _config(-1): self.interventions(-1)}, "all", meta)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
-        """Write the result into ``directory``: one steering file per active window position, plus
-        ``params.safetensors`` (all parameters and the configuration, for every method).
+        """Write the result into ``directory``: ``steering.safetensors`` (``pysteer.steer`` /
+        ``pysteer generate --steer`` run it; config ``"beta-1"`` for the other direction) and
+        ``params.safetensors`` (all parameters and the configuration).
 
         Returns:
-            The steering files (``pos-K.safetensors`` for prompt offset ``-K``), in position order;
-            empty for ``"dynamic"``.
+            ``[steering file]``; empty when every parameter is zero (nothing steers).
         """
         from ..io import save
 
@@ -475,23 +399,10 @@ class ScalingResult:
             directory / "params.safetensors",
             metadata={"pysteer.scaling": json.dumps(doc)},
         )
-        if self.method == "dynamic":
+        spec = self.spec()
+        if not spec.configs[_config(1)]:
             return []
-        paths = []
-        for k in sorted({k for _, k in self.active()}):
-            offset = k - self.window
-            meta = {
-                "recipe": "activation_scaling",
-                "method": self.method,
-                "prompt_offset": offset,
-                "note": "one file per prompt position; apply all files of the directory for the full intervention",
-                "config": self.config,
-            }
-            spec = SteeringSpec(
-                {"beta+1": self.interventions(k, 1), "beta-1": self.interventions(k, -1)}, [offset], meta
-            )
-            paths.append(save(spec, directory / f"pos{offset}.safetensors"))
-        return paths
+        return [save(spec, directory / "steering.safetensors")]
 
     def draw(self, path: str | os.PathLike) -> Path:
         """Heatmap of the learned parameters: sites x prompt offsets (scalars, or vector norms)."""
@@ -650,7 +561,8 @@ def activation_scaling(
         raise ValueError(f"window must be >= 1, got {P}")
     if method == "dynamic":
         P = 0
-    params = _init_params(method, len(parsed), P, widths, n_heads, device)
+    init = _init_params(method, len(parsed), P, widths, n_heads, device)
+    leaves = {k: [t.detach().clone() for t in v] for k, v in init.items()}  # per site, shared by both betas
     # Unsteered logits once per prompt. A step's batch pads to its own length; RoPE is relative, so the
     # extra left padding changes these logits only at float rounding level.
     with torch.no_grad():
@@ -662,10 +574,11 @@ def activation_scaling(
                 for i in range(0, len(prompts), batch_size)
             ]
         )
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
     g = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"psi": [], "E": [], "F": [], "M": []}
     saved = freeze(model)
+    handle = steer(model, _configs(method, sites, leaves), trainable=True, backend=training_backend(backend, device))
+    opt = torch.optim.Adam(handle.parameters(), lr=lr)
     try:
         for step in range(steps):
             idx = torch.randperm(len(prompts), generator=g)[:batch_size].tolist()
@@ -674,16 +587,15 @@ def activation_scaling(
                 model,
                 tokenizer,
                 [prompts[i] for i in idx],
-                params,
+                leaves,
                 sites=sites,
                 method=method,
-                window=P,
                 betas=betas,
                 margin=margin,
                 lambda_f=lambda_f,
                 lambda_m=lambda_m,
-                backend=backend,
                 ref_logits=ref_all[idx],
+                handle=handle,
             )
             psi.backward()
             opt.step()
@@ -697,8 +609,9 @@ def activation_scaling(
                     flush=True,
                 )
     finally:
+        handle.remove()
         unfreeze(saved)
-    final = {k: v.detach().clone() for k, v in params.items()}
+    final = {k: torch.stack([t.detach() for t in v]) for k, v in leaves.items()}
     with torch.no_grad():
         if method == "vector":
             small = final["vector"].abs().amax(-1, keepdim=True) < zero_tol
@@ -757,22 +670,11 @@ def evaluate_scaling(
         if result is None:
             continue
         ref_other = _other_logprobs(ref, batch.target, batch.competitor)
-        for b in betas:
-            P = result.window
-            hooks = _Steering(
-                model,
-                [parse_site(s) for s in result.sites],
-                result.method,
-                result.params,
-                P,
-                training_backend(backend, device),
-            )
-            try:
-                # prompt positions beyond the trained window (longer prompts) are left alone
-                hooks.set_batch(batch.attention_mask, torch.full((ref.shape[0],), float(b), device=device))
-                logits = _last_logits(model, batch.input_ids, batch.attention_mask)
-            finally:
-                hooks.remove()
+        # the deployed form: the result's steering, as pysteer.steer runs a loaded file
+        with steer(model, result.spec(), backend=training_backend(backend, device)) as handle:
+            logits_all = _steered_last_logits(handle, model, batch, betas)
+        for i, b in enumerate(betas):
+            logits = logits_all[i * len(chunk) : (i + 1) * len(chunk)]
             lds[b].append(logits[idx, batch.target] - logits[idx, batch.competitor])
             kls[b].append(_kl(ref_other, _other_logprobs(logits, batch.target, batch.competitor)))
     ld_ref = torch.cat(lds_ref).cpu()
