@@ -32,6 +32,8 @@ _LAZY = {
     "ActivScalar": "pysteer.scalars",
     "SteerVec": "pysteer.scalars",
     "DynScalar": "pysteer.scalars",
+    "Patch": "pysteer.patching",
+    "Noise": "pysteer.patching",
     "intervention_kind": "pysteer.interventions",
     "runtime": "pysteer.steering",
     "trace": "pysteer.tracing",
