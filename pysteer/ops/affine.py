@@ -98,7 +98,7 @@ def _affine_steer_op(x: Tensor, rows: Tensor, M: Tensor, A: Tensor, backend: str
 
 
 @_affine_steer_op.register_fake
-def _(x, rows, M, A, backend):
+def _affine_steer_fake(x, rows, M, A, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -110,7 +110,7 @@ def _affine_steer_backward_op(
 
 
 @_affine_steer_backward_op.register_fake
-def _(grad, x, rows, M, A, backend):
+def _affine_steer_backward_fake(grad, x, rows, M, A, backend):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
         torch.empty(M.shape, dtype=M.dtype, device=M.device),

@@ -204,7 +204,7 @@ def _affine_linear_op(
 
 
 @_affine_linear_op.register_fake
-def _(z, rows, M, A, W, bias, backend):
+def _affine_linear_fake(z, rows, M, A, W, bias, backend):
     return torch.empty((z.shape[0], W.shape[0]), dtype=z.dtype, device=z.device)
 
 

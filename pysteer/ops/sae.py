@@ -429,7 +429,7 @@ def _sae_encode_op(
 
 
 @_sae_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, threshold, act, backend):
+def _sae_encode_fake(x, W_enc, b_enc, b_dec, threshold, act, backend):
     return x.new_empty((x.shape[0], W_enc.shape[1]))
 
 
@@ -457,7 +457,7 @@ def _sae_encode_topk_op(
 
 
 @_sae_encode_topk_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, backend):
+def _sae_encode_topk_fake(x, W_enc, b_enc, b_dec, k, backend):
     T = x.shape[0]
     return x.new_empty((T, k)), x.new_empty((T, k), dtype=torch.int64)
 
@@ -489,7 +489,7 @@ def _sae_decode_sparse_op(
 
 
 @_sae_decode_sparse_op.register_fake
-def _(indices, values, W_dec, b_dec, backend):
+def _sae_decode_sparse_fake(indices, values, W_dec, b_dec, backend):
     return values.new_empty((indices.shape[0], W_dec.shape[1]))
 
 
@@ -533,7 +533,7 @@ def _sae_steer_op(
 
 
 @_sae_steer_op.register_fake
-def _(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend):
+def _sae_steer_fake(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
