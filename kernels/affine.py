@@ -3,8 +3,8 @@
     y[t, h, :] = x[t, h, :] * M[r[t], h, :] + A[r[t], h, :]
 
 The contract (shapes, dtypes, row 0 bit-exact, fp32 compute, backward) is defined by the torch
-reference in ``pysteer/ops/affine.py``; these launchers are looked up by
-``get_impl("affine", name, "triton")``.
+reference in ``pysteer/ops/affine.py``, whose op bodies validate the arguments before these
+launchers (named in ``pysteer/ops/_registry.py``) run.
 
 Layout: one program per (block of ``BLOCK_T`` tokens) x (head ``h``) x (block of ``BLOCK_D``
 channels of that head). ``x`` may be strided in T and H; its last dim must have stride 1 (the
@@ -17,19 +17,16 @@ left unchanged and contributes no gradient) instead of reading out of bounds.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from pysteer._backend import BackendUnavailable, triton_interpreter
-from pysteer.ops.affine import check_affine_args
+from pysteer.ops._common import unit_stride_last
+
+from ._common import device_of, require_launchable
 
 __all__ = ["affine_steer", "affine_steer_backward"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elements per program. The 15-line kernel in ../shared/GPU-BASELINES.md (1 token x 1024 channels
 # per program) reached 0.76 of copy bandwidth at T=4096 on an H100; 4096-element tiles give each of
@@ -204,29 +201,6 @@ def _affine_steer_bwd_kernel(
                 tl.atomic_add(da_ptr + (r64[:, None] * H + h) * D + offs_d[None, :], g_live, mask=live_mask)
 
 
-def _check_fast_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> None:
-    check_affine_args(x, rows, M, A)
-    for name, t in (("x", x), ("M", M), ("A", A)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"affine_steer (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}"
-            )
-    if x.device.type != "cuda" and not triton_interpreter():
-        raise BackendUnavailable(
-            f"affine_steer (triton): tensors are on {x.device}; Triton needs CUDA tensors unless TRITON_INTERPRET=1"
-        )
-
-
-def _last_dim_unit_stride(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is addressable with stride 1, else a contiguous copy."""
-    return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _tiles(T: int, D: int) -> tuple[int, int]:
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
     block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMS // block_d))
@@ -234,7 +208,7 @@ def _tiles(T: int, D: int) -> tuple[int, int]:
 
 
 def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
-    """Triton forward of ``pysteer::affine_steer``.
+    """Triton forward of ``pysteer::affine_steer`` (arguments validated by the op).
 
     Args:
         x: ``[T, H, D]`` fp32/fp16/bf16, any strides in T and H (copied if the D stride is not 1).
@@ -246,22 +220,19 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
         Contiguous ``[T, H, D]`` tensor of ``x``'s dtype, computed in fp32.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
         BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(x, rows, M, A)
+    require_launchable("affine_steer", x)
     T, H, D = x.shape
     C = M.shape[0]
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    x = _last_dim_unit_stride(x)
-    M = _last_dim_unit_stride(M)
-    A = _last_dim_unit_stride(A)
+    x, M, A = unit_stride_last(x), unit_stride_last(M), unit_stride_last(A)
     rows = rows.contiguous()
     block_t, block_d = _tiles(T, D)
     grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-    with _device_of(x):
+    with device_of(x):
         _affine_steer_fwd_kernel[grid](
             x,
             rows,
@@ -290,7 +261,7 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
 def affine_steer_backward(
     grad: Tensor, x: Tensor, rows: Tensor, M: Tensor, A: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward of ``pysteer::affine_steer``.
+    """Triton backward of ``pysteer::affine_steer`` (arguments validated by ``pysteer::affine_steer_backward``).
 
     Args:
         grad: ``[T, H, D]`` gradient of the output, ``x``'s dtype.
@@ -302,14 +273,11 @@ def affine_steer_backward(
         summed over D for a last dim of 1, accumulated in fp32 and cast to the table dtype.
         Row 0 of ``dM`` and ``dA`` is zero. Summation order follows atomics, so the table gradients
         are not bit-reproducible run to run.
+
+    Raises:
+        BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(x, rows, M, A)
-    if grad.shape != x.shape:
-        raise ValueError(f"affine_steer_backward: grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
-    if grad.dtype != x.dtype:
-        raise ValueError(f"affine_steer_backward: grad is {grad.dtype}, x is {x.dtype}")
-    if grad.device != x.device:
-        raise ValueError(f"affine_steer_backward: grad is on {grad.device}, x on {x.device}")
+    require_launchable("affine_steer", x)
     T, H, D = x.shape
     C = M.shape[0]
     dx = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
@@ -317,12 +285,11 @@ def affine_steer_backward(
     dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device)
     if dx.numel() > 0:
         grad = grad.contiguous()
-        x = _last_dim_unit_stride(x)
-        M = _last_dim_unit_stride(M)
+        x, M = unit_stride_last(x), unit_stride_last(M)
         rows = rows.contiguous()
         block_t, block_d = _tiles(T, D)
         grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-        with _device_of(x):
+        with device_of(x):
             _affine_steer_bwd_kernel[grid](
                 grad,
                 x,

@@ -3,8 +3,8 @@
     o[t] = W @ (z[t] * M[r[t]] + A[r[t]]) + bias
 
 The contract (shapes, dtypes, row 0, fp32 accumulation) is the torch reference in
-``pysteer/ops/affine_linear.py``; :func:`affine_linear` is looked up by
-``get_impl("affine_linear", "affine_linear", "triton")``.
+``pysteer/ops/affine_linear.py``, whose op body validates the arguments before
+:func:`affine_linear` (named in ``pysteer/ops/_registry.py``) runs.
 
 One GEMM kernel, ``out[T, N] = steer(z)[T, K] @ W[N, K]^T``, whose z-operand load applies the edit:
 each program loads a ``[BLOCK_T, BLOCK_K]`` tile of ``z``, the rows of its tokens, and the matching
@@ -35,7 +35,6 @@ Rows outside ``[0, C)`` are outside the contract; the kernel treats them like ro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -44,12 +43,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pysteer._backend import BackendUnavailable, triton_interpreter
-from pysteer.ops.affine_linear import check_affine_linear_args
+from pysteer._backend import triton_interpreter
+
+from ._common import device_of, require_launchable
 
 __all__ = ["affine_linear"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DECODE_MAX_T = 64
 # Split K until about this many programs per SM at decode sizes (bandwidth needs many loads in flight).
 _PROGRAMS_PER_SM = 2
@@ -261,24 +260,6 @@ def choose_config(T: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     return LaunchConfig(block_t, block_n, block_k, split_k=split, group_t=1, num_warps=4, num_stages=4)
 
 
-def _check_fast_args(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None) -> None:
-    check_affine_linear_args(z, rows, M, A, W, bias)
-    for name, t in (("z", z), ("M", M), ("A", A)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"affine_linear (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}"
-            )
-    if z.device.type != "cuda" and not triton_interpreter():
-        raise BackendUnavailable(
-            f"affine_linear (triton): tensors are on {z.device}; Triton needs CUDA tensors unless TRITON_INTERPRET=1"
-        )
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def launch(
     z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None, config: LaunchConfig
 ) -> Tensor:
@@ -286,9 +267,10 @@ def launch(
 
     ``config.split_k > 1`` writes fp32 partials and sums them in a second kernel; any split is
     valid (the split is rounded to whole ``block_k`` steps), which the tests use to check the
-    split path on shapes too small for :func:`choose_config` to split.
+    split path on shapes too small for :func:`choose_config` to split. The arguments are trusted
+    (validated by the op body); only the device is checked.
     """
-    _check_fast_args(z, rows, M, A, W, bias)
+    require_launchable("affine_linear", z)
     T, K = z.shape
     N = W.shape[0]
     C, H = M.shape[0], M.shape[1]
@@ -306,7 +288,7 @@ def launch(
     partials = torch.empty((split, T, N), dtype=torch.float32, device=z.device) if split > 1 else None
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     grid = (triton.cdiv(T, config.block_t) * triton.cdiv(N, config.block_n), split)
-    with _device_of(z):
+    with device_of(z):
         _affine_linear_kernel[grid](
             z,
             rows,
@@ -358,7 +340,7 @@ def launch(
 
 
 def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
-    """Triton forward of ``pysteer::affine_linear``.
+    """Triton forward of ``pysteer::affine_linear`` (arguments validated by the op).
 
     Args:
         z: ``[T, H*D]`` fp32/fp16/bf16, any strides.
@@ -372,9 +354,7 @@ def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias
         Contiguous ``[T, out]`` tensor of ``z``'s dtype, accumulated in fp32.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
         BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(z, rows, M, A, W, bias)
     config = choose_config(z.shape[0], W.shape[0], z.shape[1], z.dtype, z.device)
     return launch(z, rows, M, A, W, bias, config)

@@ -473,7 +473,7 @@ def test_compile_fullgraph_registered_op():
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input: ValueError naming the problem, before any kernel runs
+# bad input: ValueError naming the problem, raised by the op body before any backend runs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -499,10 +499,7 @@ def test_bad_shapes_raise_value_error(backend, case):
         pytest.importorskip("triton", reason="triton is not installed")
     bad = BAD_INPUTS[case][0](*_good())
     with pytest.raises(ValueError, match=BAD_INPUTS[case][1]):
-        if backend == "torch":  # the registered op validates before dispatching
-            torch.ops.pysteer.affine_steer(*bad, "torch")
-        else:
-            fast_forward(backend)(*bad)
+        torch.ops.pysteer.affine_steer(*bad, backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -513,11 +510,11 @@ def test_unsupported_dtype_raises_value_error(backend, which):
     x, rows, M, A = _good()
     args = {"x": x, "M": M, "A": A}
     args[which] = args[which].double()
-    with pytest.raises(ValueError, match=rf"{which} must be float32, float16 or bfloat16, got torch.float64"):
-        fast_forward(backend)(args["x"], rows, args["M"], args["A"])
+    with pytest.raises(ValueError, match=rf"\({backend}\): {which} must be float32, float16 or bfloat16, got torch.float64"):
+        torch.ops.pysteer.affine_steer(args["x"], rows, args["M"], args["A"], backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize(
     "case,match",
     [
@@ -531,7 +528,7 @@ def test_backward_bad_grad_raises_value_error(backend, case, match):
     x, rows, M, A = _good()
     grad = x[..., :3].clone() if case == "grad_shape" else x.half()
     with pytest.raises(ValueError, match=match):
-        fast_backward(backend)(grad, x, rows, M, A)
+        torch.ops.pysteer.affine_steer_backward(grad, x, rows, M, A, backend)
 
 
 def test_cuda_backend_rejects_cpu_tensors():

@@ -1,6 +1,6 @@
 """CUDA-extension implementations of the SAE ops (kernels in csrc/sae.cu).
 
-Looked up by ``get_impl("sae", name, "cuda")`` with the reference's signatures. The op bodies in
+Named in the op table (``pysteer/ops/_registry.py``), with the reference's signatures. The op bodies in
 ``pysteer/ops/sae.py`` have validated shapes, dtypes and devices already; these wrappers check that
 the tensors are on one CUDA device, allocate outputs and workspaces with torch (so the caching
 allocator and streams behave as for any torch op) and pass raw pointers, sizes, strides, the dtype

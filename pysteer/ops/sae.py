@@ -11,7 +11,7 @@ An SAE over a site of width ``d`` with ``m`` latents holds ``W_enc [d, m]``, ``b
 
 Four ops, each declared once here with ``torch.library`` (schema, fake impl, autograd) and
 implemented per backend (``torch`` reference below, Triton in ``pysteer.kernels.sae``, CUDA in
-``pysteer.ops.cuda_sae``), looked up with ``get_impl("sae", name, backend)``:
+``pysteer.ops.cuda_sae``), as the op table in ``pysteer/ops/_registry.py`` names them:
 
 - ``sae_encode``: dense ``f [T, m]`` for ReLU / JumpReLU (GEMM + bias + activation fused).
 - ``sae_encode_topk``: ``(values [T, k], indices [T, k] int64)`` for TopK, values sorted
@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import KERNEL_DTYPES
 from ._registry import get_impl
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -86,12 +87,11 @@ EDIT_KINDS = {
 # / shared memory), so k is bounded there; the torch reference has no bound.
 MAX_TOPK_K = 1024
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the torch reference only: it is the test oracle's precision.
-_REF_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_REF_DTYPES = (*KERNEL_DTYPES, torch.float64)
 
 # ---------------------------------------------------------------------------------------------
-# validation (shared by every backend, runs before any kernel)
+# validation: once per call, in the op bodies (or the inline torch paths), for every backend
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 
 def _check_floats(op: str, backend: str, x: Tensor, named: dict[str, Tensor | None]) -> None:
-    allowed = _REF_DTYPES if backend == "torch" else _KERNEL_DTYPES
+    allowed = _REF_DTYPES if backend == "torch" else KERNEL_DTYPES
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{op}: x must be one of {names} for backend {backend!r}, got {x.dtype}")
