@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pysteer.ops._common import unit_stride_last
 
-from ._common import device_of, require_launchable
+from ._common import device_of, require_launchable, round_to, to_f32
 
 __all__ = ["affine_steer", "affine_steer_backward"]
 
@@ -34,33 +34,6 @@ __all__ = ["affine_steer", "affine_steer_backward"]
 _TILE_ELEMS = 4096
 _MAX_BLOCK_D = 1024
 _NUM_WARPS = 4
-
-
-@triton.jit
-def _to_f32(v):
-    """Widen ``v`` to fp32 exactly; bf16 by a shift, since the interpreter flushes bf16 subnormals."""
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def _round_to(y, dtype: tl.constexpr):
-    """Round fp32 ``y`` to ``dtype`` to nearest, ties to even (what torch's ``.to()`` does).
-
-    bf16 is rounded with integer ops instead of ``.to()``: Triton's interpreter truncates fp32 to
-    bf16 (in 425 of 1245 random products of a test tensor the result was 1 ulp off torch's), and one
-    code path for GPU and interpreter keeps the CPU tests meaningful. The kernels are memory-bound,
-    so a few integer ops per element cost nothing measurable.
-    """
-    if dtype == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(dtype)
 
 
 @triton.jit
@@ -113,9 +86,9 @@ def _affine_steer_fwd_kernel(
     else:
         a = tl.load(a_row + offs_d[None, :], mask=live_mask, other=0.0)
 
-    y = _to_f32(x) * _to_f32(m) + _to_f32(a)
+    y = to_f32(x) * to_f32(m) + to_f32(a)
     # Row 0 returns the loaded x itself, not x*1+0: that would turn -0.0 into +0.0.
-    y = tl.where(live[:, None], _round_to(y, x.dtype), x)
+    y = tl.where(live[:, None], round_to(y, x.dtype), x)
     tl.store(y_ptr + (t64[:, None] * H + h) * D + offs_d[None, :], y, mask=mask)
 
 
@@ -167,12 +140,12 @@ def _affine_steer_bwd_kernel(
     else:
         m = tl.load(m_row + offs_d[None, :], mask=live_mask, other=1.0)
 
-    g32 = _to_f32(g)
-    dx = tl.where(live[:, None], _round_to(g32 * _to_f32(m), g.dtype), g)
+    g32 = to_f32(g)
+    dx = tl.where(live[:, None], round_to(g32 * to_f32(m), g.dtype), g)
     tl.store(dx_ptr + dense, dx, mask=mask)
 
     g_live = tl.where(live_mask, g32, 0.0)
-    gx = g_live * _to_f32(x)
+    gx = g_live * to_f32(x)
 
     # Table gradients: fp32 atomics into [C, H, Dm] / [C, H, Da]. Prompt-shaped batches put every
     # token of a block on one row, so that case is reduced over the block first: one atomic per

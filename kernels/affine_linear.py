@@ -45,7 +45,7 @@ from torch import Tensor
 
 from pysteer._backend import triton_interpreter
 
-from ._common import device_of, require_launchable
+from ._common import device_of, require_launchable, round_to, to_f32
 
 __all__ = ["affine_linear"]
 
@@ -59,36 +59,10 @@ _DEFAULT_SMS = 132
 
 
 @triton.jit
-def _to_f32(v):
-    """Widen ``v`` to fp32 exactly; bf16 by a shift, since the interpreter flushes bf16 subnormals."""
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def _round_to(y, dtype: tl.constexpr):
-    """Round fp32 ``y`` to ``dtype`` to nearest even, as torch's ``.to()`` does.
-
-    bf16 is rounded on the bits: the interpreter truncates fp32 -> bf16, and one code path for GPU
-    and interpreter keeps the CPU tests meaningful. A few integer ops per element of the z tile
-    cost nothing next to the dot.
-    """
-    if dtype == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(dtype)
-
-
-@triton.jit
 def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
     """``acc += a @ b`` in fp32. The interpreter computes bf16 dots wrongly, so it gets fp32 operands."""
     if INTERPRET:
-        acc = tl.dot(_to_f32(a), _to_f32(b), acc, input_precision="ieee")
+        acc = tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -171,7 +145,7 @@ def _affine_linear_kernel(
         live_k = live[:, None] & mask_k[None, :]
         m = tl.load(m_rows + head[None, :] * stride_mh + chan[None, :] * stride_md, mask=live_k, other=1.0)
         a = tl.load(a_rows + head[None, :] * stride_ah + chan[None, :] * stride_ad, mask=live_k, other=0.0)
-        y = _round_to(_to_f32(z) * _to_f32(m) + _to_f32(a), z.dtype)
+        y = round_to(to_f32(z) * to_f32(m) + to_f32(a), z.dtype)
         y = tl.where(live[:, None], y, z)  # row 0: the unmodified z
         w = tl.load(
             w_ptr + n64[None, :] * stride_wn + k64[:, None] * stride_wk,
@@ -186,9 +160,9 @@ def _affine_linear_kernel(
         tl.store(part, acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += _to_f32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+            acc += to_f32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
         out = out_ptr + t64[:, None] * N + n64[None, :]
-        tl.store(out, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -209,8 +183,8 @@ def _split_k_sum_kernel(
     for s in tl.static_range(1, SPLIT):
         acc += tl.load(part_ptr + s * TN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += _to_f32(tl.load(bias_ptr + offs % N, mask=mask, other=0.0))
-    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+        acc += to_f32(tl.load(bias_ptr + offs % N, mask=mask, other=0.0))
+    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
