@@ -329,10 +329,10 @@ def test_steer_matches_reference(backend, dtype, act):
     same = _steer(c, rows, tables, act, kk, "torch", x=x)
     r = up(c)
     f, kinds, s = tables
-    ref = ops.sae_steer_ref(
+    ref = ops.sae_steer_ref(ops.SteerArgs(
         r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], r["threshold"] if act == "jumprelu" else None,
         f, kinds, s.double(), act, kk,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert fast.dtype == dtype and fast.shape == (T, d) and fast.is_contiguous()
     assert_2x(fast, same, ref, f"sae_steer[{backend}, {act}, {dtype}]")
     assert torch.equal(fast[rows == 0], c["x"][rows == 0]), "row-0 tokens changed"
@@ -351,7 +351,7 @@ def test_steer_topk_k(backend, k):
     r = up(c)
     f, kinds, s = tables
     ref = ops.sae_steer_ref(
-        r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], None, f, kinds, s.double(), "topk", k
+        ops.SteerArgs(r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], None, f, kinds, s.double(), "topk", k)
     )
     assert_2x(fast, same, ref, f"sae_steer[{backend}, topk, k={k}]")
 
@@ -469,7 +469,7 @@ def test_steer_backward_matches_autograd_of_reference(act):
         dx, ds = torch.autograd.grad(y, (x, st), grad)
         return y, dx, ds
 
-    y_ref, dx_ref, ds_ref = run(ops.sae_steer_ref)
+    y_ref, dx_ref, ds_ref = run(lambda *args: ops.sae_steer_ref(ops.SteerArgs(*args)))
     y_op, dx_op, ds_op = run(torch.ops.pysteer.sae_steer, "torch")
     torch.testing.assert_close(y_op, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(dx_op, dx_ref, rtol=1e-12, atol=1e-12)
