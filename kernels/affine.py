@@ -3,8 +3,8 @@
     y[t, h, :] = x[t, h, :] * M[r[t], h, :] + A[r[t], h, :]
 
 The contract (shapes, dtypes, row 0 bit-exact, fp32 compute, backward) is defined by the torch
-reference in ``pysteer/ops/affine.py``; these launchers are looked up by
-``get_impl("affine", name, "triton")``.
+reference in ``pysteer/ops/affine.py``, whose op bodies validate the arguments before these
+launchers (named in ``pysteer/ops/_registry.py``) run.
 
 Layout: one program per (block of ``BLOCK_T`` tokens) x (head ``h``) x (block of ``BLOCK_D``
 channels of that head). ``x`` may be strided in T and H; its last dim must have stride 1 (the
@@ -17,19 +17,16 @@ left unchanged and contributes no gradient) instead of reading out of bounds.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from pysteer._backend import BackendUnavailable, triton_interpreter
-from pysteer.ops.affine import check_affine_args
+from pysteer.ops._common import unit_stride_last
+
+from ._common import device_of, require_launchable, round_to, to_f32
 
 __all__ = ["affine_steer", "affine_steer_backward"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elements per program. The 15-line kernel in ../shared/GPU-BASELINES.md (1 token x 1024 channels
 # per program) reached 0.76 of copy bandwidth at T=4096 on an H100; 4096-element tiles give each of
@@ -37,33 +34,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_ELEMS = 4096
 _MAX_BLOCK_D = 1024
 _NUM_WARPS = 4
-
-
-@triton.jit
-def _to_f32(v):
-    """Widen ``v`` to fp32 exactly; bf16 by a shift, since the interpreter flushes bf16 subnormals."""
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def _round_to(y, dtype: tl.constexpr):
-    """Round fp32 ``y`` to ``dtype`` to nearest, ties to even (what torch's ``.to()`` does).
-
-    bf16 is rounded with integer ops instead of ``.to()``: Triton's interpreter truncates fp32 to
-    bf16 (in 425 of 1245 random products of a test tensor the result was 1 ulp off torch's), and one
-    code path for GPU and interpreter keeps the CPU tests meaningful. The kernels are memory-bound,
-    so a few integer ops per element cost nothing measurable.
-    """
-    if dtype == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(dtype)
 
 
 @triton.jit
@@ -116,9 +86,9 @@ def _affine_steer_fwd_kernel(
     else:
         a = tl.load(a_row + offs_d[None, :], mask=live_mask, other=0.0)
 
-    y = _to_f32(x) * _to_f32(m) + _to_f32(a)
+    y = to_f32(x) * to_f32(m) + to_f32(a)
     # Row 0 returns the loaded x itself, not x*1+0: that would turn -0.0 into +0.0.
-    y = tl.where(live[:, None], _round_to(y, x.dtype), x)
+    y = tl.where(live[:, None], round_to(y, x.dtype), x)
     tl.store(y_ptr + (t64[:, None] * H + h) * D + offs_d[None, :], y, mask=mask)
 
 
@@ -170,12 +140,12 @@ def _affine_steer_bwd_kernel(
     else:
         m = tl.load(m_row + offs_d[None, :], mask=live_mask, other=1.0)
 
-    g32 = _to_f32(g)
-    dx = tl.where(live[:, None], _round_to(g32 * _to_f32(m), g.dtype), g)
+    g32 = to_f32(g)
+    dx = tl.where(live[:, None], round_to(g32 * to_f32(m), g.dtype), g)
     tl.store(dx_ptr + dense, dx, mask=mask)
 
     g_live = tl.where(live_mask, g32, 0.0)
-    gx = g_live * _to_f32(x)
+    gx = g_live * to_f32(x)
 
     # Table gradients: fp32 atomics into [C, H, Dm] / [C, H, Da]. Prompt-shaped batches put every
     # token of a block on one row, so that case is reduced over the block first: one atomic per
@@ -204,29 +174,6 @@ def _affine_steer_bwd_kernel(
                 tl.atomic_add(da_ptr + (r64[:, None] * H + h) * D + offs_d[None, :], g_live, mask=live_mask)
 
 
-def _check_fast_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> None:
-    check_affine_args(x, rows, M, A)
-    for name, t in (("x", x), ("M", M), ("A", A)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"affine_steer (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}"
-            )
-    if x.device.type != "cuda" and not triton_interpreter():
-        raise BackendUnavailable(
-            f"affine_steer (triton): tensors are on {x.device}; Triton needs CUDA tensors unless TRITON_INTERPRET=1"
-        )
-
-
-def _last_dim_unit_stride(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is addressable with stride 1, else a contiguous copy."""
-    return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _tiles(T: int, D: int) -> tuple[int, int]:
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
     block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMS // block_d))
@@ -234,7 +181,7 @@ def _tiles(T: int, D: int) -> tuple[int, int]:
 
 
 def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
-    """Triton forward of ``pysteer::affine_steer``.
+    """Triton forward of ``pysteer::affine_steer`` (arguments validated by the op).
 
     Args:
         x: ``[T, H, D]`` fp32/fp16/bf16, any strides in T and H (copied if the D stride is not 1).
@@ -246,22 +193,19 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
         Contiguous ``[T, H, D]`` tensor of ``x``'s dtype, computed in fp32.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
         BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(x, rows, M, A)
+    require_launchable("affine_steer", x)
     T, H, D = x.shape
     C = M.shape[0]
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    x = _last_dim_unit_stride(x)
-    M = _last_dim_unit_stride(M)
-    A = _last_dim_unit_stride(A)
+    x, M, A = unit_stride_last(x), unit_stride_last(M), unit_stride_last(A)
     rows = rows.contiguous()
     block_t, block_d = _tiles(T, D)
     grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-    with _device_of(x):
+    with device_of(x):
         _affine_steer_fwd_kernel[grid](
             x,
             rows,
@@ -290,7 +234,7 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
 def affine_steer_backward(
     grad: Tensor, x: Tensor, rows: Tensor, M: Tensor, A: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward of ``pysteer::affine_steer``.
+    """Triton backward of ``pysteer::affine_steer`` (arguments validated by ``pysteer::affine_steer_backward``).
 
     Args:
         grad: ``[T, H, D]`` gradient of the output, ``x``'s dtype.
@@ -302,14 +246,11 @@ def affine_steer_backward(
         summed over D for a last dim of 1, accumulated in fp32 and cast to the table dtype.
         Row 0 of ``dM`` and ``dA`` is zero. Summation order follows atomics, so the table gradients
         are not bit-reproducible run to run.
+
+    Raises:
+        BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(x, rows, M, A)
-    if grad.shape != x.shape:
-        raise ValueError(f"affine_steer_backward: grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
-    if grad.dtype != x.dtype:
-        raise ValueError(f"affine_steer_backward: grad is {grad.dtype}, x is {x.dtype}")
-    if grad.device != x.device:
-        raise ValueError(f"affine_steer_backward: grad is on {grad.device}, x on {x.device}")
+    require_launchable("affine_steer", x)
     T, H, D = x.shape
     C = M.shape[0]
     dx = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
@@ -317,12 +258,11 @@ def affine_steer_backward(
     dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device)
     if dx.numel() > 0:
         grad = grad.contiguous()
-        x = _last_dim_unit_stride(x)
-        M = _last_dim_unit_stride(M)
+        x, M = unit_stride_last(x), unit_stride_last(M)
         rows = rows.contiguous()
         block_t, block_d = _tiles(T, D)
         grid = (triton.cdiv(T, block_t), H, triton.cdiv(D, block_d))
-        with _device_of(x):
+        with device_of(x):
             _affine_steer_bwd_kernel[grid](
                 grad,
                 x,

@@ -3,8 +3,8 @@
     o[t] = W @ (z[t] * M[r[t]] + A[r[t]]) + bias
 
 The contract (shapes, dtypes, row 0, fp32 accumulation) is the torch reference in
-``pysteer/ops/affine_linear.py``; :func:`affine_linear` is looked up by
-``get_impl("affine_linear", "affine_linear", "triton")``.
+``pysteer/ops/affine_linear.py``, whose op body validates the arguments before
+:func:`affine_linear` (named in ``pysteer/ops/_registry.py``) runs.
 
 One GEMM kernel, ``out[T, N] = steer(z)[T, K] @ W[N, K]^T``, whose z-operand load applies the edit:
 each program loads a ``[BLOCK_T, BLOCK_K]`` tile of ``z``, the rows of its tokens, and the matching
@@ -35,7 +35,6 @@ Rows outside ``[0, C)`` are outside the contract; the kernel treats them like ro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -44,12 +43,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pysteer._backend import BackendUnavailable, triton_interpreter
-from pysteer.ops.affine_linear import check_affine_linear_args
+from pysteer._backend import triton_interpreter
+
+from ._common import device_of, require_launchable, round_to, to_f32
 
 __all__ = ["affine_linear"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DECODE_MAX_T = 64
 # Split K until about this many programs per SM at decode sizes (bandwidth needs many loads in flight).
 _PROGRAMS_PER_SM = 2
@@ -60,36 +59,10 @@ _DEFAULT_SMS = 132
 
 
 @triton.jit
-def _to_f32(v):
-    """Widen ``v`` to fp32 exactly; bf16 by a shift, since the interpreter flushes bf16 subnormals."""
-    if v.dtype == tl.bfloat16:
-        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def _round_to(y, dtype: tl.constexpr):
-    """Round fp32 ``y`` to ``dtype`` to nearest even, as torch's ``.to()`` does.
-
-    bf16 is rounded on the bits: the interpreter truncates fp32 -> bf16, and one code path for GPU
-    and interpreter keeps the CPU tests meaningful. A few integer ops per element of the z tile
-    cost nothing next to the dot.
-    """
-    if dtype == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(dtype)
-
-
-@triton.jit
 def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
     """``acc += a @ b`` in fp32. The interpreter computes bf16 dots wrongly, so it gets fp32 operands."""
     if INTERPRET:
-        acc = tl.dot(_to_f32(a), _to_f32(b), acc, input_precision="ieee")
+        acc = tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -172,7 +145,7 @@ def _affine_linear_kernel(
         live_k = live[:, None] & mask_k[None, :]
         m = tl.load(m_rows + head[None, :] * stride_mh + chan[None, :] * stride_md, mask=live_k, other=1.0)
         a = tl.load(a_rows + head[None, :] * stride_ah + chan[None, :] * stride_ad, mask=live_k, other=0.0)
-        y = _round_to(_to_f32(z) * _to_f32(m) + _to_f32(a), z.dtype)
+        y = round_to(to_f32(z) * to_f32(m) + to_f32(a), z.dtype)
         y = tl.where(live[:, None], y, z)  # row 0: the unmodified z
         w = tl.load(
             w_ptr + n64[None, :] * stride_wn + k64[:, None] * stride_wk,
@@ -187,9 +160,9 @@ def _affine_linear_kernel(
         tl.store(part, acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += _to_f32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+            acc += to_f32(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
         out = out_ptr + t64[:, None] * N + n64[None, :]
-        tl.store(out, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -210,8 +183,8 @@ def _split_k_sum_kernel(
     for s in tl.static_range(1, SPLIT):
         acc += tl.load(part_ptr + s * TN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += _to_f32(tl.load(bias_ptr + offs % N, mask=mask, other=0.0))
-    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+        acc += to_f32(tl.load(bias_ptr + offs % N, mask=mask, other=0.0))
+    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,24 +234,6 @@ def choose_config(T: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     return LaunchConfig(block_t, block_n, block_k, split_k=split, group_t=1, num_warps=4, num_stages=4)
 
 
-def _check_fast_args(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None) -> None:
-    check_affine_linear_args(z, rows, M, A, W, bias)
-    for name, t in (("z", z), ("M", M), ("A", A)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"affine_linear (triton): {name} must be float32, float16 or bfloat16, got {t.dtype}"
-            )
-    if z.device.type != "cuda" and not triton_interpreter():
-        raise BackendUnavailable(
-            f"affine_linear (triton): tensors are on {z.device}; Triton needs CUDA tensors unless TRITON_INTERPRET=1"
-        )
-
-
-def _device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Make ``t``'s GPU current for the launch (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def launch(
     z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None, config: LaunchConfig
 ) -> Tensor:
@@ -286,9 +241,10 @@ def launch(
 
     ``config.split_k > 1`` writes fp32 partials and sums them in a second kernel; any split is
     valid (the split is rounded to whole ``block_k`` steps), which the tests use to check the
-    split path on shapes too small for :func:`choose_config` to split.
+    split path on shapes too small for :func:`choose_config` to split. The arguments are trusted
+    (validated by the op body); only the device is checked.
     """
-    _check_fast_args(z, rows, M, A, W, bias)
+    require_launchable("affine_linear", z)
     T, K = z.shape
     N = W.shape[0]
     C, H = M.shape[0], M.shape[1]
@@ -306,7 +262,7 @@ def launch(
     partials = torch.empty((split, T, N), dtype=torch.float32, device=z.device) if split > 1 else None
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     grid = (triton.cdiv(T, config.block_t) * triton.cdiv(N, config.block_n), split)
-    with _device_of(z):
+    with device_of(z):
         _affine_linear_kernel[grid](
             z,
             rows,
@@ -358,7 +314,7 @@ def launch(
 
 
 def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
-    """Triton forward of ``pysteer::affine_linear``.
+    """Triton forward of ``pysteer::affine_linear`` (arguments validated by the op).
 
     Args:
         z: ``[T, H*D]`` fp32/fp16/bf16, any strides.
@@ -372,9 +328,7 @@ def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias
         Contiguous ``[T, out]`` tensor of ``z``'s dtype, accumulated in fp32.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
         BackendUnavailable: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_fast_args(z, rows, M, A, W, bias)
     config = choose_config(z.shape[0], W.shape[0], z.shape[1], z.dtype, z.device)
     return launch(z, rows, M, A, W, bias, config)

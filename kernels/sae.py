@@ -663,30 +663,18 @@ def _sae_steer_apply_kernel(
     tl.store(out_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :], tl.where(keep, x, y), mask=mask)
 
 
-def sae_steer(
-    x: Tensor,
-    rows: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    W_dec: Tensor,
-    b_dec: Tensor | None,
-    threshold: Tensor | None,
-    features: Tensor,
-    kinds: Tensor,
-    strengths: Tensor,
-    act: str,
-    k: int,
-) -> Tensor:
+def sae_steer(a: _ops.SteerArgs) -> Tensor:
     """``y = x + W_dec[S]^T (f'_S - f_S)`` per token; ``[T, d]`` contiguous in ``x``'s dtype."""
+    x, W_enc, b_enc, b_dec, act, k = a.x, a.W_enc, a.b_enc, a.b_dec, a.act, a.k
     T, D = x.shape
-    n_feat = features.shape[0]
+    n_feat = a.features.shape[0]
     out = torch.empty((T, D), dtype=x.dtype, device=x.device)
     if T == 0 or D == 0:
         return out
-    features = features.contiguous()
-    kinds = kinds.contiguous()
-    strengths = strengths.contiguous()
-    rows = rows.contiguous()
+    features = a.features.contiguous()
+    kinds = a.kinds.contiguous()
+    strengths = a.strengths.contiguous()
+    rows = a.rows.contiguous()
     interp = triton_interpreter()
     df = torch.empty((T, n_feat), dtype=torch.float32, device=x.device)
     BT = max(16, min(_pow2(T), 64 if interp else (16 if T <= 16 else 64)))
@@ -703,7 +691,7 @@ def sae_steer(
         _sae_steer_coeff_kernel[(triton.cdiv(T, BT), triton.cdiv(n_feat, BF))](
             x, rows, W_enc, b_enc,
             b_dec if b_dec is not None else b_enc,
-            threshold if threshold is not None else b_enc,
+            a.threshold if a.threshold is not None else b_enc,
             features, kinds, strengths, df, T, D, n_feat,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
             HAS_B_DEC=b_dec is not None, ACT=_ACT_CODE[act], INTERPRET=interp,
@@ -711,8 +699,8 @@ def sae_steer(
         )  # fmt: skip
     BD = max(16, min(_pow2(D), 512 if interp else 128))
     _sae_steer_apply_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD))](
-        x, rows, df, W_dec, features, out, T, D, n_feat,
-        x.stride(0), x.stride(1), W_dec.stride(0), W_dec.stride(1),
+        x, rows, df, a.W_dec, features, out, T, D, n_feat,
+        x.stride(0), x.stride(1), a.W_dec.stride(0), a.W_dec.stride(1),
         BLOCK_T=BT, BLOCK_D=BD, BLOCK_F=BF, INTERPRET=interp, num_warps=4,
     )  # fmt: skip
     return out

@@ -137,10 +137,32 @@ def test_registry_maps_backends_to_their_implementations():
     assert cuda_impl.__module__ == "pysteer.ops.cuda_affine"
 
 
+def test_op_table_lists_every_registered_op_once():
+    """``FAMILIES`` names each ``pysteer::`` op exactly once, and its torch / CUDA parts resolve."""
+    from pysteer.ops._registry import FAMILIES, resolve
+
+    table = [op for family in FAMILIES.values() for op in family.ops]
+    registered = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pysteer::"))
+    assert sorted(f"pysteer::{op.name}" for op in table) == registered
+    for family in FAMILIES.values():
+        for op in family.ops:
+            declared = resolve(op.declared)
+            assert declared._qualname == f"pysteer::{op.name}"
+            assert op.declared.startswith(family.module + ":") and op.torch.startswith(family.module + ":")
+            for target in (op.fake, op.autograd, op.torch, op.cuda):
+                if target is not None:
+                    assert callable(resolve(target)), target
+
+
 def test_registry_triton_implementation_lives_in_kernels():
     pytest.importorskip("triton", reason="triton is not installed")
     assert get_impl("affine", "affine_steer", "triton").__module__ == "pysteer.kernels.affine"
     assert get_impl("affine", "affine_steer_backward", "triton").__module__ == "pysteer.kernels.affine"
+    from pysteer.ops._registry import FAMILIES, resolve
+
+    for family in FAMILIES.values():
+        for op in family.ops:
+            assert callable(resolve(op.triton)), op.triton
 
 
 def test_registered_op_dispatches_on_its_backend_argument(monkeypatch, request):

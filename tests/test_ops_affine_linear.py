@@ -16,20 +16,27 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _ops_helpers import (
+    DEVICE,
+    HOST_PRELUDE,
+    assert_within_oracle,
+    c_entry_points,
+    emulate_launches,
+    fast_backends,
+    host_cuda,
+    skip_without_cuda_ext,
+    strip_binding,
+)
 from conftest import requires_cuda, requires_triton
 
 from pysteer._backend import BackendUnavailable, triton_interpreter
 from pysteer.ops import affine_linear, affine_linear_ref
 from pysteer.ops._registry import get_impl
 from pysteer.ops.affine_linear import affine_linear_backward_ref
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROOT = Path(__file__).resolve().parents[1]
 
 NUM_TOKENS = [1, 3, 17]
 # (H, D, out): odd head dims (3 x 13 = 39 channels is no multiple of any tile or 16-byte pack) and
@@ -45,22 +52,8 @@ TABLE_CASES = [
 ]
 
 
-def _cuda_ext_has_affine_linear() -> bool:
-    try:
-        ext = importlib.import_module("pysteer._C")
-    except ImportError:
-        return False
-    return hasattr(ext, "affine_linear_fwd")
-
-
-requires_cuda_ext = pytest.mark.skipif(
-    not _cuda_ext_has_affine_linear(),
-    reason="pysteer._C is not built with csrc/affine_linear.cu (install with nvcc present)",
-)
-FAST_BACKENDS = [
-    pytest.param("triton", marks=requires_triton),
-    pytest.param("cuda", marks=[requires_cuda, requires_cuda_ext]),
-]
+requires_cuda_ext = skip_without_cuda_ext("affine_linear_fwd")
+FAST_BACKENDS = fast_backends("affine_linear_fwd")
 
 
 def make_inputs(
@@ -113,19 +106,6 @@ def ref64(z, rows, M, A, W, bias) -> torch.Tensor:
     y = torch.where((r == 0)[:, None, None], z3, z3 * M.double()[r] + A.double()[r])
     out = y.reshape(T, K) @ W.double().t()
     return out + bias.double() if bias is not None else out
-
-
-def assert_within_oracle(
-    fast: torch.Tensor, same_dtype: torch.Tensor, want64: torch.Tensor, what: str
-) -> None:
-    """``max|fast - want64| <= 2 * max|same_dtype - want64| + one unit of fast's dtype at want64's scale``."""
-    assert fast.shape == want64.shape and fast.dtype == same_dtype.dtype, what
-    if fast.numel() == 0:
-        return
-    err = (fast.double() - want64).abs().max().item()
-    base = (same_dtype.double() - want64).abs().max().item()
-    floor = torch.finfo(fast.dtype).eps * max(1.0, want64.abs().max().item())
-    assert err <= 2 * base + floor, f"{what}: fast error {err:.3g} > 2 x torch error {base:.3g} + {floor:.3g}"
 
 
 def check_forward(out: torch.Tensor, z, rows, M, A, W, bias) -> None:
@@ -483,31 +463,14 @@ def test_cuda_extension_empty_batch_needs_no_device():
 # variables are function statics (one block runs at a time). Dynamic shared memory is filled with 0xFF bytes
 # (NaN in every float type) so reading an unstaged element shows. This checks the kernel's
 # indexing, staging, K chunking, token buckets, 16-byte packing and reductions on a machine
-# without a GPU; device code generation is what the nvcc build and the GPU tests check.
+# without a GPU, through the real wrapper (pysteer/ops/cuda_affine_linear.py); device code
+# generation is what the nvcc build and the GPU tests check.
 
-_HOST_SHIM = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <math.h>
+_HOST_SHIM = HOST_PRELUDE + r"""
 #include <ucontext.h>
 #include <climits>
-#include <cstdint>
-#include <cstring>
 #include <functional>
-#include <stdexcept>
-#include <string>
-#include <vector>
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
-#undef __global__
-#define __global__
-#undef __device__
-#define __device__
-#undef __forceinline__
-#define __forceinline__ inline
-#define __restrict__
-#define __launch_bounds__(n)
-#undef __shared__
-#define __shared__ static
 // Each CUDA thread of a block is a fiber; a thread waiting at a barrier yields to the scheduler.
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; bool done; };
 static std::vector<EmuFiber> emu_fibers;
@@ -533,16 +496,6 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return other;
 }
 static void emu_trampoline() { emu_body(); emu_fibers[emu_current].done = true; }
-static int emu_device = 0;
-inline cudaError_t emu_get_device(int* d) { *d = emu_device; return cudaSuccess; }
-inline cudaError_t emu_set_device(int d) { emu_device = d; return cudaSuccess; }
-inline cudaError_t emu_last_error() { return cudaSuccess; }
-inline const char* emu_error_string(cudaError_t) { return ""; }
-#define cudaGetDevice emu_get_device
-#define cudaSetDevice emu_set_device
-#define cudaGetLastError emu_last_error
-#define cudaGetErrorString emu_error_string
-namespace py { using value_error = std::invalid_argument; }
 template <typename K, typename... Args>
 void emulate(unsigned grid, int threads, size_t smem, K kernel, Args... args) {
   std::vector<unsigned char> dynamic(smem + 16);
@@ -578,102 +531,24 @@ void emulate(unsigned grid, int threads, size_t smem, K kernel, Args... args) {
 }
 """
 
-_HOST_API = r"""
-static std::string emu_error;
-extern "C" const char* emu_last_message() { return emu_error.c_str(); }
-extern "C" int emu_fwd(uintptr_t z, int64_t z_st, uintptr_t rows, uintptr_t M, int64_t m_sc, int64_t m_sh,
-                       int64_t m_sd, int64_t Dm, uintptr_t A, int64_t a_sc, int64_t a_sh, int64_t a_sd,
-                       int64_t Da, uintptr_t W, int64_t w_sn, uintptr_t bias, uintptr_t out, int64_t T,
-                       int64_t H, int64_t D, int64_t N, int64_t C, int dtype, int table_dtype) {
-  try {
-    pysteer_affine_linear::affine_linear_fwd(z, z_st, rows, M, m_sc, m_sh, m_sd, Dm, A, a_sc, a_sh, a_sd, Da,
-                                             W, w_sn, bias, out, T, H, D, N, C, dtype, table_dtype, 0, 0);
-  } catch (const std::exception& e) { emu_error = e.what(); return 1; }
-  return 0;
-}
-"""
+def _host_source(cu: str) -> tuple[str, dict[str, list]]:
+    """csrc/affine_linear.cu with the launch turned into an emulated grid, the binding dropped, a C entry point added."""
+    drop = ("#include <cuda_runtime.h>", "#include <pybind11/pybind11.h>", "namespace py = pybind11;")
+    cu = strip_binding(cu, "affine_linear.cu", "void pysteer_register_affine_linear(", drop)
+    smem = r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];"
+    cu, n_smem = re.subn(smem, r"unsigned char* \1 = emu_dynamic_smem;", cu)
+    assert n_smem == 1, "csrc/affine_linear.cu's dynamic shared memory changed; update _host_source"
+    launch = r"(\w+<[^<>]*>)<<<(\w+), (\w+), (\w+), \w+>>>\("
+    cu = emulate_launches(cu, "affine_linear.cu", launch, r"emulate(\2, \3, \4, \1, ", 1)
+    api, signatures = c_entry_points(cu, "pysteer_affine_linear", "affine_linear_fwd")
+    assert list(signatures) == ["affine_linear_fwd"], sorted(signatures)
+    return _HOST_SHIM + cu + api, signatures
 
 
-def _host_source(cu: str) -> str:
-    """csrc/affine_linear.cu with the launch turned into an emulated grid and the binding dropped."""
-    for line in ("#include <cuda_runtime.h>", "#include <pybind11/pybind11.h>", "namespace py = pybind11;"):
-        assert line in cu, f"csrc/affine_linear.cu changed shape ({line!r}); update _host_source"
-        cu = cu.replace(line, "")
-    cu = cu[: cu.index("void pysteer_register_affine_linear(")]
-    cu, n_smem = re.subn(
-        r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];",
-        r"unsigned char* \1 = emu_dynamic_smem;",
-        cu,
-    )
-    cu, n_launch = re.subn(r"(\w+<[^<>]*>)<<<(\w+), (\w+), (\w+), \w+>>>\(", r"emulate(\2, \3, \4, \1, ", cu)
-    assert n_smem == 1 and n_launch == 1, "csrc/affine_linear.cu changed shape; update _host_source"
-    return _HOST_SHIM + cu + _HOST_API
-
-
-@pytest.fixture(scope="module")
-def host_cuda_kernel(tmp_path_factory):
-    """ctypes handle on csrc/affine_linear.cu compiled for the host (skips without g++ or the CUDA headers)."""
-    import ctypes
-    import os
-    import shutil
-    import subprocess
-
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    if cxx is None or not (include / "cuda_fp16.h").exists():
-        pytest.skip(f"needs a host C++ compiler and the CUDA headers (looked for {include / 'cuda_fp16.h'})")
-    build = tmp_path_factory.mktemp("affine_linear_host")
-    src = build / "affine_linear_host.cpp"
-    src.write_text(_host_source((ROOT / "csrc" / "affine_linear.cu").read_text()))
-    lib = build / "libaffine_linear_host.so"
-    cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-I", str(include), "-I", str(ROOT / "csrc"), str(src), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    so = ctypes.CDLL(str(lib))
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int
-    so.emu_fwd.argtypes = [
-        ptr,
-        i64,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        i64,
-        i64,
-        ptr,
-        i64,
-        i64,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ptr,
-    ]
-    so.emu_fwd.argtypes += [i64] * 5 + [i32, i32]
-    so.emu_last_message.restype = ctypes.c_char_p
-    return so
-
-
-def _host_forward(so, z, rows, M, A, W, bias):
-    """The argument handling of pysteer/ops/cuda_affine_linear.py, calling the host-compiled kernel."""
-    from pysteer.ops._cuda_common import DTYPE_CODES
-
-    T, K = z.shape
-    N, C, H = W.shape[0], M.shape[0], M.shape[1]
-    if not (M.dtype == A.dtype and M.dtype in (z.dtype, torch.float32)):
-        M, A = M.float(), A.float()
-    z = z if z.stride(1) == 1 else z.contiguous()
-    W = W if W.stride(1) == 1 else W.contiguous()
-    out = torch.empty(T, N, dtype=z.dtype)
-    rc = so.emu_fwd(
-        z.data_ptr(), z.stride(0), rows.data_ptr(),
-        M.data_ptr(), *M.stride(), M.shape[2], A.data_ptr(), *A.stride(), A.shape[2],
-        W.data_ptr(), W.stride(0), bias.data_ptr() if bias is not None else 0, out.data_ptr(),
-        T, H, K // H, N, C, DTYPE_CODES[z.dtype], DTYPE_CODES[M.dtype],
-    )  # fmt: skip
-    assert rc == 0, so.emu_last_message().decode()
-    return out
+@pytest.fixture
+def host_cuda_kernel(tmp_path_factory, monkeypatch):
+    """``fast_forward("cuda")`` runs the host build of csrc/affine_linear.cu."""
+    return host_cuda("affine_linear", _host_source, tmp_path_factory, monkeypatch)
 
 
 def _cpu(args):
@@ -690,13 +565,13 @@ HOST_SHAPES = [(1, 4, 16, 40), (3, 3, 13, 24), (17, 2, 8, 40), (64, 3, 13, 24), 
 def test_cuda_kernel_on_host_matches_reference(host_cuda_kernel, T, H, D, N, dtype):
     for C, dm, da, bias in TABLE_CASES[1:3]:
         args = _cpu(make_inputs(T, H, D, N, C, dtype, (dm, da), bias, seed=T))
-        check_forward(_host_forward(host_cuda_kernel, *args), *args)
+        check_forward(fast_forward("cuda")(*args), *args)
 
 
 def test_cuda_kernel_on_host_walks_k_in_chunks(host_cuda_kernel):
     """64 fp32 tokens stage 128 channels at a time (48 KiB), so K = 4 * 96 takes three chunks."""
     args = _cpu(make_inputs(64, 4, 96, 16, 3, torch.float32, ("full", "scalar")))
-    check_forward(_host_forward(host_cuda_kernel, *args), *args)
+    check_forward(fast_forward("cuda")(*args), *args)
 
 
 def test_cuda_kernel_on_host_strided_and_mixed_dtypes(host_cuda_kernel):
@@ -706,7 +581,7 @@ def test_cuda_kernel_on_host_strided_and_mixed_dtypes(host_cuda_kernel):
     wide[:, 8:40] = z
     Ms = M.float().transpose(1, 2).contiguous().transpose(1, 2)
     check_forward(
-        _host_forward(host_cuda_kernel, wide[:, 8:40], rows, Ms, A.float(), W, bias),
+        fast_forward("cuda")(wide[:, 8:40], rows, Ms, A.float(), W, bias),
         z,
         rows,
         M.float(),
@@ -717,13 +592,13 @@ def test_cuda_kernel_on_host_strided_and_mixed_dtypes(host_cuda_kernel):
     buf = torch.empty(W.numel() + 1, dtype=W.dtype)
     buf[1:] = W.flatten()
     W_unaligned = buf[1:].view(W.shape)
-    check_forward(_host_forward(host_cuda_kernel, z, rows, M, A, W_unaligned, None), z, rows, M, A, W, None)
+    check_forward(fast_forward("cuda")(z, rows, M, A, W_unaligned, None), z, rows, M, A, W, None)
 
 
 def test_cuda_kernel_on_host_leaves_out_of_range_rows_alone(host_cuda_kernel):
     z, rows, M, A, W, bias = _cpu(make_inputs(4, 3, 13, 24, 3, torch.float32))
     rows = torch.tensor([-1, 3, 99, 1], dtype=torch.int32)
-    out = _host_forward(host_cuda_kernel, z, rows, M, A, W, bias)
+    out = fast_forward("cuda")(z, rows, M, A, W, bias)
     check_forward(out, z, torch.tensor([0, 0, 0, 1], dtype=torch.int32), M, A, W, bias)
 
 

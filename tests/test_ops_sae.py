@@ -9,16 +9,22 @@ the comparison never needs masking.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from _ops_helpers import (
+    HOST_PRELUDE,
+    assert_within_oracle,
+    c_entry_points,
+    cuda_ext_missing,
+    emulate_launches,
+    host_cuda,
+    host_skip_reason,
+    strip_binding,
+)
 
 from pysteer.ops import sae as ops
 from pysteer.ops.sae import (
@@ -50,26 +56,15 @@ def _triton_skip_reason() -> str | None:
 def _cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device on this machine"
-    try:
-        from pysteer import _C
-    except ImportError as err:
-        return f"pysteer._C is not built ({err})"
-    if not hasattr(_C, "sae_steer_apply"):
-        return "pysteer._C was built without csrc/sae.cu"
-    return None
+    return cuda_ext_missing("sae_steer_apply")
 
 
 def _host_skip_reason() -> str | None:
     if DEVICE == "cuda":
         return "a CUDA device is present: the compiled kernels run instead of their host emulation"
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return "no host C++ compiler (g++) to emulate the CUDA kernels"
-    if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
-        return f"no CUDA headers at {CUDA_INCLUDE} to emulate the CUDA kernels"
-    return None
+    return host_skip_reason()
 
 
-CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 _TRITON_SKIP = _triton_skip_reason()
 _CUDA_SKIP = _cuda_skip_reason()
 _HOST_SKIP = _host_skip_reason()
@@ -167,14 +162,9 @@ def edit_tables(m: int, n_rows: int = 4, seed: int = 0) -> tuple[torch.Tensor, t
 
 
 def assert_2x(fast: torch.Tensor, same: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert fast.shape == ref.shape and same.shape == ref.shape, what
+    """The 2x oracle with a floor of 8 fp32 units (the SAE ops sum over d or k in fp32)."""
     assert torch.isfinite(fast).all(), f"{what}: non-finite output"
-    e_fast = (fast.double() - ref).abs().max().item()
-    e_same = (same.double() - ref).abs().max().item()
-    floor = 8 * torch.finfo(torch.float32).eps * max(ref.abs().max().item(), 1.0)
-    assert e_fast <= 2 * e_same + floor, (
-        f"{what}: error {e_fast:.3g} > 2 x torch's {e_same:.3g} + {floor:.2g}"
-    )
+    assert_within_oracle(fast, same, ref, what, floor_eps=8 * torch.finfo(torch.float32).eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,10 +319,10 @@ def test_steer_matches_reference(backend, dtype, act):
     same = _steer(c, rows, tables, act, kk, "torch", x=x)
     r = up(c)
     f, kinds, s = tables
-    ref = ops.sae_steer_ref(
+    ref = ops.sae_steer_ref(ops.SteerArgs(
         r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], r["threshold"] if act == "jumprelu" else None,
         f, kinds, s.double(), act, kk,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert fast.dtype == dtype and fast.shape == (T, d) and fast.is_contiguous()
     assert_2x(fast, same, ref, f"sae_steer[{backend}, {act}, {dtype}]")
     assert torch.equal(fast[rows == 0], c["x"][rows == 0]), "row-0 tokens changed"
@@ -351,7 +341,7 @@ def test_steer_topk_k(backend, k):
     r = up(c)
     f, kinds, s = tables
     ref = ops.sae_steer_ref(
-        r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], None, f, kinds, s.double(), "topk", k
+        ops.SteerArgs(r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], None, f, kinds, s.double(), "topk", k)
     )
     assert_2x(fast, same, ref, f"sae_steer[{backend}, topk, k={k}]")
 
@@ -469,7 +459,7 @@ def test_steer_backward_matches_autograd_of_reference(act):
         dx, ds = torch.autograd.grad(y, (x, st), grad)
         return y, dx, ds
 
-    y_ref, dx_ref, ds_ref = run(ops.sae_steer_ref)
+    y_ref, dx_ref, ds_ref = run(lambda *args: ops.sae_steer_ref(ops.SteerArgs(*args)))
     y_op, dx_op, ds_op = run(torch.ops.pysteer.sae_steer, "torch")
     torch.testing.assert_close(y_op, y_ref, rtol=0, atol=0)
     torch.testing.assert_close(dx_op, dx_ref, rtol=1e-12, atol=1e-12)
@@ -708,38 +698,13 @@ def test_cuda_backend_rejects_host_tensors_with_a_clear_error():
 # the same Python wrappers (pysteer/ops/cuda_sae.py) that drive pysteer._C. Device code generation
 # and timing are what a GPU run checks.
 
-_HOST_SHIM = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+_HOST_SHIM = HOST_PRELUDE + r"""
 #include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
-#include <string>
 #include <thread>
-#include <vector>
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
-#define __global__
-#undef __device__
-#define __device__
-#undef __forceinline__
-#define __forceinline__ inline
-#define __restrict__
-#define __launch_bounds__(n)
-#define __shared__ static
-inline cudaError_t emu_get_device(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t emu_set_device(int) { return cudaSuccess; }
-inline cudaError_t emu_last_error() { return cudaSuccess; }
-inline const char* emu_error_string(cudaError_t) { return ""; }
-#define cudaGetDevice emu_get_device
-#define cudaSetDevice emu_set_device
-#define cudaGetLastError emu_last_error
-#define cudaGetErrorString emu_error_string
-namespace py { using value_error = std::invalid_argument; }
 struct EmuBlock {
   std::unique_ptr<std::barrier<>> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
@@ -818,96 +783,36 @@ void emulate(dim3 grid, dim3 block, K kernel, Args... args) {
 }
 """
 
-_CTYPES = {
-    "uintptr_t": ctypes.c_size_t,
-    "int64_t": ctypes.c_int64,
-    "int": ctypes.c_int,
-    "bool": ctypes.c_bool,
-}
-
 
 def _host_source(cu: str) -> tuple[str, dict[str, list]]:
     """csrc/sae.cu with launches turned into ``emulate(...)`` calls and a C entry point per host function."""
-    for line in ("#include <cuda_runtime.h>", "#include <pybind11/pybind11.h>", "namespace py = pybind11;"):
-        cu = cu.replace(line, "")
-    cu = cu[: cu.index("// Registered by PYBIND11_MODULE")]
+    drop = ("#include <cuda_runtime.h>", "#include <pybind11/pybind11.h>", "namespace py = pybind11;")
+    cu = strip_binding(cu, "sae.cu", "// Registered by PYBIND11_MODULE", drop)
     # The top-k select is written for any block size that is a multiple of 32; emulated with 512 OS
     # threads its ~30 block barriers cost 0.26 s per token on 2 cores, so it runs with 64 here.
     select = "constexpr int kSelectThreads = 512;"
     assert select in cu, "csrc/sae.cu's select block size changed; update _host_source"
     cu = cu.replace(select, "constexpr int kSelectThreads = 64;")
-    cu, launches = re.subn(r"(\w+<[^<>]*>)\s*<<<([^,]+), ([^,]+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", cu)
-    assert launches == 16, f"csrc/sae.cu has {launches} launches (expected 16); update _host_source"
-    api = [
-        "static std::string emu_error;",
-        'extern "C" const char* emu_last_message() { return emu_error.c_str(); }',
-    ]
-    signatures = {}
-    for name, params in re.findall(r"^void (sae_\w+)\(([^)]*)\) \{", cu, flags=re.M):
-        typed = [p.split() for p in " ".join(params.split()).split(", ")]
-        signatures[name] = [_CTYPES[t] for t, _ in typed]
-        call = f"pysteer_sae::{name}({', '.join(n for _, n in typed)});"
-        api.append(
-            f'extern "C" int emu_{name}({params}) {{ try {{ {call} }} '
-            "catch (const std::exception& e) { emu_error = e.what(); return 1; } return 0; }"
-        )
+    cu = emulate_launches(cu, "sae.cu", r"(\w+<[^<>]*>)\s*<<<([^,]+), ([^,]+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", 16)
+    api, signatures = c_entry_points(cu, "pysteer_sae", "sae_")
     assert len(signatures) == 6, sorted(signatures)
-    return _HOST_SHIM + cu + "\n".join(api) + "\n", signatures
-
-
-class _HostExtension:
-    """Stands in for ``pysteer._C``: the same function names, backed by the host build."""
-
-    def __init__(self, lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
-        lib.emu_last_message.restype = ctypes.c_char_p
-        for name, types in signatures.items():
-            fn = getattr(lib, f"emu_{name}")
-            fn.argtypes, fn.restype = types, ctypes.c_int
-            setattr(self, name, self._checked(lib, fn))
-
-    @staticmethod
-    def _checked(lib, fn):
-        def call(*args):
-            if fn(*args) != 0:
-                raise ValueError(lib.emu_last_message().decode())
-
-        return call
-
-
-@pytest.fixture(scope="module")
-def _host_extension(tmp_path_factory) -> _HostExtension:
-    root = Path(__file__).resolve().parents[1]
-    build = tmp_path_factory.mktemp("sae_host")
-    source, signatures = _host_source((root / "csrc" / "sae.cu").read_text())
-    (build / "sae_host.cpp").write_text(source)
-    lib = build / "libsae_host.so"
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(CUDA_INCLUDE), "-I", str(root / "csrc")]
-    proc = subprocess.run([*cmd, str(build / "sae_host.cpp"), "-o", str(lib)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return _HostExtension(ctypes.CDLL(str(lib)), signatures)
+    return _HOST_SHIM + cu + api, signatures
 
 
 @pytest.fixture
-def cuda_kernels_on_host(_host_extension, monkeypatch):
+def cuda_kernels_on_host(tmp_path_factory, monkeypatch):
     """Route pysteer/ops/cuda_sae.py to the host build, with host tensors standing in for device ones."""
-    from pysteer.ops import cuda_sae
-
-    monkeypatch.setattr(cuda_sae, "extension", lambda: _host_extension)
-    monkeypatch.setattr(cuda_sae, "require_cuda", lambda op, **tensors: torch.device("cpu"))
-    monkeypatch.setattr(cuda_sae, "device_index", lambda device: 0)
-    monkeypatch.setattr(cuda_sae, "stream_handle", lambda device: 0)
-    return _host_extension
+    return host_cuda("sae", _host_source, tmp_path_factory, monkeypatch, std="c++20")
 
 
 @pytest.mark.skipif(_HOST_SKIP is not None, reason=_HOST_SKIP or "")
-def test_cuda_host_functions_reject_bad_sizes(_host_extension):
+def test_cuda_host_functions_reject_bad_sizes(cuda_kernels_on_host):
     with pytest.raises(ValueError, match=r"k must be in \[1, min\(m, 1024\)\]"):
-        _host_extension.sae_topk_select(0, 1, 10, 11, 0, 0, 0, 0, 0)
+        cuda_kernels_on_host.sae_topk_select(0, 1, 10, 11, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="unknown dtype code 7"):
-        _host_extension.sae_decode_sparse(0, True, 0, 1, 0, 1, 1, 0, 0, 1, 4, 7, 0, 0)
+        cuda_kernels_on_host.sae_decode_sparse(0, True, 0, 1, 0, 1, 1, 0, 0, 1, 4, 7, 0, 0)
     with pytest.raises(ValueError, match="jumprelu needs a threshold"):
-        _host_extension.sae_steer_coeff(0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 4, 1, 2, 0, 0, 0)
+        cuda_kernels_on_host.sae_steer_coeff(0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 4, 1, 2, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Op registry: every op is declared once with ``torch.library`` and implemented per backend."""
+"""Ops: each family is declared once with ``torch.library`` and implemented per backend.
+
+Where every part of every op lives is the table ``_registry.FAMILIES``.
+"""
 
 from . import sae  # registers the pysteer::sae_* ops (no Triton, no CUDA)
 from .affine import affine_steer, affine_steer_ref, check_affine_args

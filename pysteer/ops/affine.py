@@ -18,15 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import check_kernel_dtypes
 from ._registry import get_impl
 
 # ---------------------------------------------------------------------------------------------
-# validation (shared by every backend, runs before any kernel)
+# validation: once per call, in the op bodies below, for every backend (before any kernel)
 # ---------------------------------------------------------------------------------------------
 
 
-def check_affine_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> None:
-    """Raise ``ValueError`` naming the first problem with the op's arguments."""
+def check_affine_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor, backend: str = "torch") -> None:
+    """Raise ``ValueError`` naming the first problem with the op's arguments.
+
+    ``backend`` other than ``"torch"`` also requires fp32/fp16/bf16 ``x``, ``M`` and ``A`` (what the
+    kernels are instantiated for); the torch reference also takes float64.
+    """
     if x.dim() != 3:
         raise ValueError(f"affine_steer: x must be [T, H, D], got shape {tuple(x.shape)}")
     T, H, D = x.shape
@@ -47,6 +52,20 @@ def check_affine_args(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> None:
         raise ValueError(f"affine_steer: M has {M.shape[0]} rows, A has {A.shape[0]}")
     if rows.device != x.device:
         raise ValueError(f"affine_steer: rows is on {rows.device}, x on {x.device}")
+    check_kernel_dtypes("affine_steer", backend, x=x, M=M, A=A)
+
+
+def check_affine_backward_args(
+    grad: Tensor, x: Tensor, rows: Tensor, M: Tensor, A: Tensor, backend: str = "torch"
+) -> None:
+    """:func:`check_affine_args`, and ``grad`` must have ``x``'s shape, dtype and device."""
+    check_affine_args(x, rows, M, A, backend)
+    if grad.shape != x.shape:
+        raise ValueError(f"affine_steer_backward: grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
+    if grad.dtype != x.dtype:
+        raise ValueError(f"affine_steer_backward: grad is {grad.dtype}, x is {x.dtype}")
+    if grad.device != x.device:
+        raise ValueError(f"affine_steer_backward: grad is on {grad.device}, x on {x.device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +112,12 @@ def affine_steer_backward_ref(
 
 @torch.library.custom_op("pysteer::affine_steer", mutates_args=())
 def _affine_steer_op(x: Tensor, rows: Tensor, M: Tensor, A: Tensor, backend: str) -> Tensor:
-    check_affine_args(x, rows, M, A)
+    check_affine_args(x, rows, M, A, backend)
     return get_impl("affine", "affine_steer", backend)(x, rows, M, A)
 
 
 @_affine_steer_op.register_fake
-def _(x, rows, M, A, backend):
+def _affine_steer_fake(x, rows, M, A, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -106,11 +125,12 @@ def _(x, rows, M, A, backend):
 def _affine_steer_backward_op(
     grad: Tensor, x: Tensor, rows: Tensor, M: Tensor, A: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_affine_backward_args(grad, x, rows, M, A, backend)
     return get_impl("affine", "affine_steer_backward", backend)(grad, x, rows, M, A)
 
 
 @_affine_steer_backward_op.register_fake
-def _(grad, x, rows, M, A, backend):
+def _affine_steer_backward_fake(grad, x, rows, M, A, backend):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
         torch.empty(M.shape, dtype=M.dtype, device=M.device),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import check_kernel_dtypes
 from ._registry import get_impl
 
 __all__ = [
@@ -40,12 +41,12 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# validation (shared by every backend, runs before any kernel)
+# validation: once per call, in the op body (or the inline torch path), for every backend
 # ---------------------------------------------------------------------------------------------
 
 
 def check_affine_linear_args(
-    z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None
+    z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None, backend: str = "torch"
 ) -> None:
     """Raise ``ValueError`` naming the first problem with the op's arguments.
 
@@ -56,6 +57,8 @@ def check_affine_linear_args(
         A: ``[C, H, D]`` or ``[C, H, 1]`` additive table.
         W: ``[out, H*D]`` projection weight of ``z``'s dtype.
         bias: ``[out]`` of ``z``'s dtype, or None.
+        backend: other than ``"torch"``, ``z``, ``M`` and ``A`` must also be fp32/fp16/bf16 (what
+            the kernels are instantiated for).
     """
     if z.dim() != 2:
         raise ValueError(f"affine_linear: z must be [T, H*D], got shape {tuple(z.shape)}")
@@ -104,6 +107,7 @@ def check_affine_linear_args(
             raise ValueError(f"affine_linear: bias is {bias.dtype}, z is {z.dtype}")
         if bias.device != z.device:
             raise ValueError(f"affine_linear: bias is on {bias.device}, z on {z.device}")
+    check_kernel_dtypes("affine_linear", backend, z=z, M=M, A=A)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +203,12 @@ def affine_linear_backward_ref(
 def _affine_linear_op(
     z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None, backend: str
 ) -> Tensor:
-    check_affine_linear_args(z, rows, M, A, W, bias)
+    check_affine_linear_args(z, rows, M, A, W, bias, backend)
     return get_impl("affine_linear", "affine_linear", backend)(z, rows, M, A, W, bias)
 
 
 @_affine_linear_op.register_fake
-def _(z, rows, M, A, W, bias, backend):
+def _affine_linear_fake(z, rows, M, A, W, bias, backend):
     return torch.empty((z.shape[0], W.shape[0]), dtype=z.dtype, device=z.device)
 
 
@@ -251,7 +255,7 @@ def affine_linear(
     Raises:
         ValueError: bad shapes, dtypes or devices.
     """
-    check_affine_linear_args(z, rows, M, A, W, bias)
     if backend == "torch":
+        check_affine_linear_args(z, rows, M, A, W, bias)
         return affine_linear_ref(z, rows, M, A, W, bias)
     return torch.ops.pysteer.affine_linear(z, rows, M, A, W, bias, backend)

@@ -1,7 +1,8 @@
 """CUDA-extension implementation of ``pysteer::affine_steer`` (kernels in csrc/affine.cu).
 
-Looked up by ``get_impl("affine", name, "cuda")``. The wrappers validate everything in Python,
-allocate outputs with torch (so the caching allocator and streams behave as for any torch op) and
+Named in the op table (``pysteer/ops/_registry.py``). The op bodies in ``pysteer/ops/affine.py``
+have validated shapes, dtypes and devices; these wrappers check that the tensors are on one CUDA
+device, allocate outputs with torch (so the caching allocator and streams behave as for any torch op) and
 pass raw pointers, sizes, strides and torch's current stream to ``pysteer._C``.
 """
 
@@ -10,21 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import unit_stride_last
 from ._cuda_common import device_index, dtype_code, extension, pointer, require_cuda, stream_handle
-from .affine import check_affine_args
 
 __all__ = ["affine_steer", "affine_steer_backward"]
 
 _OP = "affine_steer"
 
 
-def _unit_stride_last(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is addressable with stride 1, else a contiguous copy."""
-    return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
-    """CUDA forward of ``pysteer::affine_steer``.
+    """CUDA forward of ``pysteer::affine_steer`` (arguments validated by the op).
 
     Args:
         x: ``[T, H, D]`` fp32/fp16/bf16 CUDA tensor, any strides in T and H (copied if the D stride
@@ -38,13 +34,10 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
         Contiguous ``[T, H, D]`` tensor of ``x``'s dtype, computed in fp32 (``x * M + A`` as one FMA).
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
+        ValueError: a tensor is not on the one CUDA device.
         BackendUnavailable: ``pysteer._C`` is not built.
     """
-    check_affine_args(x, rows, M, A)
     x_code = dtype_code(x, _OP, "x")
-    dtype_code(M, _OP, "M")
-    dtype_code(A, _OP, "A")
     device = require_cuda(_OP, x=x, rows=rows, M=M, A=A)
     ext = extension()
     if M.dtype != A.dtype:
@@ -53,7 +46,7 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    x, M, A = _unit_stride_last(x), _unit_stride_last(M), _unit_stride_last(A)
+    x, M, A = unit_stride_last(x), unit_stride_last(M), unit_stride_last(A)
     rows = rows.contiguous()
     m_ptr, tab_code = pointer(M, _OP, "M")
     ext.affine_steer_fwd(
@@ -71,7 +64,7 @@ def affine_steer(x: Tensor, rows: Tensor, M: Tensor, A: Tensor) -> Tensor:
 def affine_steer_backward(
     grad: Tensor, x: Tensor, rows: Tensor, M: Tensor, A: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CUDA backward of ``pysteer::affine_steer``.
+    """CUDA backward of ``pysteer::affine_steer`` (arguments validated by ``pysteer::affine_steer_backward``).
 
     Args:
         grad: ``[T, H, D]`` gradient of the output, ``x``'s dtype.
@@ -83,17 +76,10 @@ def affine_steer_backward(
         run) and cast to the table dtype. Row 0 of ``dM`` and ``dA`` is zero.
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
+        ValueError: a tensor is not on the one CUDA device.
         BackendUnavailable: ``pysteer._C`` is not built.
     """
-    check_affine_args(x, rows, M, A)
-    if grad.shape != x.shape:
-        raise ValueError(f"affine_steer_backward: grad has shape {tuple(grad.shape)}, x has {tuple(x.shape)}")
-    if grad.dtype != x.dtype:
-        raise ValueError(f"affine_steer_backward: grad is {grad.dtype}, x is {x.dtype}")
     x_code = dtype_code(x, _OP, "x")
-    dtype_code(M, _OP, "M")
-    dtype_code(A, _OP, "A")
     device = require_cuda(_OP, grad=grad, x=x, rows=rows, M=M, A=A)
     ext = extension()
     T, H, D = x.shape
@@ -101,7 +87,7 @@ def affine_steer_backward(
     dM = torch.zeros(M.shape, dtype=torch.float32, device=M.device)
     dA = torch.zeros(A.shape, dtype=torch.float32, device=A.device)
     if dx.numel() > 0:
-        grad, x, M = grad.contiguous(), _unit_stride_last(x), _unit_stride_last(M)
+        grad, x, M = grad.contiguous(), unit_stride_last(x), unit_stride_last(M)
         rows = rows.contiguous()
         m_ptr, tab_code = pointer(M, _OP, "M")
         ext.affine_steer_bwd(

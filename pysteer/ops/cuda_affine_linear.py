@@ -1,7 +1,8 @@
 """CUDA-extension implementation of ``pysteer::affine_linear`` (kernel in csrc/affine_linear.cu).
 
-Looked up by ``get_impl("affine_linear", "affine_linear", "cuda")``. The wrapper validates
-everything in Python, allocates the output with torch (so the caching allocator and streams behave
+Named in the op table (``pysteer/ops/_registry.py``). The op body in ``pysteer/ops/affine_linear.py``
+has validated shapes, dtypes and devices; the wrapper checks that the tensors are on one CUDA
+device, allocates the output with torch (so the caching allocator and streams behave
 as for any torch op) and passes raw pointers, sizes, strides and torch's current stream to
 ``pysteer._C``.
 
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .._backend import BackendUnavailable
+from ._common import unit_stride_last
 from ._cuda_common import device_index, dtype_code, extension, require_cuda, stream_handle
-from .affine_linear import affine_linear_ref, check_affine_linear_args
+from .affine_linear import affine_linear_ref
 
 __all__ = ["MAX_TOKENS", "affine_linear"]
 
@@ -27,13 +29,8 @@ _OP = "affine_linear"
 MAX_TOKENS = 64
 
 
-def _unit_stride_last(t: Tensor) -> Tensor:
-    """``t`` itself when its last dim is addressable with stride 1, else a contiguous copy."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
-    """CUDA forward of ``pysteer::affine_linear``.
+    """CUDA forward of ``pysteer::affine_linear`` (arguments validated by the op).
 
     Args:
         z: ``[T, H*D]`` fp32/fp16/bf16 CUDA tensor, any token stride (copied if the channel stride
@@ -51,13 +48,10 @@ def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias
         ``T > MAX_TOKENS`` the result comes from the torch reference math (see the module docstring).
 
     Raises:
-        ValueError: bad shapes, dtypes or devices (before any kernel runs).
+        ValueError: a tensor is not on the one CUDA device.
         BackendUnavailable: ``pysteer._C`` is not built, or was built without csrc/affine_linear.cu.
     """
-    check_affine_linear_args(z, rows, M, A, W, bias)
     code = dtype_code(z, _OP, "z")
-    dtype_code(M, _OP, "M")
-    dtype_code(A, _OP, "A")
     tensors = {"z": z, "rows": rows, "M": M, "A": A, "W": W}
     if bias is not None:
         tensors["bias"] = bias
@@ -77,7 +71,7 @@ def affine_linear(z: Tensor, rows: Tensor, M: Tensor, A: Tensor, W: Tensor, bias
         return out
     if not (M.dtype == A.dtype and M.dtype in (z.dtype, torch.float32)):
         M, A = M.float(), A.float()
-    z, W = _unit_stride_last(z), _unit_stride_last(W)  # the tables are read through their strides
+    z, W = unit_stride_last(z), unit_stride_last(W)  # the tables are read through their strides
     rows = rows.contiguous()
     bias = bias.contiguous() if bias is not None else None
     ext.affine_linear_fwd(

@@ -1,6 +1,6 @@
 """CUDA-extension implementations of the SAE ops (kernels in csrc/sae.cu).
 
-Looked up by ``get_impl("sae", name, "cuda")`` with the reference's signatures. The op bodies in
+Named in the op table (``pysteer/ops/_registry.py``), with the reference's signatures. The op bodies in
 ``pysteer/ops/sae.py`` have validated shapes, dtypes and devices already; these wrappers check that
 the tensors are on one CUDA device, allocate outputs and workspaces with torch (so the caching
 allocator and streams behave as for any torch op) and pass raw pointers, sizes, strides, the dtype
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._cuda_common import device_index, dtype_code, extension, require_cuda, stream_handle
+from .sae import SteerArgs
 
 __all__ = ["sae_decode_sparse", "sae_encode", "sae_encode_topk", "sae_steer"]
 
@@ -110,33 +111,21 @@ def sae_decode_sparse(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Ten
     return out
 
 
-def sae_steer(
-    x: Tensor,
-    rows: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    W_dec: Tensor,
-    b_dec: Tensor | None,
-    threshold: Tensor | None,
-    features: Tensor,
-    kinds: Tensor,
-    strengths: Tensor,
-    act: str,
-    k: int,
-) -> Tensor:
+def sae_steer(a: SteerArgs) -> Tensor:
     """``y = x + W_dec[S]^T (f'_S - f_S)`` per token; ``[T, d]`` contiguous in ``x``'s dtype."""
     op = "sae_steer"
-    device = require_cuda(op, x=x, rows=rows, W_enc=W_enc, W_dec=W_dec, features=features, kinds=kinds)
+    x, W_enc, W_dec, b_enc, b_dec, act, k = a.x, a.W_enc, a.W_dec, a.b_enc, a.b_dec, a.act, a.k
+    device = require_cuda(op, x=x, rows=a.rows, W_enc=W_enc, W_dec=W_dec, features=a.features, kinds=a.kinds)
     T, D = x.shape
-    F = features.shape[0]
+    F = a.features.shape[0]
     out = torch.empty((T, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     code = dtype_code(x, op, "x")
     ext = extension()
     dev, stream = device_index(device), stream_handle(device)
-    rows, features = rows.contiguous(), features.contiguous()
-    kinds, strengths = kinds.contiguous(), strengths.contiguous()
+    rows, features = a.rows.contiguous(), a.features.contiguous()
+    kinds, strengths = a.kinds.contiguous(), a.strengths.contiguous()
     df = torch.empty((T, F), dtype=torch.float32, device=x.device)
     if act == "topk":
         values, indices = sae_encode_topk(x, W_enc, b_enc, b_dec, k)
@@ -145,7 +134,7 @@ def sae_steer(
             kinds.data_ptr(), strengths.data_ptr(), df.data_ptr(), T, F, code, dev, stream,
         )  # fmt: skip
     else:
-        b_enc_c, b_dec_c, thr_c = _vector(b_enc), _vector(b_dec), _vector(threshold)
+        b_enc_c, b_dec_c, thr_c = _vector(b_enc), _vector(b_dec), _vector(a.threshold)
         ext.sae_steer_coeff(
             x.data_ptr(), x.stride(0), x.stride(1), _opt(b_dec_c),
             W_enc.data_ptr(), W_enc.stride(0), W_enc.stride(1), b_enc_c.data_ptr(), _opt(thr_c),

@@ -11,7 +11,7 @@ An SAE over a site of width ``d`` with ``m`` latents holds ``W_enc [d, m]``, ``b
 
 Four ops, each declared once here with ``torch.library`` (schema, fake impl, autograd) and
 implemented per backend (``torch`` reference below, Triton in ``pysteer.kernels.sae``, CUDA in
-``pysteer.ops.cuda_sae``), looked up with ``get_impl("sae", name, backend)``:
+``pysteer.ops.cuda_sae``), as the op table in ``pysteer/ops/_registry.py`` names them:
 
 - ``sae_encode``: dense ``f [T, m]`` for ReLU / JumpReLU (GEMM + bias + activation fused).
 - ``sae_encode_topk``: ``(values [T, k], indices [T, k] int64)`` for TopK, values sorted
@@ -59,10 +59,13 @@ its best.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import KERNEL_DTYPES
 from ._registry import get_impl
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -86,12 +89,34 @@ EDIT_KINDS = {
 # / shared memory), so k is bounded there; the torch reference has no bound.
 MAX_TOPK_K = 1024
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the torch reference only: it is the test oracle's precision.
-_REF_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_REF_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+
+
+class SteerArgs(NamedTuple):
+    """``sae_steer``'s arguments in the op schema's order (``backend`` aside).
+
+    The one signature the torch reference, the Triton launcher and the CUDA wrapper share: each
+    takes a ``SteerArgs``. The fields are documented at :func:`sae_steer`.
+    """
+
+    x: Tensor
+    rows: Tensor
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor | None
+    threshold: Tensor | None
+    features: Tensor
+    kinds: Tensor
+    strengths: Tensor
+    act: str
+    k: int
+
 
 # ---------------------------------------------------------------------------------------------
-# validation (shared by every backend, runs before any kernel)
+# validation: once per call, in the op bodies (or the inline torch paths), for every backend
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,7 +125,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 
 def _check_floats(op: str, backend: str, x: Tensor, named: dict[str, Tensor | None]) -> None:
-    allowed = _REF_DTYPES if backend == "torch" else _KERNEL_DTYPES
+    allowed = _REF_DTYPES if backend == "torch" else KERNEL_DTYPES
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{op}: x must be one of {names} for backend {backend!r}, got {x.dtype}")
@@ -198,26 +223,13 @@ def check_sae_decode_sparse_args(
     _check_floats(op, backend, values, {"W_dec": W_dec, "b_dec": b_dec})
 
 
-def check_sae_steer_args(
-    x: Tensor,
-    rows: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    W_dec: Tensor,
-    b_dec: Tensor | None,
-    threshold: Tensor | None,
-    features: Tensor,
-    kinds: Tensor,
-    strengths: Tensor,
-    act: str,
-    k: int,
-    backend: str = "torch",
-) -> None:
+def check_sae_steer_args(a: SteerArgs, backend: str = "torch") -> None:
     """Raise ``ValueError`` naming the first problem with ``sae_steer``'s arguments."""
     op = "sae_steer"
-    _check_encoder(op, backend, x, W_enc, b_enc, b_dec, threshold, act, k)
+    x, rows, W_dec, features, kinds, strengths = a.x, a.rows, a.W_dec, a.features, a.kinds, a.strengths
+    _check_encoder(op, backend, x, a.W_enc, a.b_enc, a.b_dec, a.threshold, a.act, a.k)
     T, d = x.shape
-    m = W_enc.shape[1]
+    m = a.W_enc.shape[1]
     if W_dec.shape != (m, d):
         raise ValueError(f"{op}: W_dec must be [m, d]=[{m}, {d}], got shape {_shape(W_dec)}")
     _check_floats(op, backend, x, {"W_dec": W_dec})
@@ -330,32 +342,25 @@ def _edited(f: Tensor, kind: Tensor, s: Tensor) -> Tensor:
     return torch.where((kind == EDIT_ADD_IF_ACTIVE) & (f > 0), f + s, out)
 
 
-def sae_steer_ref(
-    x: Tensor,
-    rows: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    W_dec: Tensor,
-    b_dec: Tensor | None,
-    threshold: Tensor | None,
-    features: Tensor,
-    kinds: Tensor,
-    strengths: Tensor,
-    act: str,
-    k: int,
-) -> Tensor:
+def _steered_feature_acts(a: SteerArgs) -> Tensor:
+    """:func:`sae_feature_acts_ref` of the edited features."""
+    return sae_feature_acts_ref(a.x, a.W_enc, a.b_enc, a.b_dec, a.threshold, a.features, a.act, a.k)
+
+
+def sae_steer_ref(a: SteerArgs) -> Tensor:
     """Reference error-preserving feature edit: ``[T, d] -> [T, d]`` in ``x``'s dtype.
 
     The encode runs in ``x``'s dtype (as torch would); the edit, ``W_dec[S]^T (f' - f)`` and the
     add run in fp32 (fp64 for fp64 input), rounded once to ``x``'s dtype.
     """
+    x = a.x
     acc = _compute_dtype(x)
-    r = rows.long()
+    r = a.rows.long()
     live = r != 0
-    f = sae_feature_acts_ref(x, W_enc, b_enc, b_dec, threshold, features, act, k).to(acc)
-    df = _edited(f, kinds[r], strengths[r].to(acc)) - f
+    f = _steered_feature_acts(a).to(acc)
+    df = _edited(f, a.kinds[r], a.strengths[r].to(acc)) - f
     df = torch.where(live[:, None], df, torch.zeros_like(df))
-    delta = df @ W_dec[features.long()].to(acc)
+    delta = df @ a.W_dec[a.features.long()].to(acc)
     xf = x.to(acc)
     y = xf + delta
     # x + 0.0 turns -0.0 into +0.0; keep x's bits where nothing was added.
@@ -363,21 +368,7 @@ def sae_steer_ref(
     return torch.where(live[:, None], y, x).contiguous()
 
 
-def sae_steer_backward_ref(
-    grad: Tensor,
-    x: Tensor,
-    rows: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    W_dec: Tensor,
-    b_dec: Tensor | None,
-    threshold: Tensor | None,
-    features: Tensor,
-    kinds: Tensor,
-    strengths: Tensor,
-    act: str,
-    k: int,
-) -> tuple[Tensor, Tensor]:
+def sae_steer_backward_ref(grad: Tensor, a: SteerArgs) -> tuple[Tensor, Tensor]:
     """Backward of ``sae_steer``: ``(dx [T, d], dstrengths [C, F])``.
 
     With ``g_j = grad . W_dec[S_j]``, a token on row ``c`` contributes ``g_j * df'_j/ds`` to
@@ -385,16 +376,17 @@ def sae_steer_backward_ref(
     otherwise) and ``dx = grad + sum_j g_j (df'_j/df_j - 1) [f_j > 0] W_enc[:, S_j]``. A latent's
     membership in the top k (TopK) and JumpReLU's threshold are treated as locally constant.
     """
+    x, strengths = a.x, a.strengths
     acc = _compute_dtype(x)
-    r = rows.long()
+    r = a.rows.long()
     live = (r != 0)[:, None]
-    fidx = features.long()
-    f = sae_feature_acts_ref(x, W_enc, b_enc, b_dec, threshold, features, act, k).to(acc)
+    fidx = a.features.long()
+    f = _steered_feature_acts(a).to(acc)
     active = f > 0
-    kind = kinds[r]
+    kind = a.kinds[r]
     s = strengths[r].to(acc)
     g = grad.to(acc)
-    gdot = g @ W_dec[fidx].to(acc).T  # [T, F]
+    gdot = g @ a.W_dec[fidx].to(acc).T  # [T, F]
     one = torch.ones_like(f)
     zero = torch.zeros_like(f)
     dfp_ds = torch.where((kind == EDIT_SET) | (kind == EDIT_ADD), one, zero)
@@ -405,7 +397,7 @@ def sae_steer_backward_ref(
     dfp_df = torch.where((kind == EDIT_SET) | (kind == EDIT_ABLATE), zero, one)
     dfp_df = torch.where(kind == EDIT_SCALE, s, dfp_df)
     coef = torch.where(live & active, gdot * (dfp_df - 1), zero)
-    dx = g + coef @ W_enc[:, fidx].to(acc).T
+    dx = g + coef @ a.W_enc[:, fidx].to(acc).T
     return dx.to(x.dtype), dstrengths.to(strengths.dtype)
 
 
@@ -429,7 +421,7 @@ def _sae_encode_op(
 
 
 @_sae_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, threshold, act, backend):
+def _sae_encode_fake(x, W_enc, b_enc, b_dec, threshold, act, backend):
     return x.new_empty((x.shape[0], W_enc.shape[1]))
 
 
@@ -457,7 +449,7 @@ def _sae_encode_topk_op(
 
 
 @_sae_encode_topk_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, backend):
+def _sae_encode_topk_fake(x, W_enc, b_enc, b_dec, k, backend):
     T = x.shape[0]
     return x.new_empty((T, k)), x.new_empty((T, k), dtype=torch.int64)
 
@@ -489,7 +481,7 @@ def _sae_decode_sparse_op(
 
 
 @_sae_decode_sparse_op.register_fake
-def _(indices, values, W_dec, b_dec, backend):
+def _sae_decode_sparse_fake(indices, values, W_dec, b_dec, backend):
     return values.new_empty((indices.shape[0], W_dec.shape[1]))
 
 
@@ -525,31 +517,32 @@ def _sae_steer_op(
     k: int,
     backend: str,
 ) -> Tensor:
-    check_sae_steer_args(
-        x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend
-    )
-    impl = get_impl("sae", "sae_steer", backend)
-    return impl(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k)
+    a = SteerArgs(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k)
+    check_sae_steer_args(a, backend)
+    return get_impl("sae", "sae_steer", backend)(a)
 
 
 @_sae_steer_op.register_fake
-def _(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend):
+def _sae_steer_fake(x, *args):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+_STEER_TENSORS = len(SteerArgs._fields) - 2  # every field before act and k
+
+
 def _sae_steer_setup(ctx, inputs, output):
-    x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend = inputs
-    ctx.save_for_backward(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths)
-    ctx.act = act
-    ctx.k = k
+    a = SteerArgs(*inputs[: len(SteerArgs._fields)])
+    ctx.save_for_backward(*a[:_STEER_TENSORS])
+    ctx.act = a.act
+    ctx.k = a.k
 
 
 def _sae_steer_backward(ctx, grad):
-    x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths = ctx.saved_tensors
-    dx, dstrengths = sae_steer_backward_ref(
-        grad, x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, ctx.act, ctx.k
-    )
-    return dx, None, None, None, None, None, None, None, None, dstrengths, None, None, None
+    dx, dstrengths = sae_steer_backward_ref(grad, SteerArgs(*ctx.saved_tensors, ctx.act, ctx.k))
+    grads = [None] * (len(SteerArgs._fields) + 1)  # + backend
+    grads[SteerArgs._fields.index("x")] = dx
+    grads[SteerArgs._fields.index("strengths")] = dstrengths
+    return tuple(grads)
 
 
 _sae_steer_op.register_autograd(_sae_steer_backward, setup_context=_sae_steer_setup)
@@ -684,16 +677,11 @@ def sae_steer(
     Returns:
         ``[T, d]`` contiguous tensor of ``x``'s dtype. Differentiable in ``x`` and ``strengths``.
     """
+    a = SteerArgs(x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k)
     if backend == "torch":
-        check_sae_steer_args(
-            x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k
-        )
-        return sae_steer_ref(
-            x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k
-        )
+        check_sae_steer_args(a)
+        return sae_steer_ref(a)
     _no_weight_grad(
         "sae_steer", {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
     )
-    return torch.ops.pysteer.sae_steer(
-        x, rows, W_enc, b_enc, W_dec, b_dec, threshold, features, kinds, strengths, act, k, backend
-    )
+    return torch.ops.pysteer.sae_steer(*a, backend)
