@@ -194,7 +194,9 @@ def run_prompts(
     """
     device = model_device(model)
     sites = [f"layers.{layer}.attn.heads" for layer in range(geometry(model, get_spec(model)).n_layers)]
-    tracing = trace(model, sites, positions="last", device="cpu", prefill_only=True) if capture else nullcontext()
+    tracing = nullcontext()
+    if capture:
+        tracing = trace(model, sites, positions="last", device="cpu", prefill_only=True)
     answers: list[str] = []
     feats: list[Tensor] = []
     with tracing as heads:
