@@ -358,10 +358,11 @@ class FastGenerator:
 
     # -- one call: set up, prefill, decode steps, result ----------------------------------------
     def _start(
-        self, inputs, steering, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-        top_k: int, stop, seed: int | None, ignore_eos: bool,
+        self, inputs, steering, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, top_k: int = 0, stop=None, seed: int | None = None, ignore_eos: bool = False,
     ) -> _Run:
-        """Check the arguments, pick the cache slot and the steering handle of one call."""
+        """Check the arguments, pick the cache slot and the steering handle of one call (the
+        arguments of ``stream``)."""
         _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
         prompts = self._encode(inputs)
         n = len(prompts)
@@ -507,25 +508,16 @@ class FastGenerator:
         ``set_positions``) apply from the next step. Hooks attached or removed while a stream runs
         apply from the next call: only the first decode step of a call runs Dynamo's full guard check.
         """
-        run = self._start(inputs, steering, max_new_tokens, do_sample, temperature, top_p, top_k, stop, seed, ignore_eos)
+        run = self._start(
+            inputs, steering, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos,
+        )
         yield from self._steps(run, to_host=True)
 
     @torch.no_grad()
-    def generate(
-        self,
-        inputs,
-        steering=None,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop=None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> GenerationResult:
-        """Generate for a batch of prompts; see ``pysteer.generate``."""
-        run = self._start(inputs, steering, max_new_tokens, do_sample, temperature, top_p, top_k, stop, seed, ignore_eos)
+    def generate(self, inputs, steering=None, max_new_tokens: int = 64, **kw) -> GenerationResult:
+        """Generate for a batch of prompts (``kw``: the other arguments of ``stream``); see ``pysteer.generate``."""
+        run = self._start(inputs, steering, max_new_tokens, **kw)
         for _ in self._steps(run, to_host=False):
             pass
         return self._result(run)
