@@ -105,7 +105,7 @@ class _CacheSlot:
 
 
 @dataclass
-class _Run:
+class _GenerateCall:
     """One ``generate``/``stream`` call: its prompts, cache slot, steering and stop rules (set by
     ``FastGenerator._start``), and what it produced (filled by ``FastGenerator._steps``, read by
     ``FastGenerator._result``)."""
@@ -360,7 +360,7 @@ class FastGenerator:
     def _start(
         self, inputs, steering, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
         top_p: float = 1.0, top_k: int = 0, stop=None, seed: int | None = None, ignore_eos: bool = False,
-    ) -> _Run:
+    ) -> _GenerateCall:
         """Check the arguments, pick the cache slot and the steering handle of one call (the
         arguments of ``stream``)."""
         _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
@@ -382,7 +382,7 @@ class FastGenerator:
             rng.manual_seed(seed)
         elif do_sample:
             rng.seed()
-        return _Run(
+        return _GenerateCall(
             prompts=prompts, prompt_width=S, slot=slot, handle=handle, max_new_tokens=max_new_tokens,
             sampling=(do_sample, temperature, top_p, top_k, rng), stop_ids=stop_ids,
             text_stops=[s for s in stops if isinstance(s, str)],
@@ -390,11 +390,11 @@ class FastGenerator:
             finished=torch.zeros(B, dtype=torch.bool, device=self.device),
         )
 
-    def _load_prompts(self, run: _Run) -> tuple[Tensor, Tensor]:
+    def _load_prompts(self, call: _GenerateCall) -> tuple[Tensor, Tensor]:
         """Left-pad the prompts into the slot (padding rows repeat the first request and are
         discarded); reset its cache. Returns the prompt ids and mask ``[B, S]``."""
-        slot, prompts, n, S = run.slot, run.prompts, run.n, run.prompt_width
-        ids = torch.full((slot.batch, S), run.pad, dtype=torch.long)
+        slot, prompts, n, S = call.slot, call.prompts, call.n, call.prompt_width
+        ids = torch.full((slot.batch, S), call.pad, dtype=torch.long)
         for i in range(slot.batch):
             row = prompts[i if i < n else 0]
             ids[i, S - len(row) :] = torch.tensor(row)
@@ -407,16 +407,16 @@ class FastGenerator:
         slot.cache.reset()
         return ids, mask_prompt
 
-    def _prefill(self, run: _Run, ids: Tensor, mask_prompt: Tensor, steering_runtime) -> Tensor:
+    def _prefill(self, call: _GenerateCall, ids: Tensor, mask_prompt: Tensor, steering_runtime) -> Tensor:
         """The eager prompt forward, positions counted from each row's first real token; returns
         the last position's logits."""
-        slot = run.slot
+        slot = call.slot
         pos_prefill = (mask_prompt.cumsum(-1) - 1).clamp_min(0)
         steering_runtime.supply_positions(pos_prefill, mask_prompt.bool(), slot.prompt_len)
         kw = dict(self._logits_kw)
         kw[self._cache_kw] = slot.cache
         if self._pass_cache_position:
-            kw["cache_position"] = torch.arange(run.prompt_width, device=self.device)
+            kw["cache_position"] = torch.arange(call.prompt_width, device=self.device)
         return self.model(
             input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, use_cache=True, **kw
         ).logits[:, -1, :]
@@ -431,11 +431,11 @@ class FastGenerator:
             self._fresh_compiled_step(slot)
             slot.compiled, slot.hooks = False, hooks
 
-    def _decode_logits(self, run: _Run, step: int, trusted: bool) -> Tensor:
+    def _decode_logits(self, call: _GenerateCall, step: int, trusted: bool) -> Tensor:
         """Run decode step ``step`` (1-based) on the slot's buffers; the first one of a slot compiles."""
-        slot = run.slot
+        slot = call.slot
         slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
-        S = run.prompt_width
+        S = call.prompt_width
         cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
         args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
         if slot.compiled or not self.compile_mode:
@@ -454,36 +454,36 @@ class FastGenerator:
             print(f"pysteer: compiled in {self.compile_seconds[key]:.1f} s", file=sys.stderr, flush=True)
         return logits
 
-    def _steps(self, run: _Run, to_host: bool) -> Iterator[list[int] | None]:
+    def _steps(self, call: _GenerateCall, to_host: bool) -> Iterator[list[int] | None]:
         """Prefill, then decode steps until ``max_new_tokens`` or every request stopped; yields each
-        step's tokens (on the host when ``to_host``, else None: no sync per step) and fills ``run``."""
+        step's tokens (on the host when ``to_host``, else None: no sync per step) and fills ``call``."""
         scope = contextlib.ExitStack()  # undone in `finally`: the user's rows(), positions
-        ids, mask_prompt = self._load_prompts(run)
+        ids, mask_prompt = self._load_prompts(call)
         steering_runtime = runtime(self.model)
-        run.t0 = time.perf_counter()
+        call.t0 = time.perf_counter()
         try:
-            if run.handle is not None:
-                scope.enter_context(run.handle.padded_rows(run.slot.batch))  # padding rows are not steered
-            run.accept(self._sample(self._prefill(run, ids, mask_prompt, steering_runtime), *run.sampling))
-            yield run.host_tokens()
-            steering_runtime.supply_positions(*run.slot.positions)
-            run.t_dec = time.perf_counter()
-            self._ready_compiled_step(run.slot)
+            if call.handle is not None:
+                scope.enter_context(call.handle.padded_rows(call.slot.batch))  # padding rows are not steered
+            call.accept(self._sample(self._prefill(call, ids, mask_prompt, steering_runtime), *call.sampling))
+            yield call.host_tokens()
+            steering_runtime.supply_positions(*call.slot.positions)
+            call.t_dec = time.perf_counter()
+            self._ready_compiled_step(call.slot)
             trusted = False
-            for step in range(1, run.max_new_tokens):
-                if run.all_stopped(step):
+            for step in range(1, call.max_new_tokens):
+                if call.all_stopped(step):
                     break
-                logits = self._decode_logits(run, step, trusted)
+                logits = self._decode_logits(call, step, trusted)
                 if step == 1:
-                    trusted = self._trust_later_steps(run.slot)
-                run.accept(self._sample(logits, *run.sampling))
-                run.steps += 1
-                yield run.host_tokens() if to_host else None
-            run.finish(self.compile_seconds.get((run.slot.batch, run.slot.length), 0.0))
+                    trusted = self._trust_later_steps(call.slot)
+                call.accept(self._sample(logits, *call.sampling))
+                call.steps += 1
+                yield call.host_tokens() if to_host else None
+            call.finish(self.compile_seconds.get((call.slot.batch, call.slot.length), 0.0))
         finally:
             steering_runtime.clear_positions()
             scope.close()
-            if self._managed is not None and run.handle is self._managed:
+            if self._managed is not None and call.handle is self._managed:
                 # Between calls the managed handle stays attached (removing its hooks would force a
                 # recompile next time) but steers nothing: one row 0, broadcast to any batch.
                 self._managed.rows([None])
@@ -508,37 +508,37 @@ class FastGenerator:
         ``set_positions``) apply from the next step. Hooks attached or removed while a stream runs
         apply from the next call: only the first decode step of a call runs Dynamo's full guard check.
         """
-        run = self._start(
+        call = self._start(
             inputs, steering, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
             top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos,
         )
-        yield from self._steps(run, to_host=True)
+        yield from self._steps(call, to_host=True)
 
     @torch.no_grad()
     def generate(self, inputs, steering=None, max_new_tokens: int = 64, **kw) -> GenerationResult:
         """Generate for a batch of prompts (``kw``: the other arguments of ``stream``); see ``pysteer.generate``."""
-        run = self._start(inputs, steering, max_new_tokens, **kw)
-        for _ in self._steps(run, to_host=False):
+        call = self._start(inputs, steering, max_new_tokens, **kw)
+        for _ in self._steps(call, to_host=False):
             pass
-        return self._result(run)
+        return self._result(call)
 
-    def _result(self, run: _Run) -> GenerationResult:
+    def _result(self, call: _GenerateCall) -> GenerationResult:
         """Cut each request after its first stop token; decode and cut texts at stop strings."""
-        stop_ids = set(run.stop_ids.tolist())
+        stop_ids = set(call.stop_ids.tolist())
         tokens = []
-        for row in torch.stack(run.tokens, 1)[: run.n].tolist():
+        for row in torch.stack(call.tokens, 1)[: call.n].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
             tokens.append(row[:cut])
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
             for i, text in enumerate(texts):
-                for s in run.text_stops:
+                for s in call.text_stops:
                     if s in text:
                         texts[i] = text[: text.index(s)]
         return GenerationResult(
-            tokens=tokens, texts=texts, prompt_tokens=run.prompts, seconds=run.seconds,
-            decode_seconds=run.decode_seconds, steps=run.steps, compile_seconds=run.compile_seconds,
+            tokens=tokens, texts=texts, prompt_tokens=call.prompts, seconds=call.seconds,
+            decode_seconds=call.decode_seconds, steps=call.steps, compile_seconds=call.compile_seconds,
         )
 
     @staticmethod
