@@ -77,8 +77,9 @@ class GenerationResult:
         return n / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _Slot:
-    """Buffers and the static cache of one (batch bucket, cache-length bucket)."""
+class _CacheSlot:
+    """One (batch bucket, cache-length bucket): its static KV cache, the fixed-address token,
+    position and mask buffers its compiled decode step reads, and that compiled step."""
 
     def __init__(self, gen: FastGenerator, batch: int, length: int):
         model = gen.model
@@ -101,6 +102,54 @@ class _Slot:
         if dev.type == "cuda":
             for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len):
                 torch._dynamo.mark_static_address(t)
+
+
+@dataclass
+class _GenerateCall:
+    """One ``generate``/``stream`` call: its prompts, cache slot, steering and stop rules (set by
+    ``FastGenerator._start``), and what it produced (filled by ``FastGenerator._steps``, read by
+    ``FastGenerator._result``)."""
+
+    prompts: list[list[int]]
+    prompt_width: int  # S: the longest prompt, the left-padded width of the prefill
+    slot: _CacheSlot
+    handle: SteeringHandle | None
+    max_new_tokens: int
+    sampling: tuple  # (do_sample, temperature, top_p, top_k, generator): FastGenerator._sample's arguments
+    stop_ids: Tensor
+    text_stops: list[str]
+    pad: int
+    finished: Tensor  # [B] bool: the row has emitted a stop token
+    tokens: list[Tensor] = field(default_factory=list)  # one [B] tensor per step, prefill's first
+    steps: int = 0  # decode steps run
+    t0: float = 0.0
+    t_dec: float = 0.0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts)
+
+    def accept(self, tok: Tensor) -> None:
+        """Take a step's sampled tokens: stopped rows emit padding; feed them to the next step."""
+        tok = torch.where(self.finished, self.pad, tok)
+        self.finished |= torch.isin(tok, self.stop_ids)
+        self.slot.tokens[:, 0].copy_(tok)
+        self.tokens.append(tok)
+
+    def host_tokens(self) -> list[int]:
+        return [int(t) for t in self.tokens[-1][: self.n].tolist()]
+
+    def all_stopped(self, step: int) -> bool:
+        """Every request has stopped; checked every ``STOP_CHECK_EVERY`` steps (each check syncs)."""
+        return step % STOP_CHECK_EVERY == 0 and bool(self.finished[: self.n].all())
+
+    def finish(self, compile_seconds: float) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.decode_seconds = time.perf_counter() - self.t_dec
+        self.compile_seconds = compile_seconds
 
 
 def _make_static_cache(model: nn.Module, length: int):
@@ -172,7 +221,7 @@ class FastGenerator:
             compile = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.compile_mode = compile
         self.progress = progress
-        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.slots: dict[tuple[int, int], _CacheSlot] = {}
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._managed: SteeringHandle | None = None
         self._call_handle: SteeringHandle | None = None  # non-affine steering of the running call
@@ -194,7 +243,7 @@ class FastGenerator:
             self._compile_kw = dict(backend=compile_backend, mode=mode, dynamic=False)
 
     # -- running decode steps ---------------------------------------------------------------------
-    def _fresh_compiled_step(self, slot: _Slot) -> None:
+    def _fresh_compiled_step(self, slot: _CacheSlot) -> None:
         """Give the slot a compiled decode step on a code object of its own.
 
         Dynamo caches graphs per code object; with one per slot (and per hook set, see ``stream``)
@@ -207,7 +256,7 @@ class FastGenerator:
         slot.code = code
         slot.fn = torch.compile(types.MethodType(fn, self), **self._compile_kw)
 
-    def _run_step(self, slot: _Slot, args: tuple, trusted: bool = False) -> Tensor:
+    def _run_step(self, slot: _CacheSlot, args: tuple, trusted: bool = False) -> Tensor:
         with decode_attention(self.model):
             if not self.compile_mode:
                 return self._decode_step(*args)
@@ -223,7 +272,7 @@ class FastGenerator:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return slot.fn(*args)
 
-    def _trust_later_steps(self, slot: _Slot) -> bool:
+    def _trust_later_steps(self, slot: _CacheSlot) -> bool:
         """Whether the later steps of this call may skip the full guard check: the cache keeps its
         state in tensors and the slot's code object holds exactly one graph."""
         if not self.compile_mode or not slot.trusted_steps:
@@ -329,6 +378,142 @@ class FastGenerator:
                     ids.append(enc[0])
         return sorted(set(ids))
 
+    # -- one call: set up, prefill, decode steps, result ----------------------------------------
+    def _start(
+        self, inputs, steering, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, top_k: int = 0, stop=None, seed: int | None = None, ignore_eos: bool = False,
+    ) -> _GenerateCall:
+        """Check the arguments, pick the cache slot and the steering handle of one call (the
+        arguments of ``stream``)."""
+        _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
+        prompts = self._encode(inputs)
+        n = len(prompts)
+        B = _bucket(n, BATCH_BUCKETS, "batch size")
+        S = max(map(len, prompts))
+        L = _bucket(S + max_new_tokens, LENGTH_BUCKETS, "prompt + new tokens")
+        slot = self.slots.get((B, L))
+        if slot is None:
+            slot = self.slots[(B, L)] = _CacheSlot(self, B, L)
+        stop_ids = torch.tensor(self._stop_ids(stop, ignore_eos) or [-1], device=self.device)
+        stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        # last: a handle steered for this call is removed by _steps, so nothing may raise after it
+        handle = self._resolve_steering(steering, n, B)
+        if isinstance(steering, SteeringHandle) and handle is not None and handle.assigned_rows not in (None, n):
+            raise ValueError(f"generate: the handle's rows() cover {handle.assigned_rows} requests, the batch has {n}")
+        rng = torch.Generator(device=self.device)
+        if seed is not None:
+            rng.manual_seed(seed)
+        elif do_sample:
+            rng.seed()
+        return _GenerateCall(
+            prompts=prompts, prompt_width=S, slot=slot, handle=handle, max_new_tokens=max_new_tokens,
+            sampling=(do_sample, temperature, top_p, top_k, rng), stop_ids=stop_ids,
+            text_stops=[s for s in stops if isinstance(s, str)],
+            pad=int(getattr(self.tokenizer, "pad_token_id", None) or 0),
+            finished=torch.zeros(B, dtype=torch.bool, device=self.device),
+        )
+
+    def _load_prompts(self, call: _GenerateCall) -> tuple[Tensor, Tensor]:
+        """Left-pad the prompts into the slot (padding rows repeat the first request and are
+        discarded); reset its cache. Returns the prompt ids and mask ``[B, S]``."""
+        slot, prompts, n, S = call.slot, call.prompts, call.n, call.prompt_width
+        ids = torch.full((slot.batch, S), call.pad, dtype=torch.long)
+        for i in range(slot.batch):
+            row = prompts[i if i < n else 0]
+            ids[i, S - len(row) :] = torch.tensor(row)
+        starts = torch.tensor([S - len(prompts[i if i < n else 0]) for i in range(slot.batch)])
+        mask_prompt = (torch.arange(S)[None, :] >= starts[:, None]).long()
+        ids, mask_prompt = ids.to(self.device), mask_prompt.to(self.device)
+        slot.mask.fill_(1)
+        slot.mask[:, :S].copy_(mask_prompt)
+        slot.prompt_len.copy_(mask_prompt.sum(-1))
+        slot.cache.reset()
+        return ids, mask_prompt
+
+    def _prefill(self, call: _GenerateCall, ids: Tensor, mask_prompt: Tensor, steering_runtime) -> Tensor:
+        """The eager prompt forward, positions counted from each row's first real token; returns
+        the last position's logits."""
+        slot = call.slot
+        pos_prefill = (mask_prompt.cumsum(-1) - 1).clamp_min(0)
+        steering_runtime.supply_positions(pos_prefill, mask_prompt.bool(), slot.prompt_len)
+        kw = dict(self._logits_kw)
+        kw[self._cache_kw] = slot.cache
+        if self._pass_cache_position:
+            kw["cache_position"] = torch.arange(call.prompt_width, device=self.device)
+        return self.model(
+            input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, use_cache=True, **kw
+        ).logits[:, -1, :]
+
+    def _ready_compiled_step(self, slot: _CacheSlot) -> None:
+        """Before a call's decode steps: a new hook set compiles anyway; a fresh code object drops
+        the old set's graphs."""
+        if not self.compile_mode:
+            return
+        hooks = _hook_signature(self.model)
+        if slot.fn is None or hooks != slot.hooks:
+            self._fresh_compiled_step(slot)
+            slot.compiled, slot.hooks = False, hooks
+
+    def _decode_logits(self, call: _GenerateCall, step: int, trusted: bool) -> Tensor:
+        """Run decode step ``step`` (1-based) on the slot's buffers; the first one of a slot compiles."""
+        slot = call.slot
+        slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
+        S = call.prompt_width
+        cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
+        args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
+        if slot.compiled or not self.compile_mode:
+            return self._run_step(slot, args, trusted=trusted)
+        key = (slot.batch, slot.length)
+        if self.progress:
+            print(
+                f"pysteer: compiling the decode step (batch {slot.batch}, cache {slot.length}, mode {self.compile_mode}) ...",
+                file=sys.stderr, flush=True,
+            )
+        tc = time.perf_counter()
+        logits = self._run_step(slot, args)
+        self.compile_seconds[key] = time.perf_counter() - tc
+        slot.compiled = True
+        if self.progress:
+            print(f"pysteer: compiled in {self.compile_seconds[key]:.1f} s", file=sys.stderr, flush=True)
+        return logits
+
+    def _steps(self, call: _GenerateCall, to_host: bool) -> Iterator[list[int] | None]:
+        """Prefill, then decode steps until ``max_new_tokens`` or every request stopped; yields each
+        step's tokens (on the host when ``to_host``, else None: no sync per step) and fills ``call``."""
+        scope = contextlib.ExitStack()  # undone in `finally`: the user's rows(), positions
+        ids, mask_prompt = self._load_prompts(call)
+        steering_runtime = runtime(self.model)
+        call.t0 = time.perf_counter()
+        try:
+            if call.handle is not None:
+                scope.enter_context(call.handle.padded_rows(call.slot.batch))  # padding rows are not steered
+            call.accept(self._sample(self._prefill(call, ids, mask_prompt, steering_runtime), *call.sampling))
+            yield call.host_tokens()
+            steering_runtime.supply_positions(*call.slot.positions)
+            call.t_dec = time.perf_counter()
+            self._ready_compiled_step(call.slot)
+            trusted = False
+            for step in range(1, call.max_new_tokens):
+                if call.all_stopped(step):
+                    break
+                logits = self._decode_logits(call, step, trusted)
+                if step == 1:
+                    trusted = self._trust_later_steps(call.slot)
+                call.accept(self._sample(logits, *call.sampling))
+                call.steps += 1
+                yield call.host_tokens() if to_host else None
+            call.finish(self.compile_seconds.get((call.slot.batch, call.slot.length), 0.0))
+        finally:
+            steering_runtime.clear_positions()
+            scope.close()
+            if self._call_handle is not None:
+                self._call_handle.remove()
+                self._call_handle = None
+            if self._managed is not None and call.handle is self._managed:
+                # Between calls the managed handle stays attached (removing its hooks would force a
+                # recompile next time) but steers nothing: one row 0, broadcast to any batch.
+                self._managed.rows([None])
+
     @torch.no_grad()
     def stream(
         self,
@@ -342,7 +527,6 @@ class FastGenerator:
         stop=None,
         seed: int | None = None,
         ignore_eos: bool = False,
-        _result: dict | None = None,
     ) -> Iterator[list[int | None]]:
         """Yield, per decode step, one new token per request (None once a request has stopped).
 
@@ -350,135 +534,37 @@ class FastGenerator:
         ``set_positions``) apply from the next step. Hooks attached or removed while a stream runs
         apply from the next call: only the first decode step of a call runs Dynamo's full guard check.
         """
-        _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
-        prompts = self._encode(inputs)
-        n = len(prompts)
-        B = _bucket(n, BATCH_BUCKETS, "batch size")
-        S = max(map(len, prompts))
-        L = _bucket(S + max_new_tokens, LENGTH_BUCKETS, "prompt + new tokens")
-        slot = self.slots.get((B, L))
-        if slot is None:
-            slot = self.slots[(B, L)] = _Slot(self, B, L)
-        handle = self._resolve_steering(steering, n, B)
-        if isinstance(steering, SteeringHandle) and handle is not None and handle.assigned_rows not in (None, n):
-            raise ValueError(f"generate: the handle's rows() cover {handle.assigned_rows} requests, the batch has {n}")
-        scope = contextlib.ExitStack()  # undone in `finally`: the user's rows(), positions
-        stop_ids = torch.tensor(self._stop_ids(stop, ignore_eos) or [-1], device=self.device)
-        stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
-        text_stops = [s for s in stops if isinstance(s, str)]
-        gen = torch.Generator(device=self.device)
-        if seed is not None:
-            gen.manual_seed(seed)
-        elif do_sample:
-            gen.seed()
+        call = self._start(
+            inputs, steering, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos,
+        )
+        yield from self._steps(call, to_host=True)
 
-        # left-padded prompt batch; padding rows repeat the first request and are discarded
-        pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
-        ids = torch.full((B, S), pad, dtype=torch.long)
-        for i in range(B):
-            row = prompts[i if i < n else 0]
-            ids[i, S - len(row) :] = torch.tensor(row)
-        mask_prompt = (torch.arange(S)[None, :] >= torch.tensor([S - len(prompts[i if i < n else 0]) for i in range(B)])[:, None]).long()
-        ids, mask_prompt = ids.to(self.device), mask_prompt.to(self.device)
-        slot.mask.fill_(1)
-        slot.mask[:, :S].copy_(mask_prompt)
-        slot.prompt_len.copy_(mask_prompt.sum(-1))
-        slot.cache.reset()
-        steering_runtime = runtime(self.model)
-
-        t0 = time.perf_counter()
-        # prefill: eager, positions counted from each row's first real token
-        pos_prefill = (mask_prompt.cumsum(-1) - 1).clamp_min(0)
-        try:
-            if handle is not None:
-                scope.enter_context(handle.padded_rows(B))  # padding rows are not steered
-            steering_runtime.supply_positions(pos_prefill, mask_prompt.bool(), slot.prompt_len)
-            kw = dict(self._logits_kw)
-            kw[self._cache_kw] = slot.cache
-            if self._pass_cache_position:
-                kw["cache_position"] = torch.arange(S, device=self.device)
-            logits = self.model(
-                input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, use_cache=True, **kw
-            ).logits[:, -1, :]
-            finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-            tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
-            finished |= torch.isin(tok, stop_ids)
-            slot.tokens[:, 0].copy_(tok)
-            out_tokens = [tok]
-            yield [int(t) for t in tok[:n].tolist()]
-            steering_runtime.supply_positions(*slot.positions)
-            t_dec = time.perf_counter()
-            steps = 0
-            if self.compile_mode:
-                hooks = _hook_signature(self.model)
-                if slot.fn is None or hooks != slot.hooks:
-                    # a new hook set compiles anyway; a fresh code object drops the old set's graphs
-                    self._fresh_compiled_step(slot)
-                    slot.compiled, slot.hooks = False, hooks
-            trusted = False
-            for step in range(1, max_new_tokens):
-                if step % STOP_CHECK_EVERY == 0 and bool(finished[:n].all()):
-                    break
-                slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
-                cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
-                args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
-                if not slot.compiled and self.compile_mode:
-                    if self.progress:
-                        print(f"pysteer: compiling the decode step (batch {B}, cache {L}, mode {self.compile_mode}) ...", file=sys.stderr, flush=True)
-                    tc = time.perf_counter()
-                    logits = self._run_step(slot, args)
-                    self.compile_seconds[(B, L)] = time.perf_counter() - tc
-                    slot.compiled = True
-                    if self.progress:
-                        print(f"pysteer: compiled in {self.compile_seconds[(B, L)]:.1f} s", file=sys.stderr, flush=True)
-                else:
-                    logits = self._run_step(slot, args, trusted=trusted)
-                if step == 1:
-                    trusted = self._trust_later_steps(slot)
-                tok = self._sample(logits, do_sample, temperature, top_p, top_k, gen)
-                tok = torch.where(finished, pad, tok)
-                finished |= torch.isin(tok, stop_ids)
-                slot.tokens[:, 0].copy_(tok)
-                out_tokens.append(tok)
-                steps += 1
-                yield [int(t) for t in tok[:n].tolist()] if _result is None else None
-            if _result is not None:
-                _result.update(
-                    out=torch.stack(out_tokens, 1)[:n].tolist(), seconds=time.perf_counter() - t0,
-                    decode_seconds=time.perf_counter() - t_dec, steps=steps, stop_ids=stop_ids.tolist(),
-                    text_stops=text_stops, prompts=prompts, compile_seconds=self.compile_seconds.get((B, L), 0.0),
-                )
-        finally:
-            steering_runtime.clear_positions()
-            scope.close()
-            if self._call_handle is not None:
-                self._call_handle.remove()
-                self._call_handle = None
-            if self._managed is not None and handle is self._managed:
-                # Between calls the managed handle stays attached (removing its hooks would force a
-                # recompile next time) but steers nothing: one row 0, broadcast to any batch.
-                self._managed.rows([None])
-
+    @torch.no_grad()
     def generate(self, inputs, steering=None, max_new_tokens: int = 64, **kw) -> GenerationResult:
-        """Generate for a batch of prompts; see ``pysteer.generate``."""
-        res: dict = {}
-        for _ in self.stream(inputs, steering=steering, max_new_tokens=max_new_tokens, _result=res, **kw):
+        """Generate for a batch of prompts (``kw``: the other arguments of ``stream``); see ``pysteer.generate``."""
+        call = self._start(inputs, steering, max_new_tokens, **kw)
+        for _ in self._steps(call, to_host=False):
             pass
-        stop_ids = set(res["stop_ids"])
+        return self._result(call)
+
+    def _result(self, call: _GenerateCall) -> GenerationResult:
+        """Cut each request after its first stop token; decode and cut texts at stop strings."""
+        stop_ids = set(call.stop_ids.tolist())
         tokens = []
-        for row in res["out"]:
+        for row in torch.stack(call.tokens, 1)[: call.n].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
             tokens.append(row[:cut])
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
             for i, text in enumerate(texts):
-                for s in res["text_stops"]:
+                for s in call.text_stops:
                     if s in text:
                         texts[i] = text[: text.index(s)]
         return GenerationResult(
-            tokens=tokens, texts=texts, prompt_tokens=res["prompts"], seconds=res["seconds"],
-            decode_seconds=res["decode_seconds"], steps=res["steps"], compile_seconds=res["compile_seconds"],
+            tokens=tokens, texts=texts, prompt_tokens=call.prompts, seconds=call.seconds,
+            decode_seconds=call.decode_seconds, steps=call.steps, compile_seconds=call.compile_seconds,
         )
 
     @staticmethod

@@ -184,6 +184,27 @@ def test_positions_last_with_generate_keeps_one_position_per_step():
     assert cache["layers.0.resid"].shape == (1, 3, 64)  # prompt's last token + 2 decode steps
 
 
+def test_prefill_only_keeps_each_generate_calls_last_prompt_token():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: row 0's prompt starts at position 2
+    sites = ["layers.1.resid", "layers.0.attn.heads"]
+    with torch.no_grad(), trace(model, sites, positions="last", prefill_only=True, device="cpu") as cache:
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        model.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=2, do_sample=False)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() counts them
+    with torch.no_grad(), trace(model, sites) as prompt:
+        model(ids, attention_mask=mask, position_ids=position_ids)
+    first, second = cache.runs("layers.0.attn.heads")  # one run per call, decode steps skipped
+    assert first.shape == (3, 1, 4, 16) and second.shape == (2, 1, 4, 16)
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first[:, 0], prompt["layers.0.attn.heads"][:, -1], **close)
+    torch.testing.assert_close(second[:, 0], prompt["layers.0.attn.heads"][1:, -1], **close)
+    assert cache.runs("layers.1.resid")[0].shape == (3, 1, 64)
+    torch.testing.assert_close(cache.runs("layers.1.resid")[0][:, 0], prompt["layers.1.resid"][:, -1], **close)
+
+
 def test_positions_list_and_slice_select_absolute_positions():
     model = tiny_model("opt")
     ids = torch.randint(3, 128, (2, 8))

@@ -74,13 +74,6 @@ def offsets_from_end(attention_mask: Tensor) -> Tensor:
     return torch.where(m.bool(), pos - length, torch.zeros_like(pos))
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index ``[B]`` of the last real token of each row (left or right padding)."""
-    S = attention_mask.shape[1]
-    idx = torch.arange(S, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), idx, -1).max(-1).values
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

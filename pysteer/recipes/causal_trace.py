@@ -222,7 +222,7 @@ def _per_cell_scores(run: _Run, cells, noise_values: Tensor, subject: tuple[int,
             for site in run.sites(layer):
                 value = states[site][t]
 
-                def restore(x: Tensor, value: Tensor = value) -> Tensor:
+                def restore(x: Tensor, value: Tensor = value, t: int = t) -> Tensor:
                     x = x.clone()
                     x[:, t] = value.reshape(x.shape[2:]).to(x)
                     return x

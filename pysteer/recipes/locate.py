@@ -24,6 +24,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -33,10 +34,10 @@ from torch import Tensor, nn
 
 from .._files import read_safetensors_doc, write_safetensors
 from ..interventions import HeadBias
-from ..models.sites import install_site_hook, resolve_site
 from ..models.specs import geometry, get_spec
 from ..steering import SteeringSpec
-from ._common import chat_text, data_path, heatmap_png, last_token_index, model_device, read_jsonl
+from ..tracing import trace
+from ._common import chat_text, data_path, heatmap_png, model_device, read_jsonl
 
 LOCATE_FORMAT = "pysteer.locate/1"
 
@@ -184,41 +185,27 @@ def run_prompts(
 ) -> tuple[list[str], Tensor | None]:
     """Greedy answers and every head's output at the last prompt token.
 
-    Heads are read at ``layers.{i}.attn.heads`` during the prefill forward of ``generate`` (the
-    first call of each layer per batch), so capturing costs no extra forward.
+    Heads are read at ``layers.{i}.attn.heads`` by :func:`pysteer.trace` during the prefill forward
+    of ``generate`` (``prefill_only=True``, ``positions="last"``), so capturing costs no extra forward.
 
     Returns:
         ``(answers, features)``: decoded continuations (empty strings when ``max_new_tokens == 0``)
         and ``[N, L, H, D]`` float32 features on the CPU (None when ``capture=False``).
     """
-    spec = get_spec(model)
-    geo = geometry(model, spec)
     device = model_device(model)
-    L, H, D = geo.n_layers, geo.n_heads, geo.head_dim
-    grabbed: list[Tensor | None] = [None] * L
-    last: dict[str, Tensor] = {}
-    hooks = []
+    sites = [f"layers.{layer}.attn.heads" for layer in range(geometry(model, get_spec(model)).n_layers)]
+    tracing = nullcontext()
     if capture:
-        for layer in range(L):
-            resolved = resolve_site(model, f"layers.{layer}.attn.heads", spec)
-
-            def grab(x: Tensor, layer: int = layer) -> None:
-                if grabbed[layer] is None:  # the prefill call; decode steps come later
-                    idx = last["idx"]
-                    grabbed[layer] = (
-                        x[torch.arange(x.shape[0], device=x.device), idx].float().reshape(-1, H, D).cpu()
-                    )
-
-            hooks.append(install_site_hook(resolved, grab))
+        tracing = trace(model, sites, positions="last", device="cpu", prefill_only=True)
     answers: list[str] = []
     feats: list[Tensor] = []
-    try:
+    with tracing as heads:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True).to(
                 device
             )
-            last["idx"] = last_token_index(batch["attention_mask"])
-            grabbed[:] = [None] * L
+            if capture:
+                heads.clear()
             if max_new_tokens > 0:
                 out = model.generate(
                     **batch,
@@ -232,10 +219,7 @@ def run_prompts(
                 model(**batch)
                 answers.extend("" for _ in range(batch["input_ids"].shape[0]))
             if capture:
-                feats.append(torch.stack(grabbed, dim=1))  # [b, L, H, D]
-    finally:
-        for h in hooks:
-            h.remove()
+                feats.append(torch.stack([heads[s][:, 0] for s in sites], dim=1).float())  # [b, L, H, D]
     return answers, (torch.cat(feats) if capture else None)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.sites import ResolvedSite, Site, install_site_hook, resolve_site
-from ..models.specs import geometry, get_spec
+from ..models.specs import ModelGeometry, geometry, get_spec
 from .format import (
     FORMAT,
     MANIFEST,
@@ -732,6 +732,71 @@ def trace_dataset(
             different data; nothing is modified.
     """
     rank, world = _dist()
+    plan = _plan(
+        model, sites, dtype, batch_size, max_tokens, max_length, sae, sae_k, add_special_tokens, world
+    )
+    out = Path(out_dir)
+    if overwrite:
+        if rank == 0:
+            _delete_trace_files(out)
+        _barrier(world)
+    existing = _check_out_dir(out, plan.config)
+    shard_tokens = _shard_tokens(plan, shard_tokens)
+    base_manifest = _base_manifest(plan, model, tokenizer, world)
+
+    # Resume point of this rank, checked against the data before anything on disk changes.
+    state = _rank_state(out, existing, plan.config_hash, rank, world)
+    docs = _documents(data, tokenizer, plan.max_length, add_special_tokens, rank, world)
+    _skip_written_documents(docs, state, out, rank)
+    _open_out_dir(out, existing, base_manifest, state, rank, world)
+
+    budget = None if max_tokens is None else max_tokens // world + (1 if rank < max_tokens % world else 0)
+    tracer = _BatchTracer(
+        model, plan, batch_size, _ShardWriter(out, state, shard_tokens, _staging(plan.device))
+    )
+    stopped_by, seconds = _trace_documents(tracer, docs, state, budget, batch_size, progress)
+    _finish(out, state, stopped_by, base_manifest, rank, world)
+    return TraceSummary(
+        out_dir=out,
+        rows=state["rows"],
+        docs=state["docs_done"],
+        shards=len(state["shards"]),
+        new_rows=tracer.new_rows,
+        seconds=seconds,
+        complete=True,
+        stopped_by=stopped_by,
+        rank=rank,
+        world_size=world,
+    )
+
+
+@dataclass
+class _Plan:
+    """What a trace stores and with which settings: checked arguments, its config and hash."""
+
+    stores: dict[str, _Store]
+    dtype: torch.dtype
+    max_length: int
+    device: torch.device
+    geo: ModelGeometry
+    config: dict[str, Any]
+    config_hash: str
+
+
+def _plan(
+    model: nn.Module,
+    sites: str | Site | Sequence[str | Site],
+    dtype: torch.dtype,
+    batch_size: int,
+    max_tokens: int | None,
+    max_length: int | None,
+    sae: Mapping[str, Any] | None,
+    sae_k: int | None,
+    add_special_tokens: bool,
+    world: int,
+) -> _Plan:
+    """Check the arguments, resolve the sites (and probe their SAEs), and build the config that a
+    resumed run must match."""
     parsed = normalize_sites(sites)
     spec = get_spec(model)
     geo = geometry(model, spec)
@@ -768,30 +833,33 @@ def trace_dataset(
         "sae": sae_config,
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    out = Path(out_dir)
-    if overwrite:
-        if rank == 0:
-            _delete_trace_files(out)
-        _barrier(world)
-    existing = _check_out_dir(out, config)
+    return _Plan(stores, dtype, max_length, device, geo, config, config_hash)
 
-    item_size = torch.empty((), dtype=dtype).element_size()
+
+def _shard_tokens(plan: _Plan, shard_tokens: int | None) -> int:
+    """Rows per shard: as given, or ~``DEFAULT_SHARD_BYTES`` of rows."""
+    item_size = torch.empty((), dtype=plan.dtype).element_size()
     row_bytes = sum(
         (st.k * (4 + item_size)) if st.sae is not None else int(np.prod(st.shape)) * item_size
-        for st in stores.values()
+        for st in plan.stores.values()
     )
     if shard_tokens is None:
         shard_tokens = max(1024, DEFAULT_SHARD_BYTES // max(row_bytes, 1))
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    return shard_tokens
 
-    base_manifest = {
+
+def _base_manifest(plan: _Plan, model: nn.Module, tokenizer: Any, world: int) -> dict[str, Any]:
+    """The dataset manifest less its shard list and counts (filled in by ``_merged_manifest``)."""
+    geo = plan.geo
+    return {
         "format": FORMAT,
-        "config": config,
-        "config_hash": config_hash,
+        "config": plan.config,
+        "config_hash": plan.config_hash,
         "world_size": world,
         "ranks": [rank_manifest_name(r) for r in range(world)],
-        "sites": {name: st.info(dtype) for name, st in stores.items()},
+        "sites": {name: st.info(plan.dtype) for name, st in plan.stores.items()},
         "model_name_or_path": getattr(model.config, "_name_or_path", None),
         "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
         "geometry": {
@@ -802,26 +870,35 @@ def trace_dataset(
         },
     }
 
-    # Resume point of this rank, checked against the data before anything on disk changes.
+
+def _rank_state(
+    out: Path, existing: dict[str, Any] | None, config_hash: str, rank: int, world: int
+) -> dict[str, Any]:
+    """This rank's manifest: the one on disk when resuming this trace, else a fresh one."""
     state_path = out / rank_manifest_name(rank)
     if existing is not None and state_path.exists():
         state = read_json(state_path)
         if state.get("config_hash") != config_hash:
             raise TraceConfigError(f"{state_path} belongs to a different configuration than {out / MANIFEST}")
-    else:
-        state = {
-            "format": FORMAT,
-            "config_hash": config_hash,
-            "rank": rank,
-            "world_size": world,
-            "docs_done": 0,
-            "rows": 0,
-            "data_digest": "",
-            "complete": False,
-            "stopped_by": None,
-            "shards": [],
-        }
-    docs = _documents(data, tokenizer, max_length, add_special_tokens, rank, world)
+        return state
+    return {
+        "format": FORMAT,
+        "config_hash": config_hash,
+        "rank": rank,
+        "world_size": world,
+        "docs_done": 0,
+        "rows": 0,
+        "data_digest": "",
+        "complete": False,
+        "stopped_by": None,
+        "shards": [],
+    }
+
+
+def _skip_written_documents(
+    docs: Iterator[tuple[int, list[int]]], state: dict[str, Any], out: Path, rank: int
+) -> None:
+    """Advance ``docs`` past the documents already written, refusing data that differs from them."""
     digest, skipped = "", 0
     for _ in range(state["docs_done"]):
         nxt = next(docs, None)
@@ -837,6 +914,16 @@ def trace_dataset(
             + ". Trace into a new directory, or delete this one to start over."
         )
 
+
+def _open_out_dir(
+    out: Path,
+    existing: dict[str, Any] | None,
+    base_manifest: dict[str, Any],
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+) -> None:
+    """Create ``out``, write a new trace's manifest (before any shard), drop this rank's stray files."""
     _barrier(world)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and existing is None:
@@ -844,81 +931,122 @@ def trace_dataset(
     _barrier(world)
     _clean_rank_files(out, state)
 
-    budget = None if max_tokens is None else max_tokens // world + (1 if rank < max_tokens % world else 0)
-    remaining = None if budget is None else budget - state["rows"]
 
-    staging = _PinnedStaging(device) if device.type == "cuda" else None
-    capture = _Capture(stores, dtype, staging, capacity_rows=batch_size * max_length)
-    writer = _ShardWriter(out, state, shard_tokens, staging)
-    handles = [install_site_hook(st.resolved, capture.hook(name)) for name, st in stores.items()]
-    bar, report = _progress(progress, budget, state["rows"])
-    pad_id = 0  # any valid id: padded positions are masked out and never stored
-    vocab = model.get_input_embeddings().num_embeddings
-    new_rows, t0 = 0, time.perf_counter()
+def _finish(
+    out: Path, state: dict[str, Any], stopped_by: str, base_manifest: dict[str, Any], rank: int, world: int
+) -> None:
+    """Mark this rank complete; rank 0 merges the rank manifests into the dataset manifest."""
+    if not state["complete"]:
+        state["complete"], state["stopped_by"] = True, stopped_by
+        write_json(out, rank_manifest_name(rank), state)
+    _barrier(world)
+    if rank == 0:
+        write_json(out, MANIFEST, _merged_manifest(out, base_manifest, world))
+    _barrier(world)
 
-    def run_batch(batch: list[tuple[int, list[int], list[int]]]) -> None:
-        nonlocal new_rows
+
+# ----------------------------------------------------------------------------- the tracing loop
+
+
+def _staging(device: torch.device) -> _PinnedStaging | None:
+    """Pinned host buffers for the device-to-host copies, on CUDA; None elsewhere (plain ``.cpu()``)."""
+    return _PinnedStaging(device) if device.type == "cuda" else None
+
+
+class _BatchTracer:
+    """The model side of a trace: capture hooks on the sites, one early-stopped forward per batch,
+    and each batch's rows handed to the shard writer."""
+
+    PAD_ID = 0  # any valid id: padded positions are masked out and never stored
+
+    def __init__(self, model: nn.Module, plan: _Plan, batch_size: int, writer: _ShardWriter) -> None:
+        self.model = model
+        self.stores = plan.stores
+        self.device = plan.device
+        self.staging = writer.staging
+        self.capture = _Capture(
+            plan.stores, plan.dtype, self.staging, capacity_rows=batch_size * plan.max_length
+        )
+        self.writer = writer
+        self.vocab = model.get_input_embeddings().num_embeddings
+        self.report: Callable[[int], None] = lambda n: None
+        self.new_rows = 0
+
+    def install_hooks(self) -> list[Any]:
+        return [install_site_hook(st.resolved, self.capture.hook(name)) for name, st in self.stores.items()]
+
+    def run_batch(self, batch: list[tuple[int, list[int], list[int]]]) -> None:
+        """Trace one batch of ``(doc id, stored tokens, input tokens)`` and submit it to the writer."""
         live = [stored for _, stored, _ in batch if stored]
         tensors: dict[str, Tensor] = {}
         event, slot = None, None
         if live:
-            longest = max(len(t) for t in live)
-            ids = torch.full((len(live), longest), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(live), longest), dtype=torch.long)
-            for i, toks in enumerate(live):
-                ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-                mask[i, : len(toks)] = 1
-            top, bottom = int(ids.max()), int(ids.min())
-            if top >= vocab or bottom < 0:
-                bad = top if top >= vocab else bottom
-                doc = next(d for d, s, _ in batch if bad in s)
-                raise ValueError(
-                    f"document {doc}: token id {bad} is outside the model's vocabulary [0, {vocab})"
-                )
-            flat_idx = mask.reshape(-1).nonzero().squeeze(1)
-            if staging is not None:
-                slot = staging.acquire(writer.check)
-            capture.begin(flat_idx.to(device, non_blocking=True), slot)
-            try:
-                with torch.inference_mode():
-                    # Without padding the mask is all ones: leaving it out keeps SDPA on its causal
-                    # fast path (about 5 % of the forward on SmolLM2 at 4 x 64 tokens, one CPU thread).
-                    padded = any(len(t) != longest for t in live)
-                    attention_mask = mask.to(device) if padded else None
-                    model(input_ids=ids.to(device), attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-            else:
-                missing = sorted(set(stores) - capture.fired)
-                raise RuntimeError(f"the forward finished without reaching the traced sites {missing}")
-            tensors = capture.out
-            if staging is not None:
-                event = staging.record()
+            ids, mask = self._padded(live, batch)
+            flat_idx = mask.reshape(-1).nonzero().squeeze(1)  # real tokens in the flattened [B*S]
+            if self.staging is not None:
+                slot = self.staging.acquire(self.writer.check)
+            self.capture.begin(flat_idx.to(self.device, non_blocking=True), slot)
+            self._forward(ids, mask, padded=any(len(t) != ids.shape[1] for t in live))
+            tensors = self.capture.out
+            if self.staging is not None:
+                event = self.staging.record()
         rows = sum(len(s) for _, s, _ in batch)
-        writer.submit(_Batch(tensors, [(d, len(s), s, full) for d, s, full in batch], event, slot))
-        new_rows += rows
-        report(rows)
+        self.writer.submit(_Batch(tensors, [(d, len(s), s, full) for d, s, full in batch], event, slot))
+        self.new_rows += rows
+        self.report(rows)
 
-    stopped_by = state["stopped_by"] or "end_of_data"
+    def _padded(
+        self, live: list[list[int]], batch: list[tuple[int, list[int], list[int]]]
+    ) -> tuple[Tensor, Tensor]:
+        """Right-padded ids and mask ``[B, longest]``; token ids outside the vocabulary are refused."""
+        longest = max(len(t) for t in live)
+        ids = torch.full((len(live), longest), self.PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(live), longest), dtype=torch.long)
+        for i, toks in enumerate(live):
+            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[i, : len(toks)] = 1
+        top, bottom = int(ids.max()), int(ids.min())
+        if top >= self.vocab or bottom < 0:
+            bad = top if top >= self.vocab else bottom
+            doc = next(d for d, s, _ in batch if bad in s)
+            raise ValueError(
+                f"document {doc}: token id {bad} is outside the model's vocabulary [0, {self.vocab})"
+            )
+        return ids, mask
+
+    def _forward(self, ids: Tensor, mask: Tensor, padded: bool) -> None:
+        """Run the model until the last capture hook stops it."""
+        try:
+            with torch.inference_mode():
+                # Without padding the mask is all ones: leaving it out keeps SDPA on its causal
+                # fast path (about 5 % of the forward on SmolLM2 at 4 x 64 tokens, one CPU thread).
+                attention_mask = mask.to(self.device) if padded else None
+                self.model(input_ids=ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        else:
+            missing = sorted(set(self.stores) - self.capture.fired)
+            raise RuntimeError(f"the forward finished without reaching the traced sites {missing}")
+
+
+def _trace_documents(
+    tracer: _BatchTracer,
+    docs: Iterator[tuple[int, list[int]]],
+    state: dict[str, Any],
+    budget: int | None,
+    batch_size: int,
+    progress: ProgressArg,
+) -> tuple[str, float]:
+    """Trace the remaining documents in batches (capture hooks installed for the duration), wait for
+    the writer to commit them; returns ``(stopped_by, seconds)``."""
+    writer = tracer.writer
+    remaining = None if budget is None else budget - state["rows"]
+    handles = tracer.install_hooks()
+    bar, tracer.report = _progress(progress, budget, state["rows"])
+    t0 = time.perf_counter()
     writer.start()
     try:
-        batch: list[tuple[int, list[int], list[int]]] = []
-        if not state["complete"]:
-            for doc_id, toks in docs:
-                if remaining is not None and remaining <= 0:
-                    stopped_by = "max_tokens"
-                    break
-                stored = toks if remaining is None else toks[:remaining]
-                if remaining is not None:
-                    remaining -= len(stored)
-                batch.append((doc_id, stored, toks))
-                if len(batch) == batch_size:
-                    run_batch(batch)
-                    batch = []
-            else:
-                stopped_by = "max_tokens" if remaining is not None and remaining <= 0 else "end_of_data"
-            if batch:
-                run_batch(batch)
+        stopped_by = _feed_batches(tracer, docs, state, remaining, batch_size)
         writer.submit(None)
         writer.join()
         writer.check()
@@ -931,27 +1059,38 @@ def trace_dataset(
             h.remove()
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
+    return stopped_by, time.perf_counter() - t0
 
-    if not state["complete"]:
-        state["complete"], state["stopped_by"] = True, stopped_by
-        write_json(out, rank_manifest_name(rank), state)
-    _barrier(world)
-    if rank == 0:
-        write_json(out, MANIFEST, _merged_manifest(out, base_manifest, world))
-    _barrier(world)
-    return TraceSummary(
-        out_dir=out,
-        rows=state["rows"],
-        docs=state["docs_done"],
-        shards=len(state["shards"]),
-        new_rows=new_rows,
-        seconds=seconds,
-        complete=True,
-        stopped_by=stopped_by,
-        rank=rank,
-        world_size=world,
-    )
+
+def _feed_batches(
+    tracer: _BatchTracer,
+    docs: Iterator[tuple[int, list[int]]],
+    state: dict[str, Any],
+    remaining: int | None,
+    batch_size: int,
+) -> str:
+    """Group documents into batches until the data or the rank's remaining token budget ends (the
+    document that reaches the budget is truncated); returns what stopped the trace."""
+    stopped_by = state["stopped_by"] or "end_of_data"
+    if state["complete"]:
+        return stopped_by
+    batch: list[tuple[int, list[int], list[int]]] = []
+    for doc_id, toks in docs:
+        if remaining is not None and remaining <= 0:
+            stopped_by = "max_tokens"
+            break
+        stored = toks if remaining is None else toks[:remaining]
+        if remaining is not None:
+            remaining -= len(stored)
+        batch.append((doc_id, stored, toks))
+        if len(batch) == batch_size:
+            tracer.run_batch(batch)
+            batch = []
+    else:
+        stopped_by = "max_tokens" if remaining is not None and remaining <= 0 else "end_of_data"
+    if batch:
+        tracer.run_batch(batch)
+    return stopped_by
 
 
 def _progress(progress: ProgressArg, total: int | None, initial: int) -> tuple[Any, Callable[[int], None]]:

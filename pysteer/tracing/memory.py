@@ -125,6 +125,7 @@ class _Selector:
         self.offset = 0  # absolute position of the current call's first token
         self.mask: Tensor | None = None  # [B, offset + S] attention mask of the current call
         self.batch_seq: tuple[int, int] | None = None  # (B, S) of the current call's input
+        self.active = True  # whether the current call is captured (``prefill_only`` skips decode steps)
 
     def as_bsw(self, x: Tensor) -> Tensor:
         """Site tensors are ``[B, S, W]``, except where a model flattens tokens (OPT's MLP runs on
@@ -168,6 +169,7 @@ def trace(
     positions: Positions = None,
     *,
     device: str | torch.device | None = None,
+    prefill_only: bool = False,
 ) -> Iterator[TraceCache]:
     """Capture site tensors of every forward run inside the context.
 
@@ -179,6 +181,10 @@ def trace(
             passed), an int, a list of ints or a slice of absolute positions (a position counts
             tokens already in the KV cache; negative ints count from the end of each forward call).
         device: where captures are stored (default: the model's device; ``"cpu"`` offloads).
+        prefill_only: capture only forward calls that start from an empty KV cache (a prompt's
+            forward; in ``generate()`` its prefill), skipping the calls that continue a cache
+            (decode steps). With ``positions="last"`` each run then holds ``[B, 1, ...]``: every
+            row's last prompt token, left or right padding alike.
 
     Yields:
         A :class:`TraceCache`: ``cache[site]`` is ``[B, S, d_model]``, or ``[B, S, H, D]`` for
@@ -199,12 +205,15 @@ def trace(
         past = int(forward_args.past_length(module, args, kwargs, inputs.shape[1]))
         if past == 0 or not cache._runs:
             cache._new_run()
+        selector.active = past == 0 or not prefill_only
         selector.offset = past
         selector.mask = mask
         selector.batch_seq = tuple(inputs.shape[:2])
 
     def make_capture(name: str):
         def capture(x: Tensor) -> None:
+            if not selector.active:
+                return
             x = selector.as_bsw(x.detach())
             kept = selector.select(x)
             if device is not None:
