@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "edit": "pysteer.recipes.cli_edit",
     "scale": "pysteer.recipes.cli_scale",
     "jola": "pysteer.recipes.cli_jola",
+    "causal-trace": "pysteer.recipes.cli_causal_trace",
 }
 
 

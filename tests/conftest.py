@@ -32,3 +32,38 @@ def triton_available() -> bool:
 
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The embedded model's tokenizer (from the on-disk cache when it is built)."""
+    from pysteer.default_model import (
+        DefaultModelUnavailable,
+        cache_status,
+        load_default_model,
+        prepare_tokenizer,
+    )
+
+    cached, directory, _ = cache_status()
+    try:
+        if cached:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            prepare_tokenizer(tok)
+            return tok
+        return load_default_model(progress=False)[1]
+    except DefaultModelUnavailable as err:
+        pytest.skip(f"the embedded model's tokenizer is unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, real_tokenizer):
+    """A tiny llama with the real tokenizer's vocabulary, saved like a Hugging Face model directory."""
+    from pysteer.models.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(real_tokenizer))
+    model.save_pretrained(path)
+    real_tokenizer.save_pretrained(path)
+    return path

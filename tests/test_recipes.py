@@ -67,39 +67,6 @@ def _random_texts(n: int, seed: int, lo: int = 4, hi: int = 9) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    """The embedded model's tokenizer (from the on-disk cache when it is built)."""
-    from pysteer.default_model import (
-        DefaultModelUnavailable,
-        cache_status,
-        load_default_model,
-        prepare_tokenizer,
-    )
-
-    cached, directory, _ = cache_status()
-    try:
-        if cached:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            prepare_tokenizer(tok)
-            return tok
-        return load_default_model(progress=False)[1]
-    except DefaultModelUnavailable as err:
-        pytest.skip(f"the embedded model's tokenizer is unavailable: {err}")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_tokenizer):
-    """A tiny llama with the real tokenizer's vocabulary, saved like a Hugging Face model directory."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", vocab_size=len(real_tokenizer))
-    model.save_pretrained(path)
-    real_tokenizer.save_pretrained(path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. locate heads + consistency edit
 # ------------------------------------------------------------------------------------------------

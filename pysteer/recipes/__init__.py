@@ -4,8 +4,9 @@ steering file and a picture.
 - ``locate_heads`` / ``consistency_edit``: heads whose output predicts answer consistency across
   paraphrases, and ITI biases injected there (Yang et al.; ``pysteer locate`` / ``pysteer edit``).
 - ``activation_scaling``: learned per-(site, layer, position) scalars, steering vectors and
-  activation-dependent scalars trained through the fused op (Stoehr et al.; ``pysteer scale``).
+  activation-dependent scalars trained through the affine op (Stoehr et al.; ``pysteer scale``).
 - ``jola``: HardConcrete-gated per-head scaling and bias, folded into ``o_proj`` (``pysteer jola``).
+- ``causal_trace``: which (layer, token) states carry a fact, every cell a batch row (ROME; ``pysteer causal-trace``).
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
 module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
@@ -41,6 +42,9 @@ _LAZY = {
     "jola": "pysteer.recipes.jola_gates",
     "hard_concrete_eval": "pysteer.recipes.jola_gates",
     "expected_l0": "pysteer.recipes.jola_gates",
+    # causal tracing
+    "causal_trace": "pysteer.recipes.causal_trace",
+    "CausalTraceResult": "pysteer.recipes.causal_trace",
 }
 
 

@@ -21,6 +21,7 @@ runs ROME's way (one forward per cell, plain hooks) for comparison.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..models import forward_args
 from ..models.sites import install_site_hook, resolve_site
 from ..models.specs import geometry, get_spec
 from ..patching import Noise, Patch
@@ -179,30 +181,61 @@ class _Run:
         return _cells_sites(self.kind, layer, self.n_layers, self.window)
 
 
+def _last_logits(model: nn.Module, ids: Tensor, **kw) -> Tensor:
+    try:
+        return model(input_ids=ids, logits_to_keep=1, **kw).logits[:, -1]
+    except TypeError:  # models without logits_to_keep
+        return model(input_ids=ids, **kw).logits[:, -1]
+
+
 @torch.no_grad()
-def _batched_scores(run: _Run, cells, noises: list[Noise], batch_size: int) -> Tensor:
-    """Restored ``p(answer)`` per (cell, noise draw), many rows per forward, through per-request rows."""
-    model, ids, states = run.model, run.ids, run.states
+def _batched_scores(run: _Run, cells, noises: list[Noise], batch_size: int, prefix_cache: bool) -> Tensor:
+    """Restored ``p(answer)`` per (cell, noise draw), many rows per forward, through per-request rows.
+
+    With ``prefix_cache``, cells are grouped by token ``t``: restoring at ``t`` changes nothing
+    before it, so the group's rows start from the corrupted run's KV cache of the first ``t``
+    tokens (one per noise draw) and compute only tokens ``t ..`` (about half the work)."""
+    model, ids = run.model, run.ids
     S = ids.shape[1]
-    rows = [(c, s) for c in range(len(cells)) for s in range(len(noises))]
-    probs = torch.empty(len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        configs = {}
-        for c, s in chunk:
-            layer, t = cells[c]
-            patches = [Patch(site, states[site][t], [t]) for site in run.sites(layer)]
-            configs[f"{c}/{s}"] = [noises[s], *patches]
-        with steer(model, configs, mode="dynamic") as handle:
-            handle.rows(list(configs))
-            logits = model(input_ids=ids.expand(len(chunk), S)).logits[:, -1]
-        probs[start : start + len(chunk)] = _prob(logits, run.answer_id).cpu()
-    return probs.reshape(len(cells), len(noises)).mean(-1)
+    samples = len(noises)
+    corrupted_cache = None
+    if prefix_cache:
+        with steer(model, {f"n{s}": [n] for s, n in enumerate(noises)}, mode="dynamic") as handle:
+            handle.rows([f"n{s}" for s in range(samples)])
+            out = model(input_ids=ids.expand(samples, S), use_cache=True)
+            corrupted_cache = next(v for v in out.values() if hasattr(v, "get_seq_length"))  # found by type
+    by_token: dict[int, list[int]] = {}
+    for c, (_, t) in enumerate(cells):
+        by_token.setdefault(t if prefix_cache else 0, []).append(c)
+    probs = torch.empty(len(cells), samples)
+    for t0, members in sorted(by_token.items()):
+        rows = [(c, s) for c in members for s in range(samples)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            configs = {}
+            for c, s in chunk:
+                layer, t = cells[c]
+                patches = [Patch(site, run.states[site][t], [t]) for site in run.sites(layer)]
+                configs[f"{c}/{s}"] = [noises[s], *patches]
+            kw = {}
+            if t0 > 0:
+                cache = copy.deepcopy(corrupted_cache)
+                cache.crop(t0 - S)  # negative: drop the last S - t0 tokens (the one form every release takes)
+                cache.batch_select_indices(torch.tensor([s for _, s in chunk], device=ids.device))
+                kw = {forward_args.cache_keyword(model): cache, "use_cache": True}
+            with steer(model, configs, mode="dynamic") as handle:
+                handle.rows(list(configs))
+                logits = _last_logits(model, ids[:, t0:].expand(len(chunk), S - t0), **kw)
+            p = _prob(logits, run.answer_id).cpu()
+            for (c, s), value in zip(chunk, p):
+                probs[c, s] = value
+    return probs.mean(-1)
 
 
 @torch.no_grad()
 def _per_cell_scores(run: _Run, cells, noise_values: Tensor, subject: tuple[int, int]) -> Tensor:
-    """ROME's way: one forward per cell (a batch of the noise draws), plain forward hooks."""
+    """ROME's way (``trace_with_patch``): one forward per cell over a batch of the clean prompt and
+    its noise draws, plain forward hooks, logits at every position."""
     model, ids, states = run.model, run.ids, run.states
     spec = get_spec(model)
     samples = noise_values.shape[0]
@@ -211,7 +244,7 @@ def _per_cell_scores(run: _Run, cells, noise_values: Tensor, subject: tuple[int,
 
     def corrupt(module, args, out):
         out = out.clone()
-        out[:, s0:s1] += noise_values.to(out)
+        out[1:, s0:s1] += noise_values.to(out)  # row 0 stays clean
         return out
 
     out = torch.empty(len(cells))
@@ -224,12 +257,12 @@ def _per_cell_scores(run: _Run, cells, noise_values: Tensor, subject: tuple[int,
 
                 def restore(x: Tensor, value: Tensor = value, t: int = t) -> Tensor:
                     x = x.clone()
-                    x[:, t] = value.reshape(x.shape[2:]).to(x)
+                    x[1:, t] = value.reshape(x.shape[2:]).to(x)
                     return x
 
                 hooks.append(install_site_hook(resolve_site(model, site, spec), restore))
             try:
-                logits = model(input_ids=ids.expand(samples, ids.shape[1])).logits[:, -1]
+                logits = model(input_ids=ids.expand(1 + samples, ids.shape[1])).logits[1:, -1]
             finally:
                 for h in hooks:
                     h.remove()
@@ -253,6 +286,7 @@ def causal_trace(
     batch_size: int = 64,
     layers: Sequence[int] | None = None,
     per_cell: bool = False,
+    prefix_cache: bool = True,
     seed: int = 0,
 ) -> CausalTraceResult:
     """Trace which (layer, token) states carry the answer of ``prompt`` (see the module docstring).
@@ -270,6 +304,8 @@ def causal_trace(
         batch_size: rows (cell x noise draw) per forward.
         layers: layers to trace (default: all).
         per_cell: one forward per cell with plain hooks, as ROME's code runs (for comparison).
+        prefix_cache: batched cells restoring token ``t`` reuse the corrupted run's KV cache of the
+            tokens before ``t`` (exact: those tokens do not see the restored state).
         seed: seed of noise draw 0 (draw ``s`` uses ``seed + s``).
     """
     if kind not in KINDS:
@@ -312,7 +348,7 @@ def causal_trace(
     if per_cell:
         flat = _per_cell_scores(run, cells, noise_values, (s0, s1))
     else:
-        flat = _batched_scores(run, cells, noises, batch_size)
+        flat = _batched_scores(run, cells, noises, batch_size, prefix_cache)
     return CausalTraceResult(
         scores=flat.reshape(len(layer_list), len(ids_list)),
         clean_prob=float(_prob(clean_logits, answer_id)),
