@@ -14,6 +14,8 @@ that is cut short keeps everything finished before.
 5. ``tests``      the op test files on the GPU (CUDA-graph replay included; Triton compiled, not
                   interpreted).
 6. ``ops``, ``affine-linear``, ``sae-ops``  the op benches against the copy-bandwidth / FLOP floors.
+7. ``causal-trace`` one causal-tracing heatmap (SmolLM2 shape, 30 layers x 20 tokens, 10 noise draws)
+                  ROME's way and batched through rows (``bench/bench_causal_trace.py``).
 
 ``--dry-run`` runs the same steps on the CPU with tiny shapes (Triton interpreter, torch reference,
 a 2-layer model) in about a minute, so the script cannot rot between the rare GPU runs; CI runs it.
@@ -81,6 +83,9 @@ def plan(py: str, out: Path, dry_run: bool, gpu: dict | None) -> list[dict]:
                  cap=120, env={}, result="affine-linear.json"),
             dict(name="sae-ops", cmd=[py, f"{b}/bench_sae.py", "--device", "cpu", "--grid", "tiny",
                                       "--out", str(out / "sae-ops.json")], cap=120, env={}, result="sae-ops.json"),
+            dict(name="causal-trace", cmd=[py, f"{b}/bench_causal_trace.py", "--model", "tiny", "--samples", "2",
+                                           "--out", str(out / "causal-trace.json")], cap=120, env={},
+                 result="causal-trace.json"),
         ]
     arch = gpu["arch"] if gpu else "90"
     sanitizer = _sanitizer()
@@ -107,6 +112,9 @@ def plan(py: str, out: Path, dry_run: bool, gpu: dict | None) -> list[dict]:
              cap=120, env=compiled, result="affine-linear.json"),
         dict(name="sae-ops", cmd=[py, f"{b}/bench_sae.py", "--device", "cuda", "--grid", "quick",
                                   "--out", str(out / "sae-ops.json")], cap=180, env=compiled, result="sae-ops.json"),
+        dict(name="causal-trace", cmd=[py, f"{b}/bench_causal_trace.py", "--model", "smollm2-shape", "--device", "cuda",
+                                       "--samples", "10", "--batch-size", "256", "--out", str(out / "causal-trace.json")],
+             cap=150, env=compiled, result="causal-trace.json"),
     ]
 
 
