@@ -262,7 +262,7 @@ def test_l1_term_shrinks_the_scalars(planted_preference):
 
 
 def _reference_affine(x, rows, M, A, backend):
-    """Plain autograd math of the op (what the fused op's backward must reproduce)."""
+    """Plain autograd math of the op (what the affine op's backward must reproduce)."""
     r = rows.long()
     y = x * M[r].to(x.dtype) + A[r].to(x.dtype)
     return torch.where((r == 0)[:, None, None], x, y)
