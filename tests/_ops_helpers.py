@@ -89,6 +89,18 @@ def fast_backends(cuda_function: str) -> list:
     ]
 
 
+def backend_param(request, host_fixture: str = "cuda_kernels_on_host") -> str:
+    """The backend name a ``backend`` fixture passes to the ops for a ``triton`` / ``cuda`` / ``cuda-host`` parameter.
+
+    ``"cuda-host"`` requests ``host_fixture`` (which routes the CUDA wrappers to the host build, see
+    :func:`host_cuda`) and becomes ``"cuda"``; any other name is passed on.
+    """
+    if request.param == "cuda-host":
+        request.getfixturevalue(host_fixture)
+        return "cuda"
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # the CUDA kernels compiled for the host
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +190,48 @@ def c_entry_points(cu: str, namespace: str, prefix: str) -> tuple[str, dict[str,
             "catch (const std::exception& e) { emu_error = e.what(); return 1; } return 0; }"
         )
     return "\n".join(api) + "\n", signatures
+
+
+# Runs a launch's blocks, and each block's threads, one after another: faithful for kernels without
+# shared memory, warp shuffles or block barriers (csrc/affine.cu). Launches are
+# ``emulate(grid, threads, kernel, args...)``; atomicAdd is a plain add.
+SEQUENTIAL_SHIM = HOST_PRELUDE + r"""
+static dim3 blockIdx, threadIdx, blockDim, gridDim;
+inline float atomicAdd(float* p, float v) { const float old = *p; *p += v; return old; }
+template <typename K, typename... Args>
+void emulate(dim3 grid, int threads, K kernel, Args... args) {
+  gridDim = grid;
+  blockDim = dim3(threads);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      blockIdx = dim3(bx, by);
+      for (int tx = 0; tx < threads; ++tx) { threadIdx = dim3(tx); kernel(args...); }
+    }
+}
+"""
+
+
+def sequential_host_source(
+    cu: str,
+    name: str,
+    drop: tuple[str, ...],
+    end: str,
+    namespace: str,
+    prefix: str,
+    launches: int,
+    tail: str = "",
+) -> tuple[str, dict[str, list]]:
+    """A host build of csrc/``name`` run by :data:`SEQUENTIAL_SHIM`.
+
+    ``drop`` and ``end`` are as for :func:`strip_binding` (``tail`` is appended after the cut, e.g.
+    to close a namespace); every ``kernel<...><<<grid, threads, 0, stream>>>(`` launch (``launches``
+    of them) becomes an ``emulate`` call; the host functions ``<namespace>::<prefix>...`` get C entry
+    points (see :func:`c_entry_points`). Returns the source and the entry points' signatures.
+    """
+    cu = strip_binding(cu, name, end, drop) + tail
+    cu = emulate_launches(cu, name, r"(\w+<[^<>]*>)<<<(\w+), (\w+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", launches)
+    api, signatures = c_entry_points(cu, namespace, prefix)
+    return SEQUENTIAL_SHIM + cu + api, signatures
 
 
 class HostExtension:
