@@ -1,9 +1,9 @@
-"""What tests/test_ops_affine.py, test_ops_affine_linear.py and test_ops_sae.py share.
+"""What tests/test_ops_affine.py, test_ops_affine_linear.py, test_ops_lowrank.py and test_ops_sae.py share.
 
 The 2x oracle, which fast backends run here, and the host build of the CUDA kernels: csrc/<family>.cu
 compiled with the host C++ compiler (each test file supplies how its launches are emulated), with a
 C entry point per host function, standing in for ``pysteer._C`` behind the real wrappers in
-``pysteer/ops/cuda_<family>.py``. Only those three files import this module (the leading underscore
+``pysteer/ops/cuda_<family>.py``. Only those four files import this module (the leading underscore
 keeps pytest from collecting it).
 """
 
@@ -89,8 +89,25 @@ def fast_backends(cuda_function: str) -> list:
     ]
 
 
+def fast_backends_or_host(cuda_function: str) -> list:
+    """``triton``, ``cuda`` and ``cuda-host`` as parameters, each skipped with a reason where it cannot run.
+
+    ``cuda`` runs the compiled kernels (a GPU and ``pysteer._C.<cuda_function>``); ``cuda-host`` runs
+    them compiled for the host where there is no GPU: the test's ``backend`` fixture routes the
+    wrappers with :func:`host_cuda` and passes ``"cuda"`` on.
+    """
+    on_gpu = DEVICE.type == "cuda"
+    cuda_skip = cuda_ext_missing(cuda_function) if on_gpu else "no CUDA device on this machine"
+    host_skip = "a CUDA device is present: the compiled kernels run instead" if on_gpu else host_skip_reason()
+    return [
+        pytest.param("triton", marks=requires_triton),
+        pytest.param("cuda", marks=pytest.mark.skipif(cuda_skip is not None, reason=cuda_skip or "")),
+        pytest.param("cuda-host", marks=pytest.mark.skipif(host_skip is not None, reason=host_skip or "")),
+    ]
+
+
 def backend_param(request, host_fixture: str = "cuda_kernels_on_host") -> str:
-    """The backend name a ``backend`` fixture passes to the ops for a ``triton`` / ``cuda`` / ``cuda-host`` parameter.
+    """The backend name a ``backend`` fixture passes to the ops for a :func:`fast_backends_or_host` parameter.
 
     ``"cuda-host"`` requests ``host_fixture`` (which routes the CUDA wrappers to the host build, see
     :func:`host_cuda`) and becomes ``"cuda"``; any other name is passed on.
@@ -193,7 +210,7 @@ def c_entry_points(cu: str, namespace: str, prefix: str) -> tuple[str, dict[str,
 
 
 # Runs a launch's blocks, and each block's threads, one after another: faithful for kernels without
-# shared memory, warp shuffles or block barriers (csrc/affine.cu). Launches are
+# shared memory, warp shuffles or block barriers (csrc/affine.cu, csrc/lowrank.cu). Launches are
 # ``emulate(grid, threads, kernel, args...)``; atomicAdd is a plain add.
 SEQUENTIAL_SHIM = HOST_PRELUDE + r"""
 static dim3 blockIdx, threadIdx, blockDim, gridDim;
