@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   pysteer::register_affine(m);
   if (pysteer_register_sae) pysteer_register_sae(m);
   if (pysteer_register_affine_linear) pysteer_register_affine_linear(m);
+  if (pysteer_register_lowrank) pysteer_register_lowrank(m);
 }

@@ -17,3 +17,4 @@ void register_affine(pybind11::module_& m);
 // Optional families: defined (strong) in their own .cu file when present.
 void pysteer_register_sae(pybind11::module_& m) __attribute__((weak));
 void pysteer_register_affine_linear(pybind11::module_& m) __attribute__((weak));
+void pysteer_register_lowrank(pybind11::module_& m) __attribute__((weak));

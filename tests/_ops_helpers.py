@@ -1,9 +1,9 @@
-"""What tests/test_ops_affine.py, test_ops_affine_linear.py and test_ops_sae.py share.
+"""What tests/test_ops_affine.py, test_ops_affine_linear.py, test_ops_lowrank.py and test_ops_sae.py share.
 
 The 2x oracle, which fast backends run here, and the host build of the CUDA kernels: csrc/<family>.cu
 compiled with the host C++ compiler (each test file supplies how its launches are emulated), with a
 C entry point per host function, standing in for ``pysteer._C`` behind the real wrappers in
-``pysteer/ops/cuda_<family>.py``. Only those three files import this module (the leading underscore
+``pysteer/ops/cuda_<family>.py``. Only those four files import this module (the leading underscore
 keeps pytest from collecting it).
 """
 
@@ -87,6 +87,35 @@ def fast_backends(cuda_function: str) -> list:
         pytest.param("triton", marks=requires_triton),
         pytest.param("cuda", marks=[requires_cuda, skip_without_cuda_ext(cuda_function)]),
     ]
+
+
+def fast_backends_or_host(cuda_function: str) -> list:
+    """``triton``, ``cuda`` and ``cuda-host`` as parameters, each skipped with a reason where it cannot run.
+
+    ``cuda`` runs the compiled kernels (a GPU and ``pysteer._C.<cuda_function>``); ``cuda-host`` runs
+    them compiled for the host where there is no GPU: the test's ``backend`` fixture routes the
+    wrappers with :func:`host_cuda` and passes ``"cuda"`` on.
+    """
+    on_gpu = DEVICE.type == "cuda"
+    cuda_skip = cuda_ext_missing(cuda_function) if on_gpu else "no CUDA device on this machine"
+    host_skip = "a CUDA device is present: the compiled kernels run instead" if on_gpu else host_skip_reason()
+    return [
+        pytest.param("triton", marks=requires_triton),
+        pytest.param("cuda", marks=pytest.mark.skipif(cuda_skip is not None, reason=cuda_skip or "")),
+        pytest.param("cuda-host", marks=pytest.mark.skipif(host_skip is not None, reason=host_skip or "")),
+    ]
+
+
+def backend_param(request, host_fixture: str = "cuda_kernels_on_host") -> str:
+    """The backend name a ``backend`` fixture passes to the ops for a :func:`fast_backends_or_host` parameter.
+
+    ``"cuda-host"`` requests ``host_fixture`` (which routes the CUDA wrappers to the host build, see
+    :func:`host_cuda`) and becomes ``"cuda"``; any other name is passed on.
+    """
+    if request.param == "cuda-host":
+        request.getfixturevalue(host_fixture)
+        return "cuda"
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +207,48 @@ def c_entry_points(cu: str, namespace: str, prefix: str) -> tuple[str, dict[str,
             "catch (const std::exception& e) { emu_error = e.what(); return 1; } return 0; }"
         )
     return "\n".join(api) + "\n", signatures
+
+
+# Runs a launch's blocks, and each block's threads, one after another: faithful for kernels without
+# shared memory, warp shuffles or block barriers (csrc/affine.cu, csrc/lowrank.cu). Launches are
+# ``emulate(grid, threads, kernel, args...)``; atomicAdd is a plain add.
+SEQUENTIAL_SHIM = HOST_PRELUDE + r"""
+static dim3 blockIdx, threadIdx, blockDim, gridDim;
+inline float atomicAdd(float* p, float v) { const float old = *p; *p += v; return old; }
+template <typename K, typename... Args>
+void emulate(dim3 grid, int threads, K kernel, Args... args) {
+  gridDim = grid;
+  blockDim = dim3(threads);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      blockIdx = dim3(bx, by);
+      for (int tx = 0; tx < threads; ++tx) { threadIdx = dim3(tx); kernel(args...); }
+    }
+}
+"""
+
+
+def sequential_host_source(
+    cu: str,
+    name: str,
+    drop: tuple[str, ...],
+    end: str,
+    namespace: str,
+    prefix: str,
+    launches: int,
+    tail: str = "",
+) -> tuple[str, dict[str, list]]:
+    """A host build of csrc/``name`` run by :data:`SEQUENTIAL_SHIM`.
+
+    ``drop`` and ``end`` are as for :func:`strip_binding` (``tail`` is appended after the cut, e.g.
+    to close a namespace); every ``kernel<...><<<grid, threads, 0, stream>>>(`` launch (``launches``
+    of them) becomes an ``emulate`` call; the host functions ``<namespace>::<prefix>...`` get C entry
+    points (see :func:`c_entry_points`). Returns the source and the entry points' signatures.
+    """
+    cu = strip_binding(cu, name, end, drop) + tail
+    cu = emulate_launches(cu, name, r"(\w+<[^<>]*>)<<<(\w+), (\w+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", launches)
+    api, signatures = c_entry_points(cu, namespace, prefix)
+    return SEQUENTIAL_SHIM + cu + api, signatures
 
 
 class HostExtension:

@@ -17,15 +17,12 @@ import pytest
 import torch
 from _ops_helpers import (
     DEVICE,
-    HOST_PRELUDE,
     ROOT,
     assert_within_oracle,
-    c_entry_points,
-    emulate_launches,
     fast_backends,
     host_cuda,
+    sequential_host_source,
     skip_without_cuda_ext,
-    strip_binding,
 )
 from conftest import requires_cuda, requires_triton
 
@@ -576,30 +573,15 @@ def test_cuda_extension_empty_batch_needs_no_device():
 # pysteer._C behind the real wrappers (pysteer/ops/cuda_affine.py). Device code generation is what
 # the GPU tests above check.
 
-_HOST_SHIM = HOST_PRELUDE + r"""
-static dim3 blockIdx, threadIdx, blockDim, gridDim;
-inline float atomicAdd(float* p, float v) { const float old = *p; *p += v; return old; }
-template <typename K, typename... Args>
-void emulate(dim3 grid, int threads, K kernel, Args... args) {
-  gridDim = grid;
-  blockDim = dim3(threads);
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      blockIdx = dim3(bx, by);
-      for (int tx = 0; tx < threads; ++tx) { threadIdx = dim3(tx); kernel(args...); }
-    }
-}
-"""
-
-
 def _host_source(cu: str) -> tuple[str, dict[str, list]]:
     """csrc/affine.cu with CUDA launches turned into host loops, the binding dropped, C entry points added."""
     drop = ('#include "pysteer.h"', "namespace py = pybind11;", "#include <cuda_runtime.h>")
-    cu = strip_binding(cu, "affine.cu", "void register_affine(py::module_& m)", drop) + "}  // namespace pysteer\n"
-    cu = emulate_launches(cu, "affine.cu", r"(\w+<[^<>]*>)<<<(\w+), (\w+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", 2)
-    api, signatures = c_entry_points(cu, "pysteer", "affine_steer_")
+    source, signatures = sequential_host_source(
+        cu, "affine.cu", drop, "void register_affine(py::module_& m)", "pysteer", "affine_steer_", launches=2,
+        tail="}  // namespace pysteer\n",
+    )
     assert sorted(signatures) == ["affine_steer_bwd", "affine_steer_fwd"], sorted(signatures)
-    return _HOST_SHIM + cu + api, signatures
+    return source, signatures
 
 
 @pytest.fixture

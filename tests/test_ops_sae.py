@@ -18,6 +18,7 @@ import torch
 from _ops_helpers import (
     HOST_PRELUDE,
     assert_within_oracle,
+    backend_param,
     c_entry_points,
     cuda_ext_missing,
     emulate_launches,
@@ -80,10 +81,7 @@ BACKENDS = [
 @pytest.fixture
 def backend(request) -> str:
     """The backend name to pass to the ops; "cuda-host" patches the CUDA wrappers onto the emulation."""
-    if request.param == "cuda-host":
-        request.getfixturevalue("cuda_kernels_on_host")
-        return "cuda"
-    return request.param
+    return backend_param(request)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,30 @@ FAMILIES: dict[str, OpFamily] = {
             ),
         ),
         OpFamily(
+            name="lowrank",
+            module="pysteer.ops.lowrank",
+            ops=(
+                Op(
+                    name="lowrank_edit",
+                    declared="pysteer.ops.lowrank:_lowrank_edit_op",
+                    fake="pysteer.ops.lowrank:_lowrank_edit_fake",
+                    autograd="pysteer.ops.lowrank:_lowrank_edit_backward_op",
+                    torch="pysteer.ops.lowrank:lowrank_edit_ref",
+                    triton="pysteer.kernels.lowrank:lowrank_edit",
+                    cuda="pysteer.ops.cuda_lowrank:lowrank_edit",
+                ),
+                Op(
+                    name="lowrank_edit_backward",
+                    declared="pysteer.ops.lowrank:_lowrank_edit_backward_op",
+                    fake="pysteer.ops.lowrank:_lowrank_edit_backward_fake",
+                    autograd=None,
+                    torch="pysteer.ops.lowrank:lowrank_edit_backward_ref",
+                    triton="pysteer.kernels.lowrank:lowrank_edit_backward",
+                    cuda="pysteer.ops.cuda_lowrank:lowrank_edit_backward",
+                ),
+            ),
+        ),
+        OpFamily(
             name="sae",
             module="pysteer.ops.sae",
             ops=(
