@@ -34,6 +34,7 @@ _LAZY = {
     "DynScalar": "pysteer.scalars",
     "Patch": "pysteer.patching",
     "Noise": "pysteer.patching",
+    "LoReFT": "pysteer.reft",
     "intervention_kind": "pysteer.interventions",
     "runtime": "pysteer.steering",
     "trace": "pysteer.tracing",

@@ -29,7 +29,7 @@ def register_intervention_type(cls: type) -> type:
     return intervention_kind(cls)
 
 
-BUILTIN_KIND_MODULES = ("pysteer.sae_steering", "pysteer.scalars", "pysteer.patching")
+BUILTIN_KIND_MODULES = ("pysteer.sae_steering", "pysteer.scalars", "pysteer.patching", "pysteer.reft")
 
 
 def _register_builtin_kinds() -> None:
