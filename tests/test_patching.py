@@ -112,3 +112,41 @@ def test_patch_and_noise_save_load_and_refuse_bad_input(tmp_path):
     with pytest.raises(ValueError, match="std"):
         Noise("embed", -1.0)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_a_trace_feeds_patch_directly():
+    model = tiny_model("llama")
+    clean, other = torch.randint(3, 100, (1, 6)), torch.randint(3, 100, (1, 6))
+    with pysteer.trace(model, ["layers.0.attn.heads"]) as cache:
+        _run(model, clean)
+    value = cache["layers.0.attn.heads"][0, 4]  # [H, D] at position 4
+    with pysteer.steer(model, [Patch("layers.0.attn.heads", value.reshape(-1), positions=[4])]):
+        patched, _ = _run(model, other)
+    with pysteer.steer(model, [Patch("layers.0.attn.heads", value.reshape(1, -1), positions=[4])]):
+        again, _ = _run(model, other)
+    assert torch.equal(patched, again)
+    plain, _ = _run(model, other)
+    assert not torch.allclose(patched[0, 4:], plain[0, 4:], atol=1e-5)
+    torch.testing.assert_close(patched[0, :4], plain[0, :4])  # earlier positions never see it
+
+
+def test_patch_under_torch_compile_and_in_pysteer_generate():
+    import torch._dynamo as dynamo
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 6))
+    _, cap = _run(model, torch.randint(3, 100, (1, 6)), capture_layers=[0])
+    patch = Patch("layers.0.resid", cap[0][0, 2], positions=[2])
+    with pysteer.steer(model, {"p": [patch]}) as h:
+        h.rows(["p", None])
+        eager, _ = _run(model, ids)
+        hf = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+        try:
+            compiled, _ = _run(model, ids)
+        finally:
+            del model.forward
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    fast = pysteer.generate(model, ids, steering=[[patch], None], max_new_tokens=3, compile=False)
+    assert fast.tokens == [r[: r.index(2) + 1] if 2 in r else r for r in hf[:, 6:].tolist()]
