@@ -264,3 +264,17 @@ def test_sae_edits_save_once_per_sae_and_reload_to_the_same_steering(tmp_path):
     with pysteer.steer(model, spec) as h:
         h.rows(["a", "b"])
         assert torch.equal(_logits(model, ids), before)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["hf-generate", "fast-path"])
+def test_cli_generate_runs_a_file_of_scaling_kinds(tiny_dir, tmp_path, capsys, fast):
+    from pysteer.cli import main
+
+    path = pysteer.save(
+        {"on": [ActivScalar("layers.1.attn.out", torch.tensor([0.5, -0.5])), DynScalar("layers.0.resid", torch.ones(D), 0.1)]},
+        tmp_path / "kinds.safetensors",
+    )
+    argv = ["generate", "--model", str(tiny_dir), "--steer", str(path), "--prompt", "Hello there", "--max-new-tokens", "3"]
+    assert main(argv + ([] if fast else ["--no-compile"])) == 0
+    out = capsys.readouterr()
+    assert "steering: SteeringHandle(dynamic" in out.err and out.out.strip()
