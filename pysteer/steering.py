@@ -31,14 +31,12 @@ from torch.utils.hooks import RemovableHandle
 
 from . import folding
 from ._backend import resolve_backend
-from .folding import FOLD_TARGETS, FOLDABLE_KINDS  # noqa: F401  (re-exported)
 from .interventions import check_intervention, compose_affine, finite_number, is_affine, trainable_tensors
 from .models.sites import Site, install_site_hook, resolve_site, site_shape
 from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, unwrap_model
 from .ops.affine import affine_steer
 from .ops.affine_linear import affine_linear
 from .positions import (
-    POSITION_RULES,  # noqa: F401  (re-exported)
     Positions,
     PositionTable,
     PromptLengths,
@@ -713,9 +711,10 @@ def steer(
         positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``, a list of
             positions counted from each sequence's first real token (negative: from the prompt's end),
             or one such list per batch row.
-        mode: ``"fold"`` folds into projection weights (static, all positions, one config, sites
-            ``attn.heads``/``attn.out``/``mlp.out``; prompt tokens are steered too), ``"dynamic"`` uses
-            the steering op, ``"auto"`` folds when that is exact and uses the op otherwise.
+        mode: ``"fold"`` folds into projection weights (static, all positions, one config, affine
+            interventions at a projection's input or output: ``pysteer.folding.FOLD_TARGETS``; prompt
+            tokens are steered too), ``"dynamic"`` uses the steering ops, ``"auto"`` folds when that is
+            exact and uses the ops otherwise.
         backend: op backend for dynamic steering (``cuda | triton | torch | auto``; default
             ``PYSTEER_BACKEND`` or auto).
         capacity: table rows to preallocate for configs (for ad-hoc per-request configs).

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import pysteer
+from pysteer.folding import FOLDABLE_KINDS
 from pysteer.interventions import HeadBias, HeadScale, VectorAdd, VectorScale
 from pysteer.models import SITE_KINDS, geometry
 from pysteer.models.sites import LAYER_FREE_KINDS, install_site_hook, resolve_site
 from pysteer.models.tiny import TINY_TYPES, tiny_model
-from pysteer.steering import FOLDABLE_KINDS
 
 PROMPT_LEN = 6
 VOCAB_LOW = 3  # ids 0..2 are pad/bos/eos in the tiny configs
