@@ -5,7 +5,9 @@ Variants, the same prompt, layers, noise draws and answer, in one run:
                   and its noise draws, plain hooks, logits at every position
   rows            every (cell, noise draw) a batch row with its own config (``Patch`` + ``Noise``)
   rows+prefix     the same, cells grouped by token, each group starting from the corrupted run's
-                  KV cache of the tokens before it (the default of ``causal_trace``)
+                  KV cache of the tokens before it
+  rows+prefix+skip  the same, and tokens before the subject (never corrupted) scored without a
+                  forward (the default of ``causal_trace``)
 
 Reported: seconds per heatmap and ratios to per-cell, and the largest score difference (the three
 compute the same numbers).
@@ -95,10 +97,16 @@ def main(argv=None) -> int:
 
     causal_trace(model, tok, prompt, subject, kind=args.kind, samples=1, layers=[0])  # warm-up
     results = {}
-    for name, extra in (("rows+prefix", {}), ("rows", {"prefix_cache": False}), ("per-cell", {"per_cell": True})):
+    variants = (
+        ("rows+prefix+skip", {}),
+        ("rows+prefix", {"skip_unaffected": False}),
+        ("rows", {"prefix_cache": False, "skip_unaffected": False}),
+        ("per-cell", {"per_cell": True}),
+    )
+    for name, extra in variants:
         r, sec = timed(**extra)
         results[name] = (r, sec)
-        print(f"{name:12s} {sec:8.2f} s", file=sys.stderr, flush=True)
+        print(f"{name:16s} {sec:8.2f} s", file=sys.stderr, flush=True)
     ref, ref_s = results["per-cell"]
     n_layers, n_tokens = ref.scores.shape
     out = {
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
         },
         "clean_prob": ref.clean_prob,
         "corrupted_prob": ref.corrupted_prob,
-        "best_cell": list(results["rows+prefix"][0].best()),
+        "best_cell": list(results["rows+prefix+skip"][0].best()),
+        "subject_tokens": list(ref.subject),
         "answer": ref.answer,
     }
     print(json.dumps(out, indent=2))
