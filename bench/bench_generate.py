@@ -121,17 +121,20 @@ def interleaved_forward_ratio(unhooked, steered, ids, pairs: int) -> dict:
     """
     from transformers import DynamicCache
 
+    from pysteer.models.forward_args import cache_keyword
+
     def stepper(model):
         cache = DynamicCache()
+        kw = {cache_keyword(model): cache}  # the keyword this transformers release takes
         with torch.no_grad():
-            model(**ids, past_key_values=cache, use_cache=True)
+            model(**ids, **kw, use_cache=True)
         mask = torch.cat([ids["attention_mask"], torch.ones_like(ids["attention_mask"][:, :1])], 1)
         token = ids["input_ids"][:, -1:]
 
         def step() -> float:
             t = time.perf_counter()
             with torch.no_grad():
-                model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                model(input_ids=token, attention_mask=mask, **kw, use_cache=True)
             dt = time.perf_counter() - t
             cache.crop(-1)  # back to the prompt: every step sees the same cache length
             return dt
