@@ -2,4 +2,10 @@
 
 - ``pysteer.compat.llamacpp``: llama.cpp control vectors (GGUF), read and written; repeng's
   ``ControlVector.export_gguf`` writes the same format.
+- ``pysteer.compat.repeng``: a repeng ``ControlVector`` and coefficient as interventions.
+- ``pysteer.compat.steering_vectors``: a steering-vectors ``SteeringVector`` (layer type, multiplier,
+  token indices) as a ``SteeringSpec``.
+
+The libraries themselves are not imported (several pin ``transformers<5``): their objects are read
+by the attributes they document.
 """
