@@ -1,0 +1,227 @@
+"""LoReFT on CPU: training steps/s and steered generate tokens/s, pysteer against pyreft.
+
+pysteer's side runs here; pyreft's is ``bench/peers/bench_peer_reft.py``, which needs its own
+virtualenv (pyreft pins transformers 4.45.1, pysteer uses transformers 5; set up as the docstring of
+``bench/peers/reft_parity.py`` says). With ``--peer-python`` this script first runs the peer script
+in that interpreter, as a separate process, then its own side right after, and merges both into
+``bench/results/reft-cpu.json``. The two sides therefore run back to back in separate processes and
+virtualenvs, with different transformers versions under the same torch (2.13.0+cpu).
+
+Workload (the same on both sides, checked when merging): SmolLM2-135M-Instruct, fp32, sdpa
+attention, one torch thread. One LoReFT of rank 4 on layer 15's residual output (pyreft's
+``block_output``) at positions ``f1+l1`` (one intervention at the first and the last token), the
+model's weights frozen.
+
+- training: a fixed batch of ``--batch`` x ``--seq`` random token ids (seed 0, no padding); one step
+  is ``zero_grad``, the steered forward, next-token cross entropy over every position, ``backward``
+  and an Adam step (lr 1e-3) over the intervention's parameters. pysteer: ``pysteer.steer(model,
+  [LoReFT], trainable=True)`` and ``handle.parameters()``; pyreft: the same loop through ``ReftModel``
+  with ``unit_locations`` (no ``ReftTrainer``).
+- generate: the 17-token chat prompt, batch 1, ``--new-tokens`` greedy tokens (EOS off), the edit on
+  the prompt only. pysteer: ``model.generate`` inside ``pysteer.steer`` and ``pysteer.generate(...,
+  steering=[[iv]], compile=False)``, each against its unsteered call; pyreft: ``ReftModel.generate(...,
+  intervene_on_prompt=True)`` against ``model.generate``. Variants are interleaved round by round
+  (order rotated) and the steered/unsteered ratio is the median of per-round ratios.
+
+    python bench/bench_reft.py --peer-python /work/peers-reft-venv/bin/python
+    python bench/bench_reft.py --steps 3 --rounds 2          # pysteer's side only, a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import pysteer
+from pysteer.default_model import load_model
+from pysteer.reft import LoReFT
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER, RANK, POSITIONS = 15, 4, "f1+l1"
+PROMPT = "<|im_start|>user\nWrite a short story about a robot.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def batch_ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def bench_training(model, ids: torch.Tensor, steps: int, warmup: int) -> dict:
+    iv = LoReFT.init(f"layers.{LAYER}.resid", model.config.hidden_size, RANK, POSITIONS, seed=0)
+    wall, cpu, losses = [], [], []
+    with pysteer.steer(model, [iv], trainable=True) as h:
+        params = h.parameters()
+        opt = torch.optim.Adam(params, lr=1e-3)
+        for i in range(warmup + steps):
+            c0, t0 = time.process_time(), time.perf_counter()
+            opt.zero_grad()
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
+            loss.backward()
+            opt.step()
+            t1, c1 = time.perf_counter(), time.process_time()
+            losses.append(loss.item())
+            if i >= warmup:
+                wall.append(t1 - t0)
+                cpu.append(c1 - c0)
+    return {
+        "step_s": {"wall_median": statistics.median(wall), "cpu_median": statistics.median(cpu), "wall": wall},
+        "steps_per_s": 1 / statistics.median(wall),
+        "losses": [round(v, 5) for v in losses],
+        "params": sum(p.numel() for p in params),
+    }
+
+
+def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> dict:
+    n = ids.shape[1]
+    iv = LoReFT.init(f"layers.{LAYER}.resid", model.config.hidden_size, RANK, POSITIONS, seed=0)
+    iv.bias = torch.randn(RANK, generator=torch.Generator().manual_seed(1)) * 4  # a visible edit
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 2}
+    mask = torch.ones_like(ids)
+
+    def hf_plain():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, **kw)[0, n:].tolist()
+
+    def hf_steered():
+        with torch.no_grad(), pysteer.steer(model, [iv]):
+            return model.generate(input_ids=ids, attention_mask=mask, **kw)[0, n:].tolist()
+
+    def fast(steering):
+        def run():
+            out = pysteer.generate(model, ids, steering=steering, max_new_tokens=new_tokens, compile=False,
+                                   progress=False, ignore_eos=True)
+            return out.tokens[0]
+        return run
+
+    variants = {"hf_unsteered": hf_plain, "hf_steered": hf_steered, "fast_unsteered": fast(None),
+                "fast_steered": fast([[iv]])}
+    names = list(variants)
+    times = {k: {"wall": [], "cpu": []} for k in names}
+    tokens = {k: f() for k, f in variants.items()}  # warm-up, and the tokens
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            variants[name]()
+            times[name]["wall"].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
+    res = {
+        name: {
+            "wall_median_s": statistics.median(t["wall"]), "cpu_median_s": statistics.median(t["cpu"]),
+            "tokens_per_s": new_tokens / statistics.median(t["wall"]), "wall_s": t["wall"], "tokens": tokens[name],
+        }
+        for name, t in times.items()
+    }
+    for path in ("hf", "fast"):
+        s, u = times[f"{path}_steered"], times[f"{path}_unsteered"]
+        res[f"{path}_steered_over_unsteered"] = {
+            "wall_median": statistics.median(a / b for a, b in zip(s["wall"], u["wall"])),
+            "cpu_median": statistics.median(a / b for a, b in zip(s["cpu"], u["cpu"])),
+        }
+    res["steered_tokens_equal_hf_fast"] = tokens["hf_steered"] == tokens["fast_steered"]
+    return res
+
+
+def run_peer(python: str, args) -> dict:
+    cmd = [python, str(ROOT / "bench" / "peers" / "bench_peer_reft.py"), "--batch", str(args.batch), "--seq",
+           str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--new-tokens",
+           str(args.new_tokens), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peer-python", default=None, help="the pyreft virtualenv's python (runs its side first)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reft-cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peer = None
+    if args.peer_python:
+        t0 = time.time()
+        peer = run_peer(args.peer_python, args)
+        print(f"pyreft side done in {time.time() - t0:.0f} s", file=sys.stderr)
+
+    model, tok = load_model("default", progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = batch_ids(args.batch, args.seq, model.config.vocab_size)
+    prompt = torch.tensor([tok(PROMPT)["input_ids"]])
+    ours = {
+        "side": "pysteer",
+        "versions": {"pysteer": pysteer.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "workload": {"batch": args.batch, "seq": args.seq, "ids_sum": int(ids.sum()), "layer": LAYER, "rank": RANK,
+                     "positions": POSITIONS, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+                     "rounds": args.rounds, "prompt_ids": prompt[0].tolist(), "attn": model.config._attn_implementation},
+        "training": bench_training(model, ids, args.steps, args.warmup),
+        "generate": bench_generate(model, prompt, args.new_tokens, args.rounds),
+    }
+    result = {
+        "what": "LoReFT (rank 4, layer 15 resid / block_output, f1+l1) on SmolLM2-135M-Instruct, fp32 CPU",
+        "script": "bench/bench_reft.py (pysteer) + bench/peers/bench_peer_reft.py (pyreft)",
+        "machine": platform.machine(), "threads": args.threads,
+        "pysteer": ours,
+    }
+    tr, gen = ours["training"], ours["generate"]
+    print(f"pysteer: training {tr['steps_per_s']:.3f} steps/s; generate steered/unsteered "
+          f"hf {gen['hf_steered_over_unsteered']['wall_median']:.3f}, fast {gen['fast_steered_over_unsteered']['wall_median']:.3f}")
+    if peer is not None:
+        for key in ("batch", "seq", "ids_sum", "layer", "rank", "positions", "new_tokens", "prompt_ids", "attn"):
+            if peer["workload"][key] != ours["workload"][key]:
+                raise RuntimeError(f"the two sides ran different workloads: {key} {peer['workload'][key]!r} vs {ours['workload'][key]!r}")
+        pg = peer["generate"]
+        result["pyreft"] = peer
+        result["note"] = (
+            "The two sides ran back to back in separate processes and virtualenvs: pyreft with transformers "
+            f"{peer['versions']['transformers']}, pysteer with transformers {transformers.__version__}, both torch "
+            f"{torch.__version__}, {args.threads} thread(s). Steered/unsteered ratios compare each side with its own "
+            "unsteered generate; cross-side ratios also carry the two transformers versions' own speed."
+        )
+        result["ratios"] = {
+            "training_steps_per_s_pysteer_over_pyreft": tr["steps_per_s"] / peer["training"]["steps_per_s"],
+            "training_cpu_step_pyreft_over_pysteer": peer["training"]["step_s"]["cpu_median"] / tr["step_s"]["cpu_median"],
+            "generate_steered_over_unsteered": {
+                "pysteer_hf_generate": gen["hf_steered_over_unsteered"]["wall_median"],
+                "pysteer_fast_generate": gen["fast_steered_over_unsteered"]["wall_median"],
+                "pyreft": pg["steered_over_unsteered"]["wall_median"],
+            },
+            "steered_tokens_per_s_over_pyreft": {
+                "pysteer_hf_generate": gen["hf_steered"]["tokens_per_s"] / pg["pyreft"]["tokens_per_s"],
+                "pysteer_fast_generate": gen["fast_steered"]["tokens_per_s"] / pg["pyreft"]["tokens_per_s"],
+            },
+            "unsteered_tokens_per_s_pysteer_hf_over_pyreft_hf": gen["hf_unsteered"]["tokens_per_s"] / pg["unsteered"]["tokens_per_s"],
+        }
+        result["targets"] = {
+            "training_at_least_1.5x_pyreft": result["ratios"]["training_steps_per_s_pysteer_over_pyreft"] >= 1.5,
+            "steered_generate_at_most_3pct_over_unsteered": {
+                k: v <= 1.03 for k, v in result["ratios"]["generate_steered_over_unsteered"].items() if k != "pyreft"
+            },
+        }
+        print(json.dumps(result["ratios"], indent=1))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
