@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         return r, time.perf_counter() - t
 
     causal_trace(model, tok, prompt, subject, kind=args.kind, samples=1, layers=[0])  # warm-up
-    results = {}
+    results, load = {}, {}
     variants = (
         ("rows+prefix+skip", {}),
         ("rows+prefix", {"skip_unaffected": False}),
@@ -104,8 +105,10 @@ def main(argv=None) -> int:
         ("per-cell", {"per_cell": True}),
     )
     for name, extra in variants:
+        before = os.getloadavg()[0]
         r, sec = timed(**extra)
         results[name] = (r, sec)
+        load[name] = [round(before, 2), round(os.getloadavg()[0], 2)]  # 1-min load average around it
         print(f"{name:16s} {sec:8.2f} s", file=sys.stderr, flush=True)
     ref, ref_s = results["per-cell"]
     n_layers, n_tokens = ref.scores.shape
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
         "max_abs_score_diff_vs_per_cell": {
             k: float((r.scores - ref.scores).abs().max()) for k, (r, _) in results.items() if k != "per-cell"
         },
+        "load_average_before_after": load,
+        "cpus": os.cpu_count(),
         "clean_prob": ref.clean_prob,
         "corrupted_prob": ref.corrupted_prob,
         "best_cell": list(results["rows+prefix+skip"][0].best()),
