@@ -744,6 +744,30 @@ def _sae_lens_activation(cfg: Mapping[str, Any], src: str, d_sae: int) -> tuple[
     )
 
 
+def _refuse_unimplemented(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], src: str) -> None:
+    """SAELens config fields that change what the SAE computes and that pysteer does not implement:
+    loading such an SAE as if they were absent would compute different features, silently."""
+    if cfg.get("finetuning_scaling_factor"):
+        raise SAEFormatError(f"{src}: finetuning_scaling_factor is not supported")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise SAEFormatError(
+            f"{src}: field 'rescale_acts_by_decoder_norm'=True is not supported (the encoder's activations are "
+            "scaled by the decoder row norms); save the SAE in its inference form (decoder norms folded) first"
+        )
+    reshape = cfg.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise SAEFormatError(
+            f"{src}: field 'reshape_activations'={reshape!r} is not supported (only 'none': inputs of width d_in)"
+        )
+    if cfg.get("architecture") in ("batchtopk", "matryoshka_batchtopk") and (
+        "topk_threshold" in tensors or "topk_threshold" in cfg
+    ):
+        raise SAEFormatError(
+            f"{src}: a {cfg['architecture']} training checkpoint (it holds 'topk_threshold'): its inference form is "
+            "a JumpReLU SAE with decoder norms folded; save it with SAELens's save_inference_model and load that"
+        )
+
+
 def _k_field(cfg: Mapping[str, Any], src: str, d_sae: int) -> int:
     k = _positive_int(cfg, "k", src)
     if k > d_sae:
@@ -763,8 +787,7 @@ def _from_sae_lens_parts(
     d_in = _positive_int(cfg, "d_in", cfg_src)
     d_sae = _positive_int(cfg, "d_sae", cfg_src)
     activation, k = _sae_lens_activation(cfg, cfg_src, d_sae)
-    if cfg.get("finetuning_scaling_factor"):
-        raise SAEFormatError(f"{cfg_src}: finetuning_scaling_factor is not supported")
+    _refuse_unimplemented(cfg, tensors, cfg_src)
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):
         raise SAEFormatError(

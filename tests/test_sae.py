@@ -464,3 +464,24 @@ def test_unreadable_or_missing_files_raise(tmp_path):
     (root / "cfg.json").unlink()
     with pytest.raises(SAEFormatError, match="cfg.json: missing"):
         SAE.load(root)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "tensor", "match"),
+    [
+        ("rescale_acts_by_decoder_norm", True, None, "rescale_acts_by_decoder_norm"),
+        ("reshape_activations", "hook_z", None, "reshape_activations"),
+        ("architecture", "batchtopk", "topk_threshold", "training checkpoint"),
+    ],
+)
+def test_sae_lens_fields_that_change_the_math_are_refused_by_name(tmp_path, field, value, tensor, match):
+    """Loading these as if absent would compute different features without a word."""
+    cfg, tensors = sae_lens_files(make_sae("topk"))
+    cfg[field] = value
+    if tensor is not None:
+        tensors[tensor] = torch.tensor(0.5)
+    with pytest.raises(SAEFormatError, match=match):
+        SAE.load(write_sae_lens(tmp_path / field, cfg, tensors))
+    cfg[field] = False if field == "rescale_acts_by_decoder_norm" else "none" if field == "reshape_activations" else "topk"
+    tensors.pop("topk_threshold", None)
+    assert SAE.load(write_sae_lens(tmp_path / (field + "-ok"), cfg, tensors)).activation == "topk"
