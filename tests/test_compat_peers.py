@@ -48,7 +48,7 @@ def _check(model, ids, spec_or_ivs, tensors, name, vocab):
     with pysteer.steer(model, spec_or_ivs):
         logits, tokens = _run(model, ids, vocab)
     diff = float((logits - tensors[f"{name}.logits"]).abs().max())
-    assert diff < 2e-3, (name, diff)  # two transformers releases, same fp32 math up to op order
+    assert diff < 2e-4, (name, diff)  # measured <= 4.8e-5 (two transformers releases; the steering moves them 5-8)
     assert tokens.tolist() == tensors[f"{name}.tokens"].tolist(), name
     return diff
 
@@ -58,7 +58,7 @@ def test_unsteered_reference_matches(recorded, smollm2):
     model, _ = smollm2
     ids = tensors["prompt_ids"][None]
     logits, tokens = _run(model, ids, int(meta["vocab_entries"]))
-    assert float((logits - tensors["unsteered.logits"]).abs().max()) < 2e-3
+    assert float((logits - tensors["unsteered.logits"]).abs().max()) < 2e-4
     assert tokens.tolist() == tensors["unsteered.tokens"].tolist()
 
 
