@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "scale": "pysteer.recipes.cli_scale",
     "jola": "pysteer.recipes.cli_jola",
     "causal-trace": "pysteer.recipes.cli_causal_trace",
+    "absc": "pysteer.recipes.cli_absc",
 }
 
 

@@ -7,6 +7,8 @@ steering file and a picture.
   activation-dependent scalars trained through the affine op (Stoehr et al.; ``pysteer scale``).
 - ``jola``: HardConcrete-gated per-head scaling and bias, folded into ``o_proj`` (``pysteer jola``).
 - ``causal_trace``: which (layer, token) states carry a fact, every cell a batch row (ROME; ``pysteer causal-trace``).
+- ``absc_edit``: aspect-based sentiment by tracing the layers and training LoReFT at the aspect token
+  (Li et al., ME-ABSC; ``pysteer absc``).
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
 module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
@@ -45,6 +47,12 @@ _LAZY = {
     # causal tracing
     "causal_trace": "pysteer.recipes.causal_trace",
     "CausalTraceResult": "pysteer.recipes.causal_trace",
+    # aspect-based sentiment by model editing
+    "AspectExample": "pysteer.recipes.absc",
+    "AbscResult": "pysteer.recipes.absc",
+    "load_absc": "pysteer.recipes.absc",
+    "absc_edit": "pysteer.recipes.absc",
+    "absc_metrics": "pysteer.recipes.absc",
 }
 
 
