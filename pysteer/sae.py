@@ -274,6 +274,13 @@ class SAE(nn.Module):
     def device(self) -> torch.device:
         return self.W_dec.device
 
+    @property
+    def site(self) -> str | None:
+        """The pysteer site of the SAE's recorded ``hook_name`` (SAELens metadata), or None when it
+        records none; raises ``ValueError`` for a hook with no pysteer site."""
+        hook = self.metadata.get("hook_name")
+        return None if hook is None else site_for_hook_name(hook)
+
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.activation == "topk" else ""
         return f"d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{k}, dtype={self.dtype}"
@@ -660,6 +667,39 @@ class SAE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # reading helpers
 # ---------------------------------------------------------------------------------------------
+
+
+# TransformerLens hook names (what SAELens records as ``hook_name``) -> pysteer site kinds
+_HOOK_SITES = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_post": "resid",
+    "hook_attn_out": "attn.out",
+    "hook_mlp_out": "mlp.out",
+    "attn.hook_z": "attn.heads",
+    "attn.hook_q": "attn.q",
+    "attn.hook_k": "attn.k",
+    "attn.hook_v": "attn.v",
+    "mlp.hook_post": "mlp.hidden",
+}
+
+
+def site_for_hook_name(hook_name: str) -> str:
+    """The pysteer site of a TransformerLens / SAELens hook name: ``blocks.6.hook_resid_post`` ->
+    ``layers.6.resid``, ``blocks.3.attn.hook_z`` -> ``layers.3.attn.heads``, ``hook_embed`` -> ``embed``.
+
+    Raises:
+        ValueError: a hook with no pysteer site (e.g. ``hook_resid_mid``: pysteer's sites are module
+            inputs and outputs, and a residual stream between attention and MLP is not one).
+    """
+    name = str(hook_name).strip()
+    if name == "hook_embed":
+        return "embed"
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _HOOK_SITES:
+        return f"layers.{int(parts[1])}.{_HOOK_SITES[parts[2]]}"
+    raise ValueError(
+        f"hook name {hook_name!r} has no pysteer site (known: hook_embed, blocks.<i>.{{{', '.join(_HOOK_SITES)}}})"
+    )
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:

@@ -485,3 +485,19 @@ def test_sae_lens_fields_that_change_the_math_are_refused_by_name(tmp_path, fiel
     cfg[field] = False if field == "rescale_acts_by_decoder_norm" else "none" if field == "reshape_activations" else "topk"
     tensors.pop("topk_threshold", None)
     assert SAE.load(write_sae_lens(tmp_path / (field + "-ok"), cfg, tensors)).activation == "topk"
+
+
+def test_hook_names_map_to_sites():
+    from pysteer.sae import site_for_hook_name
+
+    assert site_for_hook_name("blocks.6.hook_resid_post") == "layers.6.resid"
+    assert site_for_hook_name("blocks.0.hook_resid_pre") == "layers.0.resid_pre"
+    assert site_for_hook_name("blocks.3.attn.hook_z") == "layers.3.attn.heads"
+    assert site_for_hook_name("blocks.2.mlp.hook_post") == "layers.2.mlp.hidden"
+    assert site_for_hook_name("blocks.11.hook_mlp_out") == "layers.11.mlp.out"
+    assert site_for_hook_name("hook_embed") == "embed"
+    with pytest.raises(ValueError, match="hook_resid_mid"):
+        site_for_hook_name("blocks.4.hook_resid_mid")
+    sae = make_sae("relu")
+    sae.metadata["hook_name"] = "blocks.1.hook_attn_out"
+    assert sae.site == "layers.1.attn.out"
