@@ -48,10 +48,7 @@ class _PatchApplier:
     def apply(self, y: Tensor, ctx: TokenContext) -> Tensor:
         T = y.shape[0]
         r = ctx.rows.long()
-        pl = ctx.prompt_len.to(ctx.pos.device)[:, None].expand_as(ctx.pos).reshape(-1)
-        target = self.positions[r]  # [T, P]
-        target = torch.where(target < 0, target + pl[:, None], target)
-        hit = (target == ctx.pos.reshape(-1)[:, None]) & (r > 0)[:, None]  # [T, P]
+        hit = ctx.at_positions(self.positions[r]) & (r > 0)[:, None]  # [T, P]
         found = hit.any(-1)
         v = self.values[r, hit.to(torch.int8).argmax(-1)].to(y.dtype).reshape(y.shape)  # [T, H, D]
         new = y + v if self.add else v

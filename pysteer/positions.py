@@ -208,3 +208,13 @@ class TokenContext:
         """``[T]`` position relative to the end of the prompt: -1 is the last prompt token, 0 the
         first generated one."""
         return (self.pos - self.prompt_len[:, None].to(self.pos.device)).reshape(-1)
+
+    def token_prompt_len(self) -> Tensor:
+        """``[T]`` the prompt length of each token's sequence."""
+        return self.prompt_len.to(self.pos.device)[:, None].expand_as(self.pos).reshape(-1)
+
+    def at_positions(self, targets: Tensor) -> Tensor:
+        """``[T, P]`` bool: token ``t`` sits at position ``targets[t, p]`` (negative targets count
+        back from the prompt's end, as the position rules do; a ``_NO_POSITION`` slot matches nothing)."""
+        pl = self.token_prompt_len()[:, None]
+        return torch.where(targets < 0, targets + pl, targets) == self.pos.reshape(-1)[:, None]

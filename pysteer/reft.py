@@ -78,12 +78,10 @@ class _LoReFTApplier:
         """``[T]`` bool: tokens whose row's positions include them."""
         r = ctx.rows.long()
         pos = ctx.pos.reshape(-1)
-        pl = ctx.prompt_len.to(pos.device)[:, None].expand_as(ctx.pos).reshape(-1)
+        pl = ctx.token_prompt_len()
         in_prompt = pos < pl
         ends = (pos < self.first[r]) | (pos >= pl - self.last[r])
-        target = self.explicit[r]
-        target = torch.where(target < 0, target + pl[:, None], target)
-        explicit = (target == pos[:, None]).any(-1)
+        explicit = ctx.at_positions(self.explicit[r]).any(-1)
         return (r > 0) & ((in_prompt & (ends | explicit)) | (~in_prompt & self.every_step[r]))
 
     def apply(self, y: Tensor, ctx: TokenContext) -> Tensor:
