@@ -74,6 +74,16 @@ def offsets_from_end(attention_mask: Tensor) -> Tensor:
     return torch.where(m.bool(), pos - length, torch.zeros_like(pos))
 
 
+def last_token_logits(model: nn.Module, **kwargs) -> Tensor:
+    """Logits ``[B, V]`` of every row's last column, computing only that position where the model
+    takes ``logits_to_keep``."""
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        out = model(**kwargs)
+    return out.logits[:, -1]
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -49,6 +49,7 @@ from ._common import (
     curves_png,
     data_path,
     freeze,
+    last_token_logits,
     model_device,
     read_jsonl,
     training_backend,
@@ -171,12 +172,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
-    try:
-        out = model(**kw, logits_to_keep=1)
-    except TypeError:
-        out = model(**kw)
-    return out.logits[:, -1].float()
+    return last_token_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).float()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..models.sites import install_site_hook, resolve_site
 from ..models.specs import geometry, get_spec
 from ..patching import Noise, Patch
 from ..steering import steer
-from ._common import heatmap_png, model_device
+from ._common import heatmap_png, last_token_logits, model_device
 
 KINDS = ("resid", "mlp", "attn")
 _SITE = {"resid": "resid", "mlp": "mlp.out", "attn": "attn.out"}
@@ -184,32 +184,29 @@ class _Run:
         return _cells_sites(self.kind, layer, self.n_layers, self.window)
 
 
-def _last_logits(model: nn.Module, ids: Tensor, **kw) -> Tensor:
-    try:
-        return model(input_ids=ids, logits_to_keep=1, **kw).logits[:, -1]
-    except TypeError:  # models without logits_to_keep
-        return model(input_ids=ids, **kw).logits[:, -1]
+@torch.no_grad()
+def _corrupted_run(model: nn.Module, ids: Tensor, noises: list[Noise]):
+    """The corrupted run, one row per noise draw: last-token logits ``[samples, V]`` and its KV cache."""
+    with steer(model, {f"noise{s}": [n] for s, n in enumerate(noises)}, mode="dynamic") as handle:
+        handle.rows([f"noise{s}" for s in range(len(noises))])
+        out = model(input_ids=ids.expand(len(noises), ids.shape[1]), use_cache=True)
+    cache = next(v for v in out.values() if hasattr(v, "get_seq_length"))  # found by type
+    return out.logits[:, -1], cache
 
 
 @torch.no_grad()
-def _batched_scores(run: _Run, cells, noises: list[Noise], batch_size: int, prefix_cache: bool) -> Tensor:
+def _batched_scores(run: _Run, cells, noises: list[Noise], batch_size: int, corrupted_cache=None) -> Tensor:
     """Restored ``p(answer)`` per (cell, noise draw), many rows per forward, through per-request rows.
 
-    With ``prefix_cache``, cells are grouped by token ``t``: restoring at ``t`` changes nothing
-    before it, so the group's rows start from the corrupted run's KV cache of the first ``t``
-    tokens (one per noise draw) and compute only tokens ``t ..`` (about half the work)."""
+    Given the corrupted run's KV cache, cells are grouped by token ``t``: restoring at ``t``
+    changes nothing before it, so the group's rows start from that cache of the first ``t`` tokens
+    (one per noise draw) and compute only tokens ``t ..`` (about half the work)."""
     model, ids = run.model, run.ids
     S = ids.shape[1]
     samples = len(noises)
-    corrupted_cache = None
-    if prefix_cache:
-        with steer(model, {f"n{s}": [n] for s, n in enumerate(noises)}, mode="dynamic") as handle:
-            handle.rows([f"n{s}" for s in range(samples)])
-            out = model(input_ids=ids.expand(samples, S), use_cache=True)
-            corrupted_cache = next(v for v in out.values() if hasattr(v, "get_seq_length"))  # found by type
     by_token: dict[int, list[int]] = {}
     for c, (_, t) in enumerate(cells):
-        by_token.setdefault(t if prefix_cache else 0, []).append(c)
+        by_token.setdefault(t if corrupted_cache is not None else 0, []).append(c)
     probs = torch.empty(len(cells), samples)
     for t0, members in sorted(by_token.items()):
         rows = [(c, s) for c in members for s in range(samples)]
@@ -228,7 +225,7 @@ def _batched_scores(run: _Run, cells, noises: list[Noise], batch_size: int, pref
                 kw = {forward_args.cache_keyword(model): cache, "use_cache": True}
             with steer(model, configs, mode="dynamic") as handle:
                 handle.rows(list(configs))
-                logits = _last_logits(model, ids[:, t0:].expand(len(chunk), S - t0), **kw)
+                logits = last_token_logits(model, input_ids=ids[:, t0:].expand(len(chunk), S - t0), **kw)
             p = _prob(logits, run.answer_id).cpu()
             for (c, s), value in zip(chunk, p):
                 probs[c, s] = value
@@ -345,10 +342,8 @@ def causal_trace(
     positions = list(range(s0, s1))
     noises = [Noise("embed", std, positions, seed=seed + s) for s in range(samples)]
     noise_values = torch.stack([n.values_for(len(positions), geo.d_model) for n in noises])  # [samples, n, d]
-    with torch.no_grad():
-        with steer(model, {f"noise{s}": [n] for s, n in enumerate(noises)}, mode="dynamic") as h:
-            h.rows([f"noise{s}" for s in range(samples)])
-            corrupted = float(_prob(model(input_ids=ids.expand(samples, -1)).logits[:, -1], answer_id).mean())
+    corrupted_logits, corrupted_cache = _corrupted_run(model, ids, noises)
+    corrupted = float(_prob(corrupted_logits, answer_id).mean())
     cells = [(layer, t) for layer in layer_list for t in range(len(ids_list))]
     run = _Run(model, ids, states, kind, geo.n_layers, window, answer_id)
     if per_cell:
@@ -358,7 +353,8 @@ def causal_trace(
         # states are the same and restoring it is the corrupted run: no forward needed.
         live = [c for c, (_, t) in enumerate(cells) if t >= s0] if skip_unaffected else list(range(len(cells)))
         flat = torch.full((len(cells),), corrupted)
-        flat[live] = _batched_scores(run, [cells[c] for c in live], noises, batch_size, prefix_cache)
+        cache = corrupted_cache if prefix_cache else None
+        flat[live] = _batched_scores(run, [cells[c] for c in live], noises, batch_size, cache)
     return CausalTraceResult(
         scores=flat.reshape(len(layer_list), len(ids_list)),
         clean_prob=float(_prob(clean_logits, answer_id)),

@@ -44,6 +44,7 @@ from ._common import (
     data_path,
     freeze,
     heatmap_png,
+    last_token_logits,
     model_device,
     read_jsonl,
     single_token_id,
@@ -319,11 +320,7 @@ def _encode(tokenizer, examples: Sequence[LabelledText], device, prompt: str):
 
 
 def _logits(model, ids, mask) -> Tensor:
-    try:
-        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
-    except TypeError:
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return out.logits[:, -1].float()
+    return last_token_logits(model, input_ids=ids, attention_mask=mask, use_cache=False).float()
 
 
 @torch.no_grad()

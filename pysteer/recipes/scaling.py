@@ -52,6 +52,7 @@ from ._common import (
     data_path,
     freeze,
     heatmap_png,
+    last_token_logits,
     model_device,
     read_jsonl,
     single_token_id,
@@ -155,11 +156,7 @@ def _encode(tokenizer, prompts: Sequence[ConflictPrompt], device) -> _Batch:
 
 def _last_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Logits ``[B, V]`` of the last prompt token (left padding: the last column), at least float32."""
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    except TypeError:  # models without logits_to_keep
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, -1]
+    logits = last_token_logits(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
