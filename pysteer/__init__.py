@@ -43,6 +43,8 @@ _LAZY = {
     "generate": "pysteer.fast",
     "recipes": "pysteer.recipes",
     "models": "pysteer.models",
+    "train_sae": "pysteer.sae_train",
+    "SAETrainConfig": "pysteer.sae_train",
 }
 
 
