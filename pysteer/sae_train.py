@@ -57,7 +57,7 @@ from torch import Tensor
 from ._backend import resolve_backend
 from ._files import read_safetensors_doc, write_safetensors
 from .ops import sae as sae_ops
-from .sae import SAE
+from .sae import _HOOK_SITES, SAE
 
 KINDS = ("topk", "relu")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -496,6 +496,9 @@ def _to_sae(p: dict[str, Tensor], cfg: SAETrainConfig, summary: Mapping[str, Any
     metadata: dict[str, Any] = {"trained_by": "pysteer.train_sae", "training": dict(summary)}
     if site is not None:
         metadata["site"] = site
+        hook = _hook_name_for_site(site)
+        if hook is not None:
+            metadata["hook_name"] = hook
     return SAE(
         p["encoder_weight"].detach().t().clone(),
         p["b_enc"].detach().clone(),
@@ -505,6 +508,19 @@ def _to_sae(p: dict[str, Tensor], cfg: SAETrainConfig, summary: Mapping[str, Any
         k=cfg.k if cfg.kind == "topk" else None,
         metadata=metadata,
     )
+
+
+def _hook_name_for_site(site: str) -> str | None:
+    """The TransformerLens / SAELens hook name of a pysteer site (``layers.6.resid`` ->
+    ``blocks.6.hook_resid_post``), or None for a site with none; the inverse of ``site_for_hook_name``."""
+    if site == "embed":
+        return "hook_embed"
+    parts = site.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+        hook = {v: k for k, v in _HOOK_SITES.items()}.get(parts[2])
+        if hook is not None:
+            return f"blocks.{parts[1]}.{hook}"
+    return None
 
 
 def _make_config(config: SAETrainConfig | None, options: Mapping[str, Any]) -> SAETrainConfig:

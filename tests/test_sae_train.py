@@ -189,6 +189,7 @@ def test_streams_from_a_traced_dataset(tmp_path):
                     checkpoint_dir=tmp_path / "sae-run")  # fmt: skip
     assert sae.d_in == x.shape[1] and sae.d_sae == 4 * x.shape[1]
     assert sae.metadata["site"] == "layers.1.resid"
+    assert sae.metadata["hook_name"] == "blocks.1.hook_resid_post" and sae.site == "layers.1.resid"
     assert sae.metadata["training"]["tokens"] == 30 * reader.num_rows
     assert fve(sae, x) > 0.8 > fve(untrained, x) + 0.3
     lines = (tmp_path / "sae-run" / "log.jsonl").read_text().splitlines()
