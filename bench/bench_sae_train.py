@@ -108,12 +108,16 @@ class Peer:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer-python", default=None, help="the sae-lens virtualenv's python")
-    ap.add_argument("--rows", type=int, default=8192, help="activation rows traced (reused epoch after epoch)")
+    ap.add_argument(
+        "--rows", type=int, default=8192, help="activation rows traced (reused epoch after epoch)"
+    )
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--acts", type=Path, default=Path(tempfile.gettempdir()) / "pysteer-sae-train-acts.safetensors")
+    ap.add_argument(
+        "--acts", type=Path, default=Path(tempfile.gettempdir()) / "pysteer-sae-train-acts.safetensors"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sae-train-cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -133,7 +137,9 @@ def main() -> int:
             result: dict = {"order": sides}
             for side in sides:
                 if side == "pysteer":
-                    result["pysteer_step_s"] = pysteer_steps(acts, d_sae, k, args.batch, args.steps, args.warmup)
+                    result["pysteer_step_s"] = pysteer_steps(
+                        acts, d_sae, k, args.batch, args.steps, args.warmup
+                    )
                 else:
                     reply = peer.steps(d_sae=d_sae, k=k, batch=args.batch, steps=args.steps, warmup=args.warmup,
                                        sparse=False, lr=learning_rate(d_sae))  # fmt: skip
@@ -141,12 +147,18 @@ def main() -> int:
                         raise RuntimeError(f"sae-lens side failed on {name}: {reply['error']}")
                     result["sae_lens_step_s"] = reply["step_s"]
             if peer is not None:
-                result["ratio_sae_lens_over_pysteer"] = statistics.median(result["sae_lens_step_s"]) / statistics.median(
-                    result["pysteer_step_s"]
-                )
+                result["ratio_sae_lens_over_pysteer"] = statistics.median(
+                    result["sae_lens_step_s"]
+                ) / statistics.median(result["pysteer_step_s"])
                 if rnd == 0:
                     entry["sae_lens_sparse_activations"] = peer.steps(
-                        d_sae=d_sae, k=k, batch=args.batch, steps=1, warmup=1, sparse=True, lr=learning_rate(d_sae)
+                        d_sae=d_sae,
+                        k=k,
+                        batch=args.batch,
+                        steps=1,
+                        warmup=1,
+                        sparse=True,
+                        lr=learning_rate(d_sae),
                     )
             entry["rounds"].append(result)
             print(name, {key: value for key, value in result.items() if key.startswith("ratio")}, flush=True)
@@ -165,14 +177,23 @@ def main() -> int:
         "script": "bench/bench_sae_train.py (pysteer) + bench/peers/bench_peer_sae_train.py (sae-lens)",
         "workload": {
             "activations": f"SmolLM2-135M-Instruct {SITE}, README + ARCHITECTURE text, {acts.shape[0]} rows, fp32",
-            "batch_tokens": args.batch, "timed_steps_per_round": args.steps, "warmup_steps": args.warmup,
-            "rounds": args.rounds, "torch_threads": 1, "lr": "2e-4 / sqrt(d_sae / 2**14), both sides",
+            "batch_tokens": args.batch,
+            "timed_steps_per_round": args.steps,
+            "warmup_steps": args.warmup,
+            "rounds": args.rounds,
+            "torch_threads": 1,
+            "lr": "2e-4 / sqrt(d_sae / 2**14), both sides",
         },  # fmt: skip
         "versions": {
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
             "sae_lens": peer.hello.get("sae_lens") if peer is not None else None,
         },  # fmt: skip
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "configs": runs,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
