@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._files import read_safetensors_doc, write_safetensors
+from .models.sites import parse_site
 from .ops import sae as sae_ops
 from .sae import _HOOK_SITES, SAE
 
@@ -153,6 +154,7 @@ class SAETrainConfig:
 
 
 def _reader_site(reader: Any, site: str | None) -> str:
+    """The manifest key of the dense site to train on: ``site`` normalised, or the trace's only dense site."""
     dense = [name for name, info in reader.sites.items() if info.get("kind") == "dense"]
     if site is None:
         if len(dense) != 1:
@@ -161,10 +163,17 @@ def _reader_site(reader: Any, site: str | None) -> str:
                 "(dense activation sites only)"
             )
         return dense[0]
-    key = reader._site_keys(site)
-    if len(key) != 1:
+    try:
+        key = parse_site(site).name
+    except ValueError as err:
+        raise ValueError(f"train_sae: site {site!r}: {err}") from None
+    if key not in reader.sites:
+        raise ValueError(
+            f"train_sae: site {site!r} is not in this trace; traced sites: {', '.join(reader.sites)}"
+        )
+    if key not in dense:
         raise ValueError(f"train_sae: site {site!r} stores SAE codes, not activations; name a dense site")
-    return key[0]
+    return key
 
 
 class _DataSource:

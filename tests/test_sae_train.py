@@ -182,6 +182,8 @@ def test_streams_from_a_traced_dataset(tmp_path):
     assert len(reader.shards) > 1
     with pytest.raises(ValueError, match="name one with site="):
         train_sae(reader, progress=False)
+    with pytest.raises(ValueError, match="not in this trace; traced sites: layers.0.resid, layers.1.resid"):
+        train_sae(reader, site="layers.1.mlp.out", progress=False)
     x = reader.load("layers.1.resid")
     opts = {**QUICK, "batch_tokens": 64, "k": 8, "expansion": 4}
     untrained = train_sae(reader, site="layers.1.resid", **{**opts, "lr": 1e-12}, max_tokens=64)
