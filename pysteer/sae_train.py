@@ -339,7 +339,10 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, enc: Tensor, b_enc: Tensor, k: int, backend: str):  # type: ignore[override]
-        values, indices = sae_ops.sae_encode_topk(x, enc.t(), b_enc, None, k=k, backend=backend)
+        # detached: the kernel backends refuse weights that require grad (this Function supplies the backward)
+        values, indices = sae_ops.sae_encode_topk(
+            x.detach(), enc.detach().t(), b_enc.detach(), None, k=k, backend=backend
+        )
         ctx.save_for_backward(x, enc, values, indices)
         ctx.mark_non_differentiable(indices)
         return values, indices

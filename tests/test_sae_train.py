@@ -4,9 +4,11 @@ checkpoints, streaming from a traced dataset, the ReLU + L1 variant and the SAEL
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from conftest import triton_available
 
 import pysteer
 from pysteer import SAE
@@ -109,6 +111,30 @@ def test_topk_encode_backward_matches_dense_autograd():
     dense = torch.autograd.grad((dense_values * w).sum(), (x, enc, b))
     for got, want in zip(sparse, dense):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _kernel_backends() -> list:
+    """The TopK encode's kernel backends runnable here (Triton runs in its interpreter without a GPU)."""
+    reason = None if triton_available() else "triton is not installed"
+    if reason is None and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = "no CUDA device and TRITON_INTERPRET is not 1"
+    return [pytest.param("triton", marks=pytest.mark.skipif(reason is not None, reason=reason or ""))]
+
+
+@pytest.mark.parametrize("backend", _kernel_backends())
+def test_topk_encode_on_a_kernel_backend_matches_torch(backend):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    T, d, m, k = 9, 16, 40, 4
+    x, enc, b = (torch.randn(*s, generator=g).to(device).requires_grad_() for s in ((T, d), (m, d), (m,)))
+    w = torch.randn(T, k, generator=g).to(device)
+    got = _TopKEncode.apply(x, enc, b, k, backend)
+    want = _TopKEncode.apply(x, enc, b, k, "torch")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    grads = [torch.autograd.grad((v * w).sum(), (x, enc, b)) for v in (got[0], want[0])]
+    for a, b_ in zip(*grads):
+        torch.testing.assert_close(a, b_)
 
 
 class Interrupted(Exception):
