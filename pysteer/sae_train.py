@@ -616,6 +616,7 @@ def train_sae(
     opt = torch.optim.Adam(list(p.values()), lr=lr, fused=True)
     since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
     step, tokens = 0, 0
+    summary: dict[str, Any] = {"kind": cfg.kind, "d_sae": d_sae}
     if saved is not None:
         tensors, doc = saved
         with torch.no_grad():
@@ -624,12 +625,14 @@ def train_sae(
         _load_optimizer(opt, tensors, device)
         since_fired.copy_(tensors["tokens_since_fired"])
         step, tokens = int(doc["step"]), int(doc["tokens"])
-    batches = itertools.chain([first], stream)
-    if step:
-        batches = itertools.islice(batches, step, None)
+        summary.update(doc.get("summary") or {})
+    batches: Iterator[Tensor] = itertools.chain([first], stream)
+    if max_tokens is not None and tokens >= max_tokens:
+        batches = iter(())  # a finished run: nothing to replay
+    elif step:
+        batches = itertools.islice(batches, step, None)  # replay the stream up to the checkpoint
 
     bar = _progress_bar(progress, max_tokens, tokens)
-    summary: dict[str, Any] = {"kind": cfg.kind, "d_sae": d_sae, "steps": step, "tokens": tokens}
     last: _StepStats | None = None
     try:
         for batch in batches:
@@ -652,7 +655,9 @@ def train_sae(
         if bar is not None:
             bar.close()
     if last is not None:
-        summary = {**summary, **_log_record(last, step, tokens, since_fired, cfg, opt)}
+        record = _log_record(last, step, tokens, since_fired, cfg, opt)
+        record.pop("step")
+        summary = {**summary, **record}
     summary.update(steps=step, tokens=tokens)
     if root is not None:
         _checkpoint(root, p, opt, since_fired, key, step, tokens, cfg, source, summary)
@@ -724,8 +729,8 @@ def _checkpoint(root: Path, p: dict[str, Tensor], opt: torch.optim.Optimizer, si
                 summary: Mapping[str, Any] | None = None) -> None:  # fmt: skip
     """Write the resumable state, then the SAE it holds (SAELens layout) under ``root/sae``."""
     root.mkdir(parents=True, exist_ok=True)
-    _save_checkpoint(root, p, opt, since_fired, {"key": key, "step": step, "tokens": tokens})
     info = dict(summary) if summary is not None else {"kind": cfg.kind, "steps": step, "tokens": tokens}
+    _save_checkpoint(root, p, opt, since_fired, {"key": key, "step": step, "tokens": tokens, "summary": info})
     _to_sae(p, cfg, info, getattr(source, "site", None)).save(root / SAE_SUBDIR)
 
 

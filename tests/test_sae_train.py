@@ -169,6 +169,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(kind, tmp_path):
         x, checkpoint_dir=tmp_path / "whole", callback=lambda r: pytest.fail("trained again"), **opts
     )
     assert torch.equal(again.W_dec, whole.W_dec)
+    assert again.metadata["training"] == whole.metadata["training"]
+    assert whole.metadata["training"]["steps"] == 32 and "fve" in whole.metadata["training"]
 
 
 def test_checkpoint_of_another_run_is_refused_before_writing(tmp_path):
