@@ -6,7 +6,9 @@ planted sparse activations (d_in 64, d_sae 256), saves each in the SAELens layou
 with a ``check.safetensors`` of inputs, pysteer's features and reconstructions, then (with
 ``--peer-python``) runs this same file in the sae-lens virtualenv, which loads each directory with
 ``sae_lens.SAE.load_from_disk`` and compares its ``encode`` / ``decode`` with pysteer's (it imports
-nothing from pysteer). The JSON report goes to stdout and to ``--report``.
+nothing from pysteer). Each SAE records ``hook_name`` as one trained on a trace of ``layers.15.resid``
+does; the report says which hook name sae-lens reads back. The JSON report goes to stdout and to
+``--report``; the check passes when features and reconstructions agree within 1e-5.
 
     python bench/peers/sae_lens_train_check.py --out /tmp/sae-check \\
         --peer-python /work/peers-sae-venv/bin/python --report bench/results/sae-train-sae-lens-load.json
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 KINDS = ("topk", "relu")
 D_IN, D_SAE, K = 64, 256, 8
+HOOK = "blocks.15.hook_resid_post"
 
 
 def planted(n: int, seed: int = 0) -> torch.Tensor:
@@ -49,6 +52,7 @@ def make(out: Path) -> None:
     for kind in KINDS:
         sae = pysteer.train_sae(x, kind=kind, k=K, d_sae=D_SAE, batch_tokens=512, lr=2e-3, l1_coefficient=0.1,
                                 progress=False)  # fmt: skip
+        sae.metadata["hook_name"] = HOOK  # what an SAE trained on a trace of layers.15.resid records
         root = sae.save(out / kind)
         with torch.no_grad():
             save_file(
@@ -79,6 +83,7 @@ def check(out: Path) -> dict:
             "class": type(sae).__name__,
             "cfg_architecture": sae.cfg.architecture(),
             "cfg_k": getattr(sae.cfg, "k", None),
+            "metadata_hook_name": getattr(sae.cfg.metadata, "hook_name", None),
             "features_max_abs_diff": float((feats - ref["features"]).abs().max()),
             "recon_max_abs_diff": float((recon - ref["recon"]).abs().max()),
             "features_equal": bool(torch.equal(feats, ref["features"])),
