@@ -488,6 +488,14 @@ def _read_checkpoint(root: Path, key: dict[str, Any]) -> tuple[dict[str, Tensor]
     return tensors, doc
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log records of steps after ``step`` (an interrupted run logged them; they are redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def _differences(saved: Mapping[str, Any], want: Mapping[str, Any], prefix: str = "") -> list[str]:
     out = []
     for name in sorted(set(saved) | set(want)):
@@ -626,6 +634,7 @@ def train_sae(
         since_fired.copy_(tensors["tokens_since_fired"])
         step, tokens = int(doc["step"]), int(doc["tokens"])
         summary.update(doc.get("summary") or {})
+        _trim_log(root / LOG_FILE, step)
     batches: Iterator[Tensor] = itertools.chain([first], stream)
     if max_tokens is not None and tokens >= max_tokens:
         batches = iter(())  # a finished run: nothing to replay

@@ -162,6 +162,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(kind, tmp_path):
         x, checkpoint_dir=tmp_path / "cut", callback=lambda r: resumed_at.append(r["step"]), **opts
     )
     assert resumed_at[0] == 15  # continued after the step-14 checkpoint
+    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 33))  # steps 15-18 of the interrupted run are not listed twice
     for name in ("encoder_weight", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
     # a finished run called again returns the same SAE without training
