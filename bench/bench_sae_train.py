@@ -15,7 +15,13 @@ sae-lens runs ``TopKTrainingSAE`` with its defaults, dense activations, and is a
 round with ``use_sparse_activations=True`` as well (recorded, error included). Each figure is the
 median step time of a side; the ratio is the median over rounds of the per-round ratio.
 
+``--quality`` checks that the speed is not bought with a worse SAE: both trainers make one pass
+over the same 20480 rows (README, ARCHITECTURE and the package's source as text) at the first
+config (the committed figure with ``--batch 512``: 40 steps), and the FVE of each SAE on 4096
+held-out rows of later documents goes into the same JSON under ``quality``.
+
     python bench/bench_sae_train.py --peer-python /work/peers-sae-venv/bin/python
+    python bench/bench_sae_train.py --peer-python /work/peers-sae-venv/bin/python --quality --batch 512
     python bench/bench_sae_train.py --rounds 1 --steps 2       # pysteer's side only, a quick look
 """
 
@@ -43,14 +49,14 @@ SITE = "layers.15.resid"
 CONFIGS = [(8, 32), (16, 32), (16, 64)]  # (expansion, k) at d_in 576
 
 
-def trace_activations(rows: int, path: Path) -> torch.Tensor:
-    """``[rows, 576]`` fp32 activations at ``SITE`` (cached at ``path``)."""
+def trace_activations(rows: int, path: Path, sources: list[Path]) -> torch.Tensor:
+    """``[rows, 576]`` fp32 activations at ``SITE`` over the text of ``sources`` (cached at ``path``)."""
     if path.exists():
         acts = load_file(str(path))["acts"]
         if acts.shape[0] >= rows:
             return acts[:rows]
     model, tok = load_model("default")
-    text = "\n\n".join((ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md"))
+    text = "\n\n".join(p.read_text() for p in sources)
     ids = tok(text)["input_ids"]
     docs = [ids[i : i + 128] for i in range(0, len(ids), 128)]
     docs = (docs * (rows // len(ids) + 2))[: rows // 128 + 2]  # repeat the text if it is short
@@ -75,6 +81,44 @@ def pysteer_steps(acts: torch.Tensor, d_sae: int, k: int, batch: int, steps: int
     )  # fmt: skip
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return gaps[warmup:]
+
+
+def held_out_fve(sae: pysteer.SAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        err = (sae(x) - x).pow(2).sum()
+    return float(1 - err / (x - x.mean(0)).pow(2).sum())
+
+
+def quality_activations(args) -> tuple[torch.Tensor, Path]:
+    """Activations over README + ARCHITECTURE + the package's source: enough text for held-out rows."""
+    sources = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "pysteer").rglob("*.py"))]
+    path = args.acts.with_name(args.acts.stem + "-quality.safetensors")
+    return trace_activations(args.quality_train_rows + args.quality_eval_rows, path, sources), path
+
+
+def quality(args, peer: Peer, acts: torch.Tensor) -> dict:
+    """Both trainers, one pass over the same training rows (each side shuffles them with its own
+    generator); FVE on held-out rows of later documents."""
+    train, held = acts[: args.quality_train_rows], acts[args.quality_train_rows :]
+    expansion, k = CONFIGS[0]
+    d_sae = expansion * acts.shape[1]
+    steps = args.quality_train_rows // args.batch
+    t0 = time.perf_counter()
+    sae = pysteer.train_sae(train, kind="topk", k=k, d_sae=d_sae, batch_tokens=args.batch, lr=learning_rate(d_sae),
+                            max_tokens=steps * args.batch, progress=False)  # fmt: skip
+    ours = {"held_out_fve": held_out_fve(sae, held), "wall_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    reply = peer.steps(d_sae=d_sae, k=k, batch=args.batch, steps=steps - 1, warmup=1, sparse=False,
+                       lr=learning_rate(d_sae), train_rows=args.quality_train_rows)  # fmt: skip
+    if "error" in reply:
+        raise RuntimeError(f"sae-lens side failed: {reply['error']}")
+    theirs = {"held_out_fve": reply["held_out_fve"], "wall_s": time.perf_counter() - t0}
+    return {
+        "d_in": acts.shape[1], "d_sae": d_sae, "k": k, "batch_tokens": args.batch, "steps": steps,
+        "train_rows": train.shape[0], "held_out_rows": held.shape[0],
+        "text": "README + ARCHITECTURE + pysteer/**/*.py, 128-token documents; held-out rows are later documents",
+        "pysteer": ours, "sae_lens": theirs, "loadavg": os.getloadavg(),
+    }  # fmt: skip
 
 
 class Peer:
@@ -119,9 +163,27 @@ def main() -> int:
         "--acts", type=Path, default=Path(tempfile.gettempdir()) / "pysteer-sae-train-acts.safetensors"
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sae-train-cpu.json")
+    ap.add_argument(
+        "--quality",
+        action="store_true",
+        help="only compare held-out FVE after one pass (needs --peer-python); written as 'quality' into --out",
+    )
+    ap.add_argument("--quality-train-rows", type=int, default=20480)
+    ap.add_argument("--quality-eval-rows", type=int, default=4096)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    acts = trace_activations(args.rows, args.acts)
+    if args.quality:
+        if not args.peer_python:
+            raise SystemExit("--quality needs --peer-python")
+        acts, path = quality_activations(args)
+        peer = Peer(args.peer_python, path)
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result["quality"] = quality(args, peer, acts)
+        peer.close()
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["quality"], indent=2))
+        return 0
+    acts = trace_activations(args.rows, args.acts, [ROOT / "README.md", ROOT / "ARCHITECTURE.md"])
     d_in = acts.shape[1]
     load_before = os.getloadavg()
     peer = Peer(args.peer_python, args.acts) if args.peer_python else None

@@ -2,8 +2,9 @@
 
 Runs in the sae-lens virtualenv and imports nothing from pysteer. It loads the activations once
 (``--acts``, a safetensors file with ``acts [N, d_in]`` fp32), then answers one JSON request per
-stdin line, ``{"d_sae", "k", "batch", "steps", "warmup", "sparse"}``, with one JSON line: the
-seconds of each of ``steps`` training steps after ``warmup`` untimed ones. A step is what
+stdin line, ``{"d_sae", "k", "batch", "steps", "warmup", "sparse", "lr"}``, with one JSON line: the
+seconds of each of ``steps`` training steps after ``warmup`` untimed ones. With ``train_rows`` it
+trains on the first ``train_rows`` rows only and adds the FVE on the rest (``held_out_fve``). A step is what
 ``SAETrainer.fit`` does between two batches (forward, TopK + AuxK loss, backward, gradient clipping,
 Adam, schedulers, dead-latent counters); it is timed between consecutive requests of the trainer's
 data provider. The SAE is ``TopKTrainingSAE`` with its defaults (``rescale_acts_by_decoder_norm``,
@@ -53,11 +54,22 @@ def run(acts: torch.Tensor, req: dict) -> dict:
         logger=LoggingConfig(log_to_wandb=False),
     )  # fmt: skip
     stamps: list[float] = []
-    trainer = SAETrainer(cfg, sae, timed_batches(acts, batch, stamps))
+    train = acts[: req.get("train_rows", acts.shape[0])]
+    trainer = SAETrainer(cfg, sae, timed_batches(train, batch, stamps))
     trainer.fit()
     stamps.append(time.perf_counter())
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"step_s": steps[req["warmup"] :], "steps_done": trainer.n_training_steps}
+    reply = {"step_s": steps[req["warmup"] :], "steps_done": trainer.n_training_steps}
+    if "train_rows" in req:
+        reply["held_out_fve"] = held_out_fve(sae, acts[req["train_rows"] :])
+    return reply
+
+
+@torch.no_grad()
+def held_out_fve(sae, x: torch.Tensor) -> float:
+    """Fraction of variance explained on rows the trainer never saw."""
+    err = (sae(x) - x).pow(2).sum()
+    return float(1 - err / (x - x.mean(0)).pow(2).sum())
 
 
 def main() -> int:
