@@ -302,8 +302,6 @@ def _warm_start(
     init: SAE, d_in: int, d_sae: int, cfg: SAETrainConfig, device: torch.device
 ) -> dict[str, Tensor]:
     """Parameters copied from ``init`` (fp32); a TopK run renormalises the decoder rows, as training keeps them."""
-    if not isinstance(init, SAE):
-        raise TypeError(f"train_sae: init must be a pysteer.SAE, got {type(init).__name__}")
     if (init.d_in, init.d_sae) != (d_in, d_sae):
         raise ValueError(
             f"train_sae: init has d_in={init.d_in}, d_sae={init.d_sae}; this run needs d_in={d_in}, d_sae={d_sae}"
@@ -593,6 +591,8 @@ def train_sae(
             ``checkpoint_dir``; raised before anything is written.
     """
     cfg = _make_config(config, options)
+    if init is not None and not isinstance(init, SAE):
+        raise TypeError(f"train_sae: init must be a pysteer.SAE, got {type(init).__name__}")
     source = _DataSource(data, site, cfg.batch_tokens)
     if device is None:
         device = source.tensor.device if source.tensor is not None else torch.device("cpu")

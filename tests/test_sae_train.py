@@ -193,6 +193,11 @@ def test_checkpoint_of_another_run_is_refused_before_writing(tmp_path):
         ({"b_dec_init": "median"}, "b_dec_init must be one of"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"learning_rate": 1e-3}, "unknown option 'learning_rate'"),
+        ({"init": "sae/"}, "init must be a pysteer.SAE, got str"),
+        (
+            {"init": SAE(torch.zeros(8, 16), torch.zeros(16), torch.zeros(16, 8), torch.zeros(8))},
+            "init has d_in=8",
+        ),
     ],
 )
 def test_bad_options_are_named_before_anything_is_written(options, message, tmp_path):
