@@ -125,6 +125,7 @@ def test_sae_lens_loaded_pysteers_saves_with_the_same_hook_and_features():
         bound = 0.0 if case in EXACT else 2e-6
         assert entry["sae_lens_reload_features_max_abs_diff"] <= bound, case
         assert entry["pysteer_features_max_abs_diff"] <= bound, case
+        assert entry["pysteer_from_object_features_max_abs_diff"] <= bound, case
 
 
 def _edited_cfg(tmp_path: Path, case: str, **changes) -> Path:

@@ -18,13 +18,21 @@ by sae-lens itself into ``tests/data/saelens/<case>/`` and run through sae-lens'
 
 Expected features and reconstructions go to ``tests/data/saelens/expected.safetensors``, read by
 ``tests/test_sae_lens_parity.py`` in the main environment (no sae-lens there). The script then
-checks the other direction: pysteer loads each directory, compares its features, saves with
+checks pysteer against it: pysteer loads each directory (and converts the in-memory sae-lens object
+with ``SAE.from_sae_lens``), compares its features, saves with
 ``SAE.save`` and sae-lens loads that save (``SAE.load_from_disk``); the hook name, reshape mode and
 the features sae-lens computes from pysteer's save are recorded in ``tests/data/saelens/roundtrip.json``.
 
-Re-run (from the repository root):
+Re-run (from the repository root; ``PYTHONHASHSEED=0`` keeps the key order of the cfg.json files
+``save_inference_model`` writes, which it takes from a set, so an unchanged re-run leaves no diff):
 
-    /work/peers-sae-venv/bin/python bench/peers/saelens_parity.py
+    PYTHONHASHSEED=0 OMP_NUM_THREADS=1 /work/peers-sae-venv/bin/python bench/peers/saelens_parity.py
+
+The peer virtualenv: ``python3.11 -m venv /work/peers-sae-venv``, then with the torch pin
+(``PIP_CONSTRAINT`` naming a file that holds ``torch==2.13.0``) ``pip install torch==2.13.0
+sae-lens==6.54.12 pybind11 wheel`` and ``PYSTEER_BUILD_CUDA=0 pip install --no-deps
+--no-build-isolation -e .``. Run the script by its path, not with ``-c`` from the repository root:
+the repository's ``kernels/`` directory would shadow the ``kernels`` package transformers imports.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from sae_lens import (
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from safetensors.torch import save_file
 
 OUT = Path(__file__).resolve().parents[2] / "tests" / "data" / "saelens"
@@ -197,6 +205,9 @@ def round_trip(expected: dict[str, torch.Tensor]) -> dict[str, dict]:
         ref = expected[f"{case}.features"]
         ours = SAE.load(OUT / case)
         f = ours.encode(x)
+        # the in-memory object sae-lens loads from the same directory, converted without files
+        lens_cls = TrainingSAE if case.endswith("_training") else LensSAE
+        from_object = SAE.from_sae_lens(lens_cls.load_from_disk(OUT / case)).encode(x)
         with tempfile.TemporaryDirectory() as tmp:
             ours.save(tmp)
             saved_cfg = json.loads((Path(tmp) / "cfg.json").read_text())
@@ -205,6 +216,7 @@ def round_trip(expected: dict[str, torch.Tensor]) -> dict[str, dict]:
             r_back = back.decode(f_back)
         entry = {
             "pysteer_features_max_abs_diff": float((f - ref).abs().max()),
+            "pysteer_from_object_features_max_abs_diff": float((from_object - ref).abs().max()),
             "pysteer_recons_max_abs_diff": float((ours.decode(f).reshape(x.shape) - expected[f"{case}.recons"]).abs().max()),
             "saved_by_pysteer": {key: saved_cfg.get(key) for key in ("architecture", "hook_name", "sae_lens_version", "reshape_activations")},
             "sae_lens_reload_class": type(back).__name__,
