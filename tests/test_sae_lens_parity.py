@@ -176,19 +176,27 @@ def _heads_sae(n_heads: int, head_dim: int, seed: int = 0) -> SAE:
 
 
 def test_sae_edit_of_a_hook_z_sae_at_attn_heads():
+    """At attn.heads (the output projection's input, head-major) a zero edit is bit-exact and an
+    ``add`` adds strength x the latent's decoder row there, as a hand-written hook does."""
     model = tiny_model("llama")
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     sae = _heads_sae(cfg.num_attention_heads, head_dim)
     ids = torch.randint(3, 128, (2, 6))
+    o_proj = model.model.layers[1].self_attn.o_proj
     with torch.no_grad():
         base = model(ids).logits
         with pysteer.steer(model, [SAEEdit("layers.1.attn.heads", sae, {3: ("add", 0.0)})]):
             assert torch.equal(model(ids).logits, base)
         with pysteer.steer(model, [SAEEdit("layers.1.attn.heads", sae, {3: ("add", 4.0)})]):
-            assert not torch.allclose(model(ids).logits, base, atol=1e-3)
-    with (
-        pytest.raises(ValueError, match="attn.heads site"),
-        pysteer.steer(model, [SAEEdit("layers.1.resid", sae, {3: ("add", 1.0)})]),
-    ):
+            edited = model(ids).logits
+        handle = o_proj.register_forward_pre_hook(lambda _m, args: (args[0] + 4.0 * sae.W_dec[3],))
+        try:
+            manual = model(ids).logits
+        finally:
+            handle.remove()
+    torch.testing.assert_close(edited, manual, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(edited, base, atol=1e-3)
+    edit = SAEEdit("layers.1.resid", sae, {3: ("add", 1.0)})
+    with pytest.raises(ValueError, match="attn.heads site"), pysteer.steer(model, [edit]):
         pass
