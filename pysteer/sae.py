@@ -858,6 +858,16 @@ def _major(version: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def _reshape_activations(cfg: Mapping[str, Any], hook_name: Any) -> str:
+    """The config's ``reshape_activations``; a pre-6.0 config without the field gets SAELens's own
+    default for it: ``"hook_z"`` when its hook name is a ``hook_z`` one."""
+    if cfg.get("reshape_activations"):
+        return str(cfg["reshape_activations"])
+    major = _major(_sae_lens_version(cfg))
+    pre_6 = major is None or major < 6
+    return "hook_z" if pre_6 and "hook_z" in str(hook_name or "") else "none"
+
+
 def _is_training_checkpoint(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> bool:
     """A BatchTopK-family training checkpoint: it holds the learned ``topk_threshold``."""
     return cfg.get("architecture") in _SAE_LENS_BATCH_ARCHS and "topk_threshold" in tensors
@@ -909,7 +919,7 @@ def _refuse_unimplemented(cfg: Mapping[str, Any], src: str) -> None:
             f"{at}: field 'rescale_acts_by_decoder_norm'=True is implemented for the TopK family "
             f"({', '.join(_SAE_LENS_TOPK_ARCHS)}), not for architecture {cfg.get('architecture', 'standard')!r}"
         )
-    reshape = cfg.get("reshape_activations") or "none"
+    reshape = _reshape_activations(cfg, cfg.get("hook_name", cfg.get("hook_point")))
     if reshape not in RESHAPES:
         raise SAEFormatError(
             f"{at}: field 'reshape_activations'={reshape!r} is not supported (supported: {', '.join(RESHAPES)})"
@@ -998,6 +1008,8 @@ def _from_sae_lens_parts(
     for key in ("model_name", "hook_name", "hook_layer", "hook_head_index"):
         if key in cfg and key not in metadata:
             metadata[key] = cfg[key]
+    if "hook_point" in cfg and "hook_name" not in metadata:  # the pre-6.0 name
+        metadata["hook_name"] = cfg["hook_point"]
     if cfg.get("rescale_acts_by_decoder_norm"):
         # before any input scale: the rescaling uses the norms of the decoder as stored
         W_enc, b_enc, W_dec = _fold_decoder_norms(W_enc, b_enc, W_dec)
@@ -1018,7 +1030,7 @@ def _from_sae_lens_parts(
         threshold=threshold,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        reshape_activations=cfg.get("reshape_activations") or "none",
+        reshape_activations=_reshape_activations(cfg, metadata.get("hook_name")),
         metadata=metadata,
     )
     if device is not None or dtype is not None:

@@ -342,6 +342,15 @@ def test_older_sae_lens_config_and_log_threshold(tmp_path):
         SAE.load(write_sae_lens(tmp_path / "c", cfg, sae_lens_files(make_sae("relu"))[1])).activation
         == "topk"
     )
+    # pre-6.0: hook_point is the hook name, and a hook_z one means reshape_activations "hook_z"
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.2.attn.hook_z"}
+    old = SAE.load(write_sae_lens(tmp_path / "d", cfg, sae_lens_files(make_sae("relu"))[1]))
+    assert old.metadata["hook_name"] == "blocks.2.attn.hook_z" and old.reshape_activations == "hook_z"
+    cfg = {**cfg, "hook_point": "blocks.2.hook_resid_post"}
+    assert (
+        SAE.load(write_sae_lens(tmp_path / "e", cfg, sae_lens_files(make_sae("relu"))[1])).reshape_activations
+        == "none"
+    )
 
 
 def test_expected_average_only_in_is_folded_into_the_weights(tmp_path):

@@ -200,3 +200,20 @@ def test_sae_edit_of_a_hook_z_sae_at_attn_heads():
     edit = SAEEdit("layers.1.resid", sae, {3: ("add", 1.0)})
     with pytest.raises(ValueError, match="attn.heads site"), pysteer.steer(model, [edit]):
         pass
+
+
+def test_decoder_norms_fold_before_the_input_scale(tmp_path, expected):
+    """rescale_acts_by_decoder_norm with expected_average_only_in: the rescaling uses the decoder as
+    stored, the input scale s applies to the raw input; written out by hand in float64."""
+    s = 2.5
+    root = _edited_cfg(tmp_path, "topk_rescale", normalize_activations="expected_average_only_in")
+    sae = SAE.load(root, norm_scaling_factor=s)
+    w = {k: v.double() for k, v in load_file(str(root / "sae_weights.safetensors")).items()}
+    x = expected["x"].double()
+    n = w["W_dec"].norm(dim=-1)
+    pre = ((x * s - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * n
+    top = pre.topk(sae.k, dim=-1)
+    f = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+    recons = ((f / n) @ w["W_dec"] + w["b_dec"]) / s
+    torch.testing.assert_close(sae.encode(expected["x"]).double(), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(expected["x"]).double(), recons, rtol=1e-5, atol=1e-5)
