@@ -217,3 +217,11 @@ def test_decoder_norms_fold_before_the_input_scale(tmp_path, expected):
     recons = ((f / n) @ w["W_dec"] + w["b_dec"]) / s
     torch.testing.assert_close(sae.encode(expected["x"]).double(), f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(expected["x"]).double(), recons, rtol=1e-5, atol=1e-5)
+
+
+def test_steering_file_keeps_a_hook_z_sae(tmp_path):
+    sae = _heads_sae(4, 16)
+    path = pysteer.save([SAEEdit("layers.1.attn.heads", sae, {3: ("add", 2.0)})], tmp_path / "s.safetensors")
+    (edit,) = next(iter(pysteer.load(path).configs.values()))
+    assert edit.sae.reshape_activations == "hook_z"
+    assert torch.equal(edit.sae.W_dec, sae.W_dec)
