@@ -73,6 +73,10 @@ _SAE_LENS_TOPK_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
 _SAE_LENS_BATCH_ARCHS = ("batchtopk", "matryoshka_batchtopk")
 _ARCH_FOR_ACTIVATION = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
 RESHAPES = ("none", "hook_z")
+# Tensor names of SAELens files pysteer reads (an all-ones ``scaling_factor`` is a no-op SAELens drops).
+_SAE_LENS_TENSORS = frozenset({
+    "W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "topk_threshold", "scaling_factor",
+})  # fmt: skip
 
 # The SAELens release whose 6.x layout ``SAE.save`` writes and whose config fields pysteer knows.
 SAE_LENS_FORMAT_VERSION = "6.54.12"
@@ -898,11 +902,22 @@ def _sae_lens_activation(
     )
 
 
-def _refuse_unimplemented(cfg: Mapping[str, Any], src: str) -> None:
-    """SAELens config fields that change what the SAE computes and that pysteer does not implement:
-    loading such an SAE as if they were absent would compute different features, silently."""
+def _refuse_unimplemented(
+    cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], src: str, tensor_src: str
+) -> None:
+    """SAELens config fields and tensors that change what the SAE computes and that pysteer does not
+    implement: loading such an SAE as if they were absent would compute different features, silently."""
     version = _sae_lens_version(cfg)
     at = f"{src} (sae_lens_version {version or 'unrecorded'})"
+    extra = sorted(set(tensors) - _SAE_LENS_TENSORS)
+    if extra:
+        raise SAEFormatError(
+            f"{tensor_src} (sae_lens_version {version or 'unrecorded'}): tensor {extra[0]!r} is not known to "
+            f"pysteer (it reads {', '.join(sorted(_SAE_LENS_TENSORS))})"
+        )
+    if "scaling_factor" in tensors and not bool((tensors["scaling_factor"] == 1).all()):
+        # SAELens drops an all-ones scaling_factor and otherwise scales the features by it
+        raise SAEFormatError(f"{tensor_src}: tensor 'scaling_factor' (a finetuning scale) is not supported")
     major = _major(version)
     if major is not None and major >= 6:
         # a 6.x config holds exactly its config class's fields: any other one is new to pysteer
@@ -940,7 +955,7 @@ def _fold_decoder_norms(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Te
     return W_enc * norms.unsqueeze(1).T, b_enc * norms, W_dec / norms.unsqueeze(1)
 
 
-def _topk_threshold(tensors: Mapping[str, Tensor], src: str, d_sae: int, like: Tensor) -> Tensor:
+def _topk_threshold(tensors: Mapping[str, Tensor], src: str, like: Tensor) -> Tensor:
     """A training checkpoint's scalar ``topk_threshold`` as per-latent JumpReLU thresholds."""
     t = tensors["topk_threshold"]
     if t.numel() != 1 or not t.dtype.is_floating_point or not torch.isfinite(t).all():
@@ -961,7 +976,7 @@ def _from_sae_lens_parts(
 ) -> SAE:
     d_in = _positive_int(cfg, "d_in", cfg_src)
     d_sae = _positive_int(cfg, "d_sae", cfg_src)
-    _refuse_unimplemented(cfg, cfg_src)
+    _refuse_unimplemented(cfg, tensors, cfg_src, tensor_src)
     activation, k = _sae_lens_activation(cfg, tensors, cfg_src, d_sae)
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):
@@ -990,7 +1005,7 @@ def _from_sae_lens_parts(
     b_dec = get("b_dec", (d_in,), "[d_in]")
     threshold = None
     if _is_training_checkpoint(cfg, tensors):
-        threshold = _topk_threshold(tensors, tensor_src, d_sae, b_enc)
+        threshold = _topk_threshold(tensors, tensor_src, b_enc)
     elif activation == "jumprelu":
         if "threshold" in tensors:
             threshold = get("threshold", (d_sae,), "[d_sae]")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import pysteer
 from pysteer.models.tiny import tiny_model
@@ -225,3 +225,20 @@ def test_steering_file_keeps_a_hook_z_sae(tmp_path):
     (edit,) = next(iter(pysteer.load(path).configs.values()))
     assert edit.sae.reshape_activations == "hook_z"
     assert torch.equal(edit.sae.W_dec, sae.W_dec)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"W_skip": torch.zeros(16, 16)}, r"sae_lens_version 6.54.12\): tensor 'W_skip' is not known"),
+        ({"scaling_factor": torch.full((48,), 2.0)}, "tensor 'scaling_factor'"),
+    ],
+)
+def test_tensors_pysteer_does_not_implement_are_refused_by_name(tmp_path, extra, match):
+    root = _edited_cfg(tmp_path, "standard")
+    tensors = load_file(str(root / "sae_weights.safetensors"))
+    save_file({**tensors, **extra}, str(root / "sae_weights.safetensors"))
+    with pytest.raises(SAEFormatError, match=match):
+        SAE.load(root)
+    save_file({**tensors, "scaling_factor": torch.ones(48)}, str(root / "sae_weights.safetensors"))
+    assert SAE.load(root).activation == "relu"  # all ones: a no-op, as sae-lens drops it
