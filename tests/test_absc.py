@@ -162,7 +162,7 @@ def test_training_replays_the_frozen_layers_with_the_same_losses(real_tokenizer)
         edit = absc_mod._ReftEdit(model, [1], "aspect", 4, [e.offset for e in encs], 0, None)
         made = []
         original = edit.frozen_prefix
-        edit.frozen_prefix = (lambda: made.append(original()) or made[-1]) if replay else (lambda: None)
+        edit.frozen_prefix = (lambda made=made, original=original: made.append(original()) or made[-1]) if replay else (lambda: None)
         try:
             runs[replay], _ = absc_mod._fit(
                 model, encs, label_ids, edit, absc_mod._pad_id(real_tokenizer), lr=0.3, steps=6, batch_size=4, seed=0,
