@@ -726,6 +726,23 @@ def evaluate_consistency(
     batch_size: int = 16,
 ) -> dict:
     """Consistency and task accuracy of the model on ``facts``, steered by ``steering`` if given."""
+    answers = answer_facts(
+        model, tokenizer, facts, steering, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return consistency_metrics(facts, answers)
+
+
+def answer_facts(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[ParaphraseFact],
+    steering: SteeringSpec | str | os.PathLike | None = None,
+    *,
+    chat: bool = True,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to every phrasing of ``facts`` (``fact_texts`` order), steered by ``steering`` if given."""
     from .. import io
     from .. import steering as steering_mod
 
@@ -741,7 +758,7 @@ def evaluate_consistency(
     finally:
         if handle is not None:
             handle.remove()
-    return consistency_metrics(facts, answers)
+    return answers
 
 
 def heldout_facts(located: LocateResult, facts: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
@@ -760,6 +777,24 @@ def recorded_facts(located: LocateResult, dataset: Sequence[ParaphraseFact]) -> 
     recorded = located.metadata.get("facts")
     if recorded is None:
         raise ValueError("this LocateResult was computed from a PairDataset; it records no facts")
+    return _lookup_facts(recorded, dataset)
+
+
+def reserved_test_facts(located: LocateResult, dataset: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
+    """The test facts set aside before ``locate_heads`` ran (``metadata["test_facts"]``), from ``dataset``.
+
+    Raises:
+        ValueError: the result records no test split, or ``dataset`` lacks one of its facts.
+    """
+    recorded = located.metadata.get("test_facts")
+    if not recorded:
+        raise ValueError(
+            "this LocateResult records no test split (run `pysteer locate` with --test-split > 0)"
+        )
+    return _lookup_facts(recorded, dataset)
+
+
+def _lookup_facts(recorded: Sequence[dict], dataset: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
     lookup = {(f.relation, f.subject): f for f in dataset}
     missing = [r for r in recorded if (r["relation"], r["subject"]) not in lookup]
     if missing:
