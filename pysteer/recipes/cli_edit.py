@@ -92,10 +92,11 @@ def _evaluate(args, located, summary: dict) -> None:
         recorded_facts,
         reserved_test_facts,
     )
-    from pysteer.recipes.selection import bootstrap_consistency, choose_config
+    from pysteer.recipes.selection import validate_then_test
 
     dataset = load_paraphrases(args.data)
     held = heldout_facts(located, recorded_facts(located, dataset))
+    # looked up before the model loads, so a result without a test split fails at once
     test = reserved_test_facts(located, dataset) if args.choose else []
     chat = bool(located.metadata.get("chat", True))
     mnt = args.max_new_tokens or int(located.metadata.get("max_new_tokens", 12))
@@ -120,47 +121,27 @@ def _evaluate(args, located, summary: dict) -> None:
     print(f"unsteered: consistency {before['consistency']:.3f}  accuracy {before['accuracy']:.3f}")
     ks = args.sweep_k or [args.k]
     alphas = args.sweep_alpha or [args.alpha]
-    rows = []
-    for k in ks:
-        for alpha in alphas:
-            m = consistency_metrics(held, answers(held, edit_spec(located, k, alpha, args.positions)))
-            rows.append({"k": k, "alpha": alpha, **m})
+    configs = [{"k": k, "alpha": alpha} for k in ks for alpha in alphas]
+    make_spec = lambda c: edit_spec(located, c["k"], c["alpha"], args.positions)
+    if args.choose:
+        out = validate_then_test(
+            answers, make_spec, configs, held, test, before, n_resamples=args.bootstrap, seed=args.seed
+        )
+        rows = out["sweep"]
+        summary.update(
+            k=out["chosen"]["k"], alpha=out["chosen"]["alpha"], chosen=out["chosen"], test=out["test"]
+        )
+    else:
+        rows = []
+        for c in configs:
+            m = consistency_metrics(held, answers(held, make_spec(c)))
+            rows.append({**c, **m})
             print(
-                f"K={k:<3d} alpha={alpha:<6g} consistency {m['consistency']:.3f}  accuracy {m['accuracy']:.3f}  "
-                f"answered {m['answered']:.3f}",
-                flush=True,
+                f"K={c['k']} alpha={c['alpha']:g}: consistency {m['consistency']:.3f}  accuracy {m['accuracy']:.3f}"
             )
     summary["after"] = rows
     if args.png and len(rows) > 1:
         summary["png"] = _sweep_png(rows, ks, alphas, before, args.png)
-    if not args.choose:
-        return
-    chosen = choose_config(rows, before)
-    summary.update(k=chosen["k"], alpha=chosen["alpha"])
-    summary["chosen"] = {
-        "k": chosen["k"],
-        "alpha": chosen["alpha"],
-        "keeps_accuracy": chosen["keeps_accuracy"],
-        "rule": "highest validation consistency among configurations keeping validation accuracy >= unsteered",
-    }
-    print(
-        f"chosen on validation: K={chosen['k']} alpha={chosen['alpha']:g}; measuring on {len(test)} test facts"
-    )
-    spec = edit_spec(located, chosen["k"], chosen["alpha"], args.positions)
-    base, steered = answers(test, None), answers(test, spec)
-    boot = bootstrap_consistency(test, base, steered, n_resamples=args.bootstrap, seed=args.seed)
-    summary["test"] = {
-        "n_facts": len(test),
-        "before": consistency_metrics(test, base),
-        "after": consistency_metrics(test, steered),
-        "bootstrap": boot,
-    }
-    for part in ("before", "after", "change"):
-        c, a = boot[part]["consistency"], boot[part]["accuracy"]
-        print(
-            f"test {part:<6s} consistency {c['value']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
-            f"accuracy {a['value']:+.3f} [{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}]"
-        )
 
 
 def _sweep_png(rows, ks, alphas, before, png) -> str:

@@ -17,7 +17,7 @@ same facts in every draw), which gives the interval of the paired difference as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 
 import torch
@@ -146,3 +146,66 @@ def choose_config(rows: Sequence[dict], before: dict) -> dict:
     pool = eligible or list(rows)
     best = max(pool, key=lambda r: (r["consistency"], r["accuracy"]))
     return {**best, "keeps_accuracy": bool(eligible)}
+
+
+def validate_then_test(
+    answer: Callable[[Sequence[ParaphraseFact], object], list[str]],
+    make_spec: Callable[[dict], object],
+    configs: Sequence[dict],
+    validation: Sequence[ParaphraseFact],
+    test: Sequence[ParaphraseFact],
+    before: dict,
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Sweep ``configs`` on the validation facts, choose one (``choose_config``), measure it once on test.
+
+    Args:
+        answer: ``answer(facts, spec)`` -> the model's answers to every phrasing (``spec=None``: unsteered).
+        make_spec: a configuration dict (e.g. ``{"k": 4, "alpha": 5.0}``) -> its steering.
+        configs: the grid.
+        validation, test: the fact splits.
+        before: the unsteered metrics on ``validation``.
+
+    Returns:
+        ``{"sweep": [config + validation metrics], "chosen": {...}, "test": {"n_facts", "before",
+        "after", "bootstrap"}}``.
+    """
+    from .locate import consistency_metrics
+
+    rows = []
+    for config in configs:
+        m = consistency_metrics(validation, answer(validation, make_spec(config)))
+        rows.append({**config, **m})
+        log(
+            f"{' '.join(f'{k}={v:g}' for k, v in config.items())}: validation consistency "
+            f"{m['consistency']:.3f}  accuracy {m['accuracy']:.3f}  answered {m['answered']:.3f}"
+        )
+    chosen = choose_config(rows, before)
+    picked = {k: chosen[k] for k in configs[0]}
+    log(f"chosen on validation: {picked}; measuring on {len(test)} test facts")
+    spec = make_spec(picked)
+    base, steered = answer(test, None), answer(test, spec)
+    boot = bootstrap_consistency(test, base, steered, n_resamples=n_resamples, seed=seed)
+    for part in ("before", "after", "change"):
+        c, a = boot[part]["consistency"], boot[part]["accuracy"]
+        log(
+            f"test {part:<6s} consistency {c['value']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  "
+            f"accuracy {a['value']:+.3f} [{a['ci'][0]:+.3f}, {a['ci'][1]:+.3f}]"
+        )
+    return {
+        "sweep": rows,
+        "chosen": {
+            **picked,
+            "keeps_accuracy": chosen["keeps_accuracy"],
+            "rule": "highest validation consistency among configurations keeping validation accuracy >= unsteered",
+        },
+        "test": {
+            "n_facts": len(test),
+            "before": consistency_metrics(test, base),
+            "after": consistency_metrics(test, steered),
+            "bootstrap": boot,
+        },
+    }
