@@ -182,18 +182,20 @@ def run_prompts(
     max_new_tokens: int = 12,
     batch_size: int = 16,
     capture: bool = True,
+    site: str = "attn.heads",
 ) -> tuple[list[str], Tensor | None]:
-    """Greedy answers and every head's output at the last prompt token.
+    """Greedy answers and every layer's ``site`` (default: every head's output) at the last prompt token.
 
-    Heads are read at ``layers.{i}.attn.heads`` by :func:`pysteer.trace` during the prefill forward
+    The site is read at ``layers.{i}.{site}`` by :func:`pysteer.trace` during the prefill forward
     of ``generate`` (``prefill_only=True``, ``positions="last"``), so capturing costs no extra forward.
 
     Returns:
         ``(answers, features)``: decoded continuations (empty strings when ``max_new_tokens == 0``)
-        and ``[N, L, H, D]`` float32 features on the CPU (None when ``capture=False``).
+        and ``[N, L, ...]`` float32 features on the CPU (``[N, L, H, D]`` for ``attn.heads``,
+        ``[N, L, d_model]`` for ``resid``; None when ``capture=False``).
     """
     device = model_device(model)
-    sites = [f"layers.{layer}.attn.heads" for layer in range(geometry(model, get_spec(model)).n_layers)]
+    sites = [f"layers.{layer}.{site}" for layer in range(geometry(model, get_spec(model)).n_layers)]
     tracing = nullcontext()
     if capture:
         tracing = trace(model, sites, positions="last", device="cpu", prefill_only=True)
@@ -219,7 +221,7 @@ def run_prompts(
                 model(**batch)
                 answers.extend("" for _ in range(batch["input_ids"].shape[0]))
             if capture:
-                feats.append(torch.stack([heads[s][:, 0] for s in sites], dim=1).float())  # [b, L, H, D]
+                feats.append(torch.stack([heads[s][:, 0] for s in sites], dim=1).float())  # [b, L, ...]
     return answers, (torch.cat(feats) if capture else None)
 
 
