@@ -127,6 +127,8 @@ def test_lf_steering_refuses_a_missing_or_mismatched_sae(tiny):
         lf.lf_steering(model, IntTokenizer(), ds, sae=None)
     with pytest.raises(ValueError, match=f"d_in={d + 1}"):
         lf.lf_steering(model, IntTokenizer(), ds, sae=_random_sae(d + 1))
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\), got 7"):
+        lf.lf_steering(model, IntTokenizer(), ds, sae=_random_sae(d), layer=7)
     elsewhere = _random_sae(d, hook="blocks.0.hook_resid_post")
     with pytest.raises(
         ValueError,

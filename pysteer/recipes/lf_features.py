@@ -278,17 +278,17 @@ def lf_steering(
             "lf_steering needs an SAE at the probed layer's residual stream (sae=pysteer.SAE.load(...)); "
             "probe_consistency_layers (or `pysteer lf-steer --probe-only`) tells which layer"
         )
-    d_model = geometry(model, get_spec(model)).d_model
-    if sae.d_in != d_model:
+    geo = geometry(model, get_spec(model))
+    if sae.d_in != geo.d_model:
         raise ValueError(
-            f"lf_steering: the SAE has d_in={sae.d_in}, the model's residual stream is {d_model}"
+            f"lf_steering: the SAE has d_in={sae.d_in}, the model's residual stream is {geo.d_model}"
         )
+    if layer is not None and not 0 <= layer < geo.n_layers:
+        raise ValueError(f"lf_steering: layer must be in [0, {geo.n_layers}), got {layer}")
     facts, answers, feats, pairs = _read_dataset(model, tokenizer, dataset, chat, max_new_tokens, batch_size)
     heldout = split_groups(pairs.groups, validation_fraction, seed)
     accuracy = probe_layers(feats, pairs, heldout, C=probe_C, seed=seed)
     chosen = int(torch.argmax(accuracy)) if layer is None else layer  # argmax: the first of equals
-    if not 0 <= chosen < feats.shape[1]:
-        raise ValueError(f"layer must be in [0, {feats.shape[1]}), got {chosen}")
     site = f"layers.{chosen}.{SITE}"
     if sae.site is not None and sae.site != site:
         raise ValueError(
