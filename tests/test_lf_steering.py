@@ -142,3 +142,16 @@ def test_cli_lf_steer_without_an_sae_says_what_to_give(capsys):
 
     assert main(["lf-steer", "--model", "/nonexistent"]) == 2
     assert "give --sae DIR" in capsys.readouterr().err
+
+
+def test_relation_only_probe_scores_what_the_relation_alone_predicts():
+    facts = [
+        locate_mod.ParaphraseFact(rel, f"S{i}", ans, (), ("q1", "q2", "q3"))
+        for rel, ans in (("capital", "Paris"), ("currency", "euro"))
+        for i in range(6)
+    ]
+    answers = ["Paris"] * 18 + ["no idea"] * 18  # every capital pair agrees, no currency pair does
+    texts = [f"{f.subject} {q}" for f in facts for q in f.prompts]
+    pairs = locate_mod.pairs_from_answers(facts, texts, answers)
+    heldout = [0, 1, 6, 7]  # two facts of each relation
+    assert lf.relation_only_accuracy(facts, pairs, heldout) == 1.0

@@ -99,6 +99,7 @@ def _probe_only(model, tok, dev, common) -> dict:
 
     out = probe_consistency_layers(model, tok, dev, **common)
     print(f"layer probes (balanced validation accuracy): {[round(a, 3) for a in out['probe_accuracy']]}")
+    print(f"relation only (one-hot, same probe): {out['relation_only_accuracy']:.3f}")
     print(f"chosen: {out['site']} -- train the SAE there and pass it with --sae")
     return out
 

@@ -322,6 +322,7 @@ def lf_steering(
         held_facts = [f for i, f in enumerate(facts) if i in held]
         held_answers = [a for (i, _), a in zip(_fact_index(facts), answers) if i in held]
         meta.update(
+            relation_only_accuracy=relation_only_accuracy(facts, pairs, heldout, C=probe_C, seed=seed),
             facts=[{"relation": f.relation, "subject": f.subject} for f in facts],
             chat=chat,
             max_new_tokens=max_new_tokens,
@@ -357,11 +358,32 @@ def probe_consistency_layers(
     Returns:
         ``{"layer", "site", "probe_accuracy": [L]}`` (the arguments as in ``lf_steering``).
     """
-    _, _, feats, pairs = _read_dataset(model, tokenizer, dataset, chat, max_new_tokens, batch_size)
+    facts, _, feats, pairs = _read_dataset(model, tokenizer, dataset, chat, max_new_tokens, batch_size)
     heldout = split_groups(pairs.groups, validation_fraction, seed)
     accuracy = probe_layers(feats, pairs, heldout, C=probe_C, seed=seed)
     layer = int(torch.argmax(accuracy))
-    return {"layer": layer, "site": f"layers.{layer}.{SITE}", "probe_accuracy": accuracy.tolist()}
+    out = {"layer": layer, "site": f"layers.{layer}.{SITE}", "probe_accuracy": accuracy.tolist()}
+    if facts is not None:
+        out["relation_only_accuracy"] = relation_only_accuracy(facts, pairs, heldout, C=probe_C, seed=seed)
+    return out
+
+
+def relation_only_accuracy(
+    facts: Sequence[ParaphraseFact],
+    pairs: PairDataset,
+    heldout: Sequence[int],
+    *,
+    C: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """Balanced validation accuracy of the same probe given only each prompt's relation (one-hot).
+
+    A layer probe that does no better than this has learned which relation a question asks about
+    (SmolLM2 agrees with itself far more on capitals than on currencies), not consistency itself.
+    """
+    relations = sorted({f.relation for f in facts})
+    onehot = torch.tensor([[float(f.relation == r) for r in relations] for f in facts for _ in f.prompts])
+    return float(probe_layers(onehot[:, None, :], pairs, heldout, C=C, seed=seed)[0])
 
 
 def _read_dataset(model, tokenizer, dataset, chat, max_new_tokens, batch_size):
