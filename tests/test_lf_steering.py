@@ -155,3 +155,15 @@ def test_relation_only_probe_scores_what_the_relation_alone_predicts():
     pairs = locate_mod.pairs_from_answers(facts, texts, answers)
     heldout = [0, 1, 6, 7]  # two facts of each relation
     assert lf.relation_only_accuracy(facts, pairs, heldout) == 1.0
+
+
+def test_cli_lf_steer_loads_the_sae_and_reports_single_label_data_clearly(tiny_dir, tmp_path, capsys):
+    from pysteer.cli import main
+
+    sae_dir = tmp_path / "sae"
+    _random_sae(64, hook="blocks.1.hook_resid_post").save(sae_dir)  # the tiny llama of tiny_dir: d_model 64
+    argv = ["lf-steer", "--model", str(tiny_dir), "--relations", "capital", "--max-facts", "4"]
+    argv += ["--max-new-tokens", "2", "--sae", str(sae_dir)]
+    # a random model never names a capital: every pair disagrees, which no probe can learn from
+    assert main(argv) == 2
+    assert "only one label" in capsys.readouterr().err
