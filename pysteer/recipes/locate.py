@@ -591,7 +591,9 @@ def locate_heads(
         max_new_tokens: answer length (SmolLM2-135M restates the question first; 12 tokens reach the
             answer in the prompts we checked).
         batch_size: prompts per forward.
-        test_fraction: fraction of facts held out for probe accuracy (and for evaluating the edit).
+        test_fraction: fraction of facts held out as validation: probe accuracy ranks heads there, and
+            ``pysteer edit --choose`` picks K and alpha there (a test split is set aside before this
+            function runs, see ``pysteer.recipes.selection``).
         seed: split and probe initialisation seed.
         probe_steps, probe_lr, weight_decay: probe training.
         png: where to draw the layers x heads accuracy heatmap (top heads outlined).
