@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Distribution, Extension, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -117,20 +117,7 @@ class NvccBuildExt(build_ext):
         return True
 
 
-class PysteerDistribution(Distribution):
-    """Adds ``pysteer.kernels`` (directory ``kernels/``, mapped by ``package-dir``) to the packages.
-
-    ``[tool.setuptools.packages.find]`` in pyproject.toml matches directory names, so it never finds
-    ``kernels/`` as ``pysteer.kernels``, and pyproject's package list overrides ``setup(packages=)``.
-    """
-
-    def parse_config_files(self, *args, **kwargs) -> None:
-        super().parse_config_files(*args, **kwargs)
-        if (ROOT / "kernels" / "__init__.py").exists() and "pysteer.kernels" not in (self.packages or []):
-            self.packages = [*(self.packages or []), "pysteer.kernels"]
-
-
 cu_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
 ext_modules = [Extension("pysteer._C", sources=cu_sources)] if cu_sources else []
 
-setup(distclass=PysteerDistribution, ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})

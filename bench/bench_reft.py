@@ -17,6 +17,13 @@ model's weights frozen.
   and an Adam step (lr 1e-3) over the intervention's parameters. pysteer: ``pysteer.steer(model,
   [LoReFT], trainable=True)`` and ``handle.parameters()``; pyreft: the same loop through ``ReftModel``
   with ``unit_locations`` (no ``ReftTrainer``).
+- training, pysteer's two ways: the plain trainable handle, and the same handle with
+  ``handle.frozen_prefix()``, which replays layers 0..15 (the frozen layers under the edit) on a batch
+  seen before instead of recomputing them. The per-step figure repeats one batch (so every step after
+  the first replays); the whole-run figure (``--epochs`` passes over ``--epoch-batches`` distinct
+  batches, a fresh intervention per run) counts the first pass, which computes and stores. The two
+  ways alternate block by block in one process; their losses are compared for equality. pyreft runs
+  the same two workloads in its own process.
 - generate: the 17-token chat prompt, batch 1, ``--new-tokens`` greedy tokens (EOS off), the edit on
   the prompt only. pysteer: ``model.generate`` inside ``pysteer.steer`` and ``pysteer.generate(...,
   steering=[[iv]], compile=False)``, each against its unsteered call; pyreft: ``ReftModel.generate(...,
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -54,32 +62,92 @@ def batch_ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
-def bench_training(model, ids: torch.Tensor, steps: int, warmup: int) -> dict:
+def _train_steps(model, batches: list[torch.Tensor], steps: int, prefix: bool, warmup: int = 0) -> dict:
+    """``warmup + steps`` training steps cycling over ``batches``, through ``handle.frozen_prefix()``
+    when ``prefix``; the timed steps' wall and CPU seconds and every loss."""
     iv = LoReFT.init(f"layers.{LAYER}.resid", model.config.hidden_size, RANK, POSITIONS, seed=0)
     wall, cpu, losses = [], [], []
     with pysteer.steer(model, [iv], trainable=True) as h:
         params = h.parameters()
         opt = torch.optim.Adam(params, lr=1e-3)
-        for i in range(warmup + steps):
-            c0, t0 = time.process_time(), time.perf_counter()
-            opt.zero_grad()
-            logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-            )
-            loss.backward()
-            opt.step()
-            t1, c1 = time.perf_counter(), time.process_time()
-            losses.append(loss.item())
-            if i >= warmup:
-                wall.append(t1 - t0)
-                cpu.append(c1 - c0)
-    return {
-        "step_s": {"wall_median": statistics.median(wall), "cpu_median": statistics.median(cpu), "wall": wall},
-        "steps_per_s": 1 / statistics.median(wall),
-        "losses": [round(v, 5) for v in losses],
-        "params": sum(p.numel() for p in params),
+        fp = h.frozen_prefix() if prefix else None
+        try:
+            for i in range(warmup + steps):
+                ids = batches[i % len(batches)]
+                c0, t0 = time.process_time(), time.perf_counter()
+                opt.zero_grad()
+                logits = model(input_ids=ids).logits
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+                )
+                loss.backward()
+                opt.step()
+                t1, c1 = time.perf_counter(), time.process_time()
+                losses.append(loss.item())
+                if i >= warmup:
+                    wall.append(t1 - t0)
+                    cpu.append(c1 - c0)
+        finally:
+            stats = dict(fp.stats) if fp else None
+            if fp:
+                fp.remove()
+    return {"wall": wall, "cpu": cpu, "losses": losses, "params": sum(p.numel() for p in params), "prefix_stats": stats}
+
+
+def bench_training(model, ids: torch.Tensor, steps: int, warmup: int, rounds: int = 2) -> dict:
+    """Steps on one fixed batch (every step after the first replays the prefix), the plain handle
+    and the frozen-prefix handle alternating in blocks of ``steps // rounds`` timed steps."""
+    per_round = max(1, steps // rounds)
+    runs = {"plain": [], "frozen_prefix": []}
+    for r in range(rounds):
+        for name in (["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]):
+            runs[name].append(_train_steps(model, [ids], per_round, name == "frozen_prefix", warmup=warmup))
+    out = {}
+    for name, rs in runs.items():
+        wall = [w for r in rs for w in r["wall"]]
+        cpu = [c for r in rs for c in r["cpu"]]
+        out[name] = {
+            "step_s": {"wall_median": statistics.median(wall), "cpu_median": statistics.median(cpu), "wall": wall},
+            "steps_per_s": 1 / statistics.median(wall),
+            "losses": [round(v, 5) for v in rs[0]["losses"]],
+            "params": rs[0]["params"],
+            "prefix_stats": [r["prefix_stats"] for r in rs],
+        }
+    out["losses_equal"] = runs["plain"][0]["losses"] == runs["frozen_prefix"][0]["losses"]
+    out["frozen_prefix_speedup"] = {
+        "wall": out["plain"]["step_s"]["wall_median"] / out["frozen_prefix"]["step_s"]["wall_median"],
+        "cpu": out["plain"]["step_s"]["cpu_median"] / out["frozen_prefix"]["step_s"]["cpu_median"],
     }
+    return out
+
+
+def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
+    return [torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+
+
+def bench_epochs(model, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
+    """Whole training runs, ``epochs`` passes over ``batches`` (the first pass stores the prefix
+    outputs, later ones replay them), the two variants alternating run by run."""
+    runs = {"plain": [], "frozen_prefix": []}
+    for r in range(rounds):
+        for name in (["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]):
+            runs[name].append(_train_steps(model, batches, epochs * len(batches), name == "frozen_prefix"))
+    out = {
+        name: {
+            "run_s": {"wall": [sum(r["wall"]) for r in rs], "cpu": [sum(r["cpu"]) for r in rs]},
+            "wall_median_s": statistics.median(sum(r["wall"]) for r in rs),
+            "cpu_median_s": statistics.median(sum(r["cpu"]) for r in rs),
+            "final_loss": rs[0]["losses"][-1],
+            "prefix_stats": rs[0]["prefix_stats"],
+        }
+        for name, rs in runs.items()
+    }
+    out["losses_equal"] = runs["plain"][0]["losses"] == runs["frozen_prefix"][0]["losses"]
+    out["frozen_prefix_speedup"] = {
+        "wall": out["plain"]["wall_median_s"] / out["frozen_prefix"]["wall_median_s"],
+        "cpu": out["plain"]["cpu_median_s"] / out["frozen_prefix"]["cpu_median_s"],
+    }
+    return out
 
 
 def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> dict:
@@ -135,7 +203,8 @@ def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> di
 def run_peer(python: str, args) -> dict:
     cmd = [python, str(ROOT / "bench" / "peers" / "bench_peer_reft.py"), "--batch", str(args.batch), "--seq",
            str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--new-tokens",
-           str(args.new_tokens), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+           str(args.new_tokens), "--rounds", str(args.rounds), "--threads", str(args.threads), "--epoch-batches",
+           str(args.epoch_batches), "--epochs", str(args.epochs), "--epoch-rounds", str(args.epoch_rounds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peer bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -151,6 +220,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epoch-batches", type=int, default=4, help="distinct batches of the whole-run workload")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epoch-rounds", type=int, default=2)
     ap.add_argument("--peer-python", default=None, help="the pyreft virtualenv's python (runs its side first)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reft-cpu.json")
     args = ap.parse_args()
@@ -173,8 +245,12 @@ def main() -> None:
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "workload": {"batch": args.batch, "seq": args.seq, "ids_sum": int(ids.sum()), "layer": LAYER, "rank": RANK,
                      "positions": POSITIONS, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
-                     "rounds": args.rounds, "prompt_ids": prompt[0].tolist(), "attn": model.config._attn_implementation},
+                     "rounds": args.rounds, "prompt_ids": prompt[0].tolist(), "attn": model.config._attn_implementation,
+                     "epoch_batches": args.epoch_batches, "epochs": args.epochs},
+        "load_before": os.getloadavg(),
         "training": bench_training(model, ids, args.steps, args.warmup),
+        "epochs": bench_epochs(model, epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
+                               args.epochs, args.epoch_rounds),
         "generate": bench_generate(model, prompt, args.new_tokens, args.rounds),
     }
     result = {
@@ -183,11 +259,14 @@ def main() -> None:
         "machine": platform.machine(), "threads": args.threads,
         "pysteer": ours,
     }
-    tr, gen = ours["training"], ours["generate"]
-    print(f"pysteer: training {tr['steps_per_s']:.3f} steps/s; generate steered/unsteered "
+    ours["load_after"] = os.getloadavg()
+    tr, ep, gen = ours["training"]["frozen_prefix"], ours["epochs"], ours["generate"]
+    print(f"pysteer: training {tr['steps_per_s']:.3f} steps/s (frozen prefix; x{ours['training']['frozen_prefix_speedup']['wall']:.2f} "
+          f"over plain), whole run x{ep['frozen_prefix_speedup']['wall']:.2f}; generate steered/unsteered "
           f"hf {gen['hf_steered_over_unsteered']['wall_median']:.3f}, fast {gen['fast_steered_over_unsteered']['wall_median']:.3f}")
     if peer is not None:
-        for key in ("batch", "seq", "ids_sum", "layer", "rank", "positions", "new_tokens", "prompt_ids", "attn"):
+        for key in ("batch", "seq", "ids_sum", "layer", "rank", "positions", "new_tokens", "prompt_ids", "attn",
+                    "epoch_batches", "epochs"):
             if peer["workload"][key] != ours["workload"][key]:
                 raise RuntimeError(f"the two sides ran different workloads: {key} {peer['workload'][key]!r} vs {ours['workload'][key]!r}")
         pg = peer["generate"]
@@ -198,9 +277,20 @@ def main() -> None:
             f"{torch.__version__}, {args.threads} thread(s). Steered/unsteered ratios compare each side with its own "
             "unsteered generate; cross-side ratios also carry the two transformers versions' own speed."
         )
+        plain = ours["training"]["plain"]
         result["ratios"] = {
-            "training_steps_per_s_pysteer_over_pyreft": tr["steps_per_s"] / peer["training"]["steps_per_s"],
-            "training_cpu_step_pyreft_over_pysteer": peer["training"]["step_s"]["cpu_median"] / tr["step_s"]["cpu_median"],
+            "training_steps_per_s_pysteer_over_pyreft": {
+                "frozen_prefix": tr["steps_per_s"] / peer["training"]["steps_per_s"],
+                "plain": plain["steps_per_s"] / peer["training"]["steps_per_s"],
+            },
+            "training_cpu_step_pyreft_over_pysteer": {
+                "frozen_prefix": peer["training"]["step_s"]["cpu_median"] / tr["step_s"]["cpu_median"],
+                "plain": peer["training"]["step_s"]["cpu_median"] / plain["step_s"]["cpu_median"],
+            },
+            "whole_run_pyreft_over_pysteer": {
+                f"{name}_{clock}": peer["epochs"][f"{clock}_median_s"] / ep[name][f"{clock}_median_s"]
+                for name in ("frozen_prefix", "plain") for clock in ("wall", "cpu")
+            },
             "generate_steered_over_unsteered": {
                 "pysteer_hf_generate": gen["hf_steered_over_unsteered"]["wall_median"],
                 "pysteer_fast_generate": gen["fast_steered_over_unsteered"]["wall_median"],
@@ -213,7 +303,11 @@ def main() -> None:
             "unsteered_tokens_per_s_pysteer_hf_over_pyreft_hf": gen["hf_unsteered"]["tokens_per_s"] / pg["unsteered"]["tokens_per_s"],
         }
         result["targets"] = {
-            "training_at_least_1.5x_pyreft": result["ratios"]["training_steps_per_s_pysteer_over_pyreft"] >= 1.5,
+            "training_at_least_1.5x_pyreft": {
+                "step, wall": result["ratios"]["training_steps_per_s_pysteer_over_pyreft"]["frozen_prefix"] >= 1.5,
+                "step, cpu": result["ratios"]["training_cpu_step_pyreft_over_pysteer"]["frozen_prefix"] >= 1.5,
+                "whole run, wall": result["ratios"]["whole_run_pyreft_over_pysteer"]["frozen_prefix_wall"] >= 1.5,
+            },
             "steered_generate_at_most_3pct_over_unsteered": {
                 k: v <= 1.03 for k, v in result["ratios"]["generate_steered_over_unsteered"].items() if k != "pyreft"
             },

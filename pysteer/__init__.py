@@ -35,6 +35,7 @@ _LAZY = {
     "Patch": "pysteer.patching",
     "Noise": "pysteer.patching",
     "LoReFT": "pysteer.reft",
+    "FrozenPrefix": "pysteer.prefix_cache",
     "intervention_kind": "pysteer.interventions",
     "runtime": "pysteer.steering",
     "trace": "pysteer.tracing",

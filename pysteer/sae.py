@@ -9,8 +9,26 @@ and runs its ops through ``pysteer.ops.sae``:
 
 Supported architectures: ReLU (SAELens ``standard``), JumpReLU (``jumprelu``; per-latent
 ``threshold``, or ``log_threshold`` which is exponentiated) and TopK (SAELens ``topk``,
-``batchtopk`` and ``matryoshka_batchtopk``, and EleutherAI sparsify; a BatchTopK SAE runs as TopK
-with its ``k`` at inference). Gated SAEs, transcoders and skip connections are rejected.
+``batchtopk`` and ``matryoshka_batchtopk``, and EleutherAI sparsify). Gated SAEs, transcoders and
+skip connections are rejected.
+
+SAELens conventions folded into the weights at load time, as SAELens's own inference form does:
+
+- ``rescale_acts_by_decoder_norm`` (TopK family): the pre-activations are multiplied by the decoder
+  row norms ``n`` and the features divided by them before decoding. Folding ``W_enc * n``,
+  ``b_enc * n``, ``W_dec / n`` computes the same features and reconstruction with plain TopK.
+- ``batchtopk`` / ``matryoshka_batchtopk`` training checkpoints (they hold ``topk_threshold``):
+  BatchTopK picks the top ``k * batch`` activations of a whole batch, which depends on the other
+  tokens; its inference form, the one SAELens saves with ``save_inference_model``, is a JumpReLU
+  SAE with every threshold at ``topk_threshold`` (decoder norms folded when rescaling was on).
+  Without ``topk_threshold`` such an SAE runs as per-token TopK with its ``k``.
+- ``reshape_activations="hook_z"``: the SAE reads attention heads' outputs (``attn.hook_z``, the
+  pysteer site ``attn.heads``); ``encode`` / ``forward`` accept ``[..., n_heads, d_head]`` (or the
+  flat ``[..., n_heads * d_head]`` of the site) and flatten it head-major, as SAELens does.
+
+Any other SAELens 6.x config field is refused by name with the file's ``sae_lens_version``
+(training-only fields, which do not change inference, are ignored). ``SAE.save`` writes the
+SAELens 6.x layout, which SAELens loads back with the same ``hook_name`` and features.
 
 Input normalisation: SAELens ``normalize_activations`` of ``"none"`` and
 ``"expected_average_only_in"``. The latter scales the input by a constant ``s`` estimated on the
@@ -52,7 +70,32 @@ SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
 _SAE_LENS_TOPK_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
+_SAE_LENS_BATCH_ARCHS = ("batchtopk", "matryoshka_batchtopk")
 _ARCH_FOR_ACTIVATION = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
+RESHAPES = ("none", "hook_z")
+# Tensor names of SAELens files pysteer reads (an all-ones ``scaling_factor`` is a no-op SAELens drops).
+_SAE_LENS_TENSORS = frozenset({
+    "W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "topk_threshold", "scaling_factor",
+})  # fmt: skip
+
+# The SAELens release whose 6.x layout ``SAE.save`` writes and whose config fields pysteer knows.
+SAE_LENS_FORMAT_VERSION = "6.54.12"
+# SAELens 6.x top-level config fields pysteer implements (or that describe the file, not the math).
+_SAE_LENS_FIELDS = frozenset({
+    "architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
+    "reshape_activations", "metadata", "k", "rescale_acts_by_decoder_norm", "sae_lens_version",
+    "sae_lens_training_version", "hook_name", "norm_scaling_factor", "finetuning_scaling_factor",
+    "activation_fn", "activation_fn_str", "activation_fn_kwargs",
+})  # fmt: skip
+# Training-only fields of SAELens 6.x training configs (standard, topk, jumprelu, batchtopk and
+# matryoshka_batchtopk): losses, initialisation and threshold learning rates, unused at inference.
+_SAE_LENS_TRAINING_FIELDS = frozenset({
+    "decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps", "use_sparse_activations",
+    "aux_loss_coefficient", "topk_threshold_lr", "matryoshka_widths", "use_matryoshka_aux_loss",
+    "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode", "l0_coefficient",
+    "l0_warm_up_steps", "pre_act_loss_coefficient", "jumprelu_tanh_scale", "jumprelu_ste_to_input",
+    "target_l0",
+})  # fmt: skip
 
 
 class SAEFormatError(ValueError):
@@ -179,6 +222,8 @@ class SAE(nn.Module):
         threshold: ``[d_sae]`` JumpReLU thresholds (``activation="jumprelu"`` only).
         k: latents kept per token (``activation="topk"`` only).
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
+        reshape_activations: ``"none"``, or ``"hook_z"`` for an SAE over attention heads' outputs:
+            inputs may then be ``[..., n_heads, d_head]`` with ``n_heads * d_head = d_in``.
         metadata: free-form description (hook name, model, ...), saved with the SAE.
 
     All tensors are converted to ``W_enc``'s dtype and device.
@@ -204,6 +249,7 @@ class SAE(nn.Module):
         threshold: Tensor | None = None,
         k: int | None = None,
         apply_b_dec_to_input: bool = True,
+        reshape_activations: str = "none",
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -237,6 +283,10 @@ class SAE(nn.Module):
             k = int(k)
         elif k is not None:
             raise ValueError(f"SAE: k is only used by activation='topk', got activation={activation!r}")
+        if reshape_activations not in RESHAPES:
+            raise ValueError(
+                f"SAE: unknown reshape_activations {reshape_activations!r}; choose one of {', '.join(RESHAPES)}"
+            )
 
         like = {"dtype": W_enc.dtype, "device": W_enc.device}
         self.register_buffer("encoder_weight", W_enc.detach().t().to(**like).contiguous())
@@ -249,6 +299,7 @@ class SAE(nn.Module):
         self.activation = activation
         self.k = k
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.reshape_activations = reshape_activations
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     # -- shape and placement ------------------------------------------------------------------
@@ -283,13 +334,29 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.activation == "topk" else ""
-        return f"d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{k}, dtype={self.dtype}"
+        z = ", reshape_activations='hook_z'" if self.reshape_activations == "hook_z" else ""
+        return (
+            f"d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{k}{z}, dtype={self.dtype}"
+        )
 
     # -- ops ------------------------------------------------------------------------------------
 
+    def _lead(self, x: Tensor, name: str = "x") -> tuple[int, ...]:
+        """The token dimensions of an input: all but the last (all but the last two for a
+        ``hook_z`` SAE fed ``[..., n_heads, d_head]``)."""
+        if x.shape[-1:] == (self.d_in,):
+            return tuple(x.shape[:-1])
+        if self.reshape_activations == "hook_z":
+            if x.dim() >= 2 and x.shape[-2] * x.shape[-1] == self.d_in:
+                return tuple(x.shape[:-2])
+            raise ValueError(
+                f"SAE: {name} must be [..., n_heads, d_head] with n_heads * d_head = d_in={self.d_in} "
+                f"(reshape_activations='hook_z') or [..., {self.d_in}], got shape {tuple(x.shape)}"
+            )
+        raise ValueError(f"SAE: {name} must be [..., d_in={self.d_in}], got shape {tuple(x.shape)}")
+
     def _flat(self, x: Tensor, name: str = "x") -> Tensor:
-        if x.shape[-1:] != (self.d_in,):
-            raise ValueError(f"SAE: {name} must be [..., d_in={self.d_in}], got shape {tuple(x.shape)}")
+        self._lead(x, name)
         return x.reshape(-1, self.d_in).to(self.dtype)
 
     def _backend(self, backend: str | None, device: torch.device) -> str:
@@ -303,7 +370,8 @@ class SAE(nn.Module):
         """Dense feature activations.
 
         Args:
-            x: ``[..., d_in]`` activations (cast to the SAE's dtype).
+            x: ``[..., d_in]`` activations (cast to the SAE's dtype); a ``hook_z`` SAE also takes
+                ``[..., n_heads, d_head]``.
             backend: ``None`` (``PYSTEER_BACKEND`` / automatic), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
         Returns:
@@ -325,7 +393,7 @@ class SAE(nn.Module):
                 act=self.activation,
                 backend=be,
             )
-        return f.reshape(*x.shape[:-1], self.d_sae)
+        return f.reshape(*self._lead(x), self.d_sae)
 
     def encode_topk(self, x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
         """Sparse codes of a TopK SAE.
@@ -345,11 +413,12 @@ class SAE(nn.Module):
         values, indices = sae_ops.sae_encode_topk(
             flat, self.W_enc, self.b_enc, self._input_bias, k=self.k, backend=be
         )
-        lead = x.shape[:-1]
+        lead = self._lead(x)
         return values.reshape(*lead, self.k), indices.reshape(*lead, self.k)
 
     def decode(self, f: Tensor) -> Tensor:
-        """Dense decode ``[..., d_sae] -> [..., d_in]``: ``f @ W_dec + b_dec``."""
+        """Dense decode ``[..., d_sae] -> [..., d_in]``: ``f @ W_dec + b_dec`` (a ``hook_z`` SAE's
+        output stays flat, head-major: ``.unflatten(-1, (n_heads, d_head))`` gives the heads)."""
         if f.shape[-1:] != (self.d_sae,):
             raise ValueError(f"SAE.decode: f must be [..., d_sae={self.d_sae}], got shape {tuple(f.shape)}")
         return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae).to(self.dtype), self.W_dec).reshape(
@@ -370,11 +439,11 @@ class SAE(nn.Module):
         return out.reshape(*indices.shape[:-1], self.d_in)
 
     def forward(self, x: Tensor, *, backend: str | None = None) -> Tensor:
-        """Reconstruction ``[..., d_in] -> [..., d_in]`` (TopK decodes only the k rows per token)."""
+        """Reconstruction in ``x``'s shape (TopK decodes only the k rows per token)."""
         if self.activation == "topk":
             values, indices = self.encode_topk(x, backend=backend)
-            return self.decode_sparse(indices, values, backend=backend)
-        return self.decode(self.encode(x, backend=backend))
+            return self.decode_sparse(indices, values, backend=backend).reshape(x.shape)
+        return self.decode(self.encode(x, backend=backend)).reshape(x.shape)
 
     def edit_table(self, features: Sequence[int] | Tensor, num_rows: int) -> SAEEditTable:
         """Empty :class:`SAEEditTable` for this SAE on its device."""
@@ -565,6 +634,7 @@ class SAE(nn.Module):
         fields = (
             "d_in", "d_sae", "architecture", "activation_fn", "activation_fn_str", "activation_fn_kwargs", "k",
             "apply_b_dec_to_input", "normalize_activations", "finetuning_scaling_factor", "norm_scaling_factor",
+            "rescale_acts_by_decoder_norm", "reshape_activations",
         )  # fmt: skip
         cfg: dict[str, Any] = {}
         for name in fields:
@@ -579,7 +649,7 @@ class SAE(nn.Module):
         if meta:
             cfg["metadata"] = dict(meta)
         tensors: dict[str, Tensor] = {}
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold"):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "topk_threshold"):
             t = getattr(sae, name, None)
             if isinstance(t, Tensor):
                 tensors[name] = t.detach()
@@ -597,6 +667,7 @@ class SAE(nn.Module):
             "activation": self.activation,
             "k": self.k,
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "reshape_activations": self.reshape_activations,
             "metadata": self.metadata,
         }
         return {n: t.detach() for n, t in tensors.items()}, config
@@ -622,14 +693,20 @@ class SAE(nn.Module):
             threshold=tensors.get("threshold"),
             k=config.get("k"),
             apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)),
+            reshape_activations=config.get("reshape_activations", "none"),
             metadata=config.get("metadata") or {},
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the SAE in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``).
+        """Write the SAE in the SAELens 6.x layout (``cfg.json`` + ``sae_weights.safetensors``).
 
-        Any folded input scale is already in the weights, so ``normalize_activations`` is ``"none"``.
-        Files are written to temporaries and renamed, so a reader never sees a partial SAE.
+        ``cfg.json`` holds every field SAELens 6.x reads: the config fields at the top level, the
+        metadata (``hook_name``, ``model_name``, ...) under ``"metadata"`` with ``sae_lens_version``
+        (without a version SAELens reads the file as a pre-6.0 config and drops ``hook_name``), and
+        ``hook_name`` / ``sae_lens_version`` also at the top level for readers of the older layout.
+        Any folded input scale or decoder norm is already in the weights, so ``normalize_activations``
+        is ``"none"`` and ``rescale_acts_by_decoder_norm`` is false. Files are written to temporaries
+        and renamed, so a reader never sees a partial SAE.
 
         Returns:
             The directory.
@@ -645,23 +722,33 @@ class SAE(nn.Module):
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        tmp_c = root / (SAE_LENS_CFG + ".tmp")
+        tmp_c.write_text(json.dumps(self._sae_lens_cfg(), indent=2, default=str))
+        write_safetensors(tensors, root / SAE_LENS_WEIGHTS)
+        os.replace(tmp_c, root / SAE_LENS_CFG)
+        return root
+
+    def _sae_lens_cfg(self) -> dict[str, Any]:
+        """The SAELens 6.x ``cfg.json`` of this SAE (see :meth:`save`)."""
+        metadata = {**self.metadata, "sae_lens_version": SAE_LENS_FORMAT_VERSION}
         cfg: dict[str, Any] = {
             "architecture": _ARCH_FOR_ACTIVATION[self.activation],
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": "cpu",
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
+            "reshape_activations": self.reshape_activations,
+            "sae_lens_version": SAE_LENS_FORMAT_VERSION,
         }
+        if "hook_name" in self.metadata:
+            cfg["hook_name"] = self.metadata["hook_name"]
         if self.activation == "topk":
             cfg["k"] = self.k
-        if self.metadata:
-            cfg["metadata"] = self.metadata
-        tmp_c = root / (SAE_LENS_CFG + ".tmp")
-        tmp_c.write_text(json.dumps(cfg, indent=2, default=str))
-        write_safetensors(tensors, root / SAE_LENS_WEIGHTS)
-        os.replace(tmp_c, root / SAE_LENS_CFG)
-        return root
+            cfg["rescale_acts_by_decoder_norm"] = False
+        cfg["metadata"] = metadata
+        return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,7 +848,38 @@ def _tensor(
     return t
 
 
-def _sae_lens_activation(cfg: Mapping[str, Any], src: str, d_sae: int) -> tuple[str, int | None]:
+def _sae_lens_version(cfg: Mapping[str, Any]) -> str | None:
+    """The ``sae_lens_version`` a config records (top level, else in its metadata), or None."""
+    version = cfg.get("sae_lens_version")
+    meta = cfg.get("metadata")
+    if not version and isinstance(meta, Mapping):
+        version = meta.get("sae_lens_version")
+    return str(version) if version else None
+
+
+def _major(version: str | None) -> int | None:
+    head = (version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _reshape_activations(cfg: Mapping[str, Any], hook_name: Any) -> str:
+    """The config's ``reshape_activations``; a pre-6.0 config without the field gets SAELens's own
+    default for it: ``"hook_z"`` when its hook name is a ``hook_z`` one."""
+    if cfg.get("reshape_activations"):
+        return str(cfg["reshape_activations"])
+    major = _major(_sae_lens_version(cfg))
+    pre_6 = major is None or major < 6
+    return "hook_z" if pre_6 and "hook_z" in str(hook_name or "") else "none"
+
+
+def _is_training_checkpoint(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> bool:
+    """A BatchTopK-family training checkpoint: it holds the learned ``topk_threshold``."""
+    return cfg.get("architecture") in _SAE_LENS_BATCH_ARCHS and "topk_threshold" in tensors
+
+
+def _sae_lens_activation(
+    cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], src: str, d_sae: int
+) -> tuple[str, int | None]:
     arch = cfg.get("architecture", "standard")
     if arch == "standard":
         fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
@@ -774,7 +892,7 @@ def _sae_lens_activation(cfg: Mapping[str, Any], src: str, d_sae: int) -> tuple[
         kwargs = cfg.get("activation_fn_kwargs") or {}
         k_cfg = {"k": cfg["k"]} if "k" in cfg else kwargs
         return "topk", _k_field(k_cfg, src, d_sae)
-    if arch == "jumprelu":
+    if arch == "jumprelu" or _is_training_checkpoint(cfg, tensors):
         return "jumprelu", None
     if arch in _SAE_LENS_TOPK_ARCHS:
         return "topk", _k_field(cfg, src, d_sae)
@@ -784,27 +902,42 @@ def _sae_lens_activation(cfg: Mapping[str, Any], src: str, d_sae: int) -> tuple[
     )
 
 
-def _refuse_unimplemented(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], src: str) -> None:
-    """SAELens config fields that change what the SAE computes and that pysteer does not implement:
-    loading such an SAE as if they were absent would compute different features, silently."""
+def _refuse_unimplemented(
+    cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], src: str, tensor_src: str
+) -> None:
+    """SAELens config fields and tensors that change what the SAE computes and that pysteer does not
+    implement: loading such an SAE as if they were absent would compute different features, silently."""
+    version = _sae_lens_version(cfg)
+    at = f"{src} (sae_lens_version {version or 'unrecorded'})"
+    extra = sorted(set(tensors) - _SAE_LENS_TENSORS)
+    if extra:
+        raise SAEFormatError(
+            f"{tensor_src} (sae_lens_version {version or 'unrecorded'}): tensor {extra[0]!r} is not known to "
+            f"pysteer (it reads {', '.join(sorted(_SAE_LENS_TENSORS))})"
+        )
+    if "scaling_factor" in tensors and not bool((tensors["scaling_factor"] == 1).all()):
+        # SAELens drops an all-ones scaling_factor and otherwise scales the features by it
+        raise SAEFormatError(f"{tensor_src}: tensor 'scaling_factor' (a finetuning scale) is not supported")
+    major = _major(version)
+    if major is not None and major >= 6:
+        # a 6.x config holds exactly its config class's fields: any other one is new to pysteer
+        unknown = sorted(set(cfg) - _SAE_LENS_FIELDS - _SAE_LENS_TRAINING_FIELDS)
+        if unknown:
+            raise SAEFormatError(
+                f"{at}: field {unknown[0]!r} is not known to pysteer, which implements the fields of "
+                f"sae-lens up to {SAE_LENS_FORMAT_VERSION}; loading it as if absent could compute different features"
+            )
     if cfg.get("finetuning_scaling_factor"):
-        raise SAEFormatError(f"{src}: finetuning_scaling_factor is not supported")
-    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise SAEFormatError(f"{at}: field 'finetuning_scaling_factor' is not supported")
+    if cfg.get("rescale_acts_by_decoder_norm") and cfg.get("architecture") not in _SAE_LENS_TOPK_ARCHS:
         raise SAEFormatError(
-            f"{src}: field 'rescale_acts_by_decoder_norm'=True is not supported (the encoder's activations are "
-            "scaled by the decoder row norms); save the SAE in its inference form (decoder norms folded) first"
+            f"{at}: field 'rescale_acts_by_decoder_norm'=True is implemented for the TopK family "
+            f"({', '.join(_SAE_LENS_TOPK_ARCHS)}), not for architecture {cfg.get('architecture', 'standard')!r}"
         )
-    reshape = cfg.get("reshape_activations") or "none"
-    if reshape != "none":
+    reshape = _reshape_activations(cfg, cfg.get("hook_name", cfg.get("hook_point")))
+    if reshape not in RESHAPES:
         raise SAEFormatError(
-            f"{src}: field 'reshape_activations'={reshape!r} is not supported (only 'none': inputs of width d_in)"
-        )
-    if cfg.get("architecture") in ("batchtopk", "matryoshka_batchtopk") and (
-        "topk_threshold" in tensors or "topk_threshold" in cfg
-    ):
-        raise SAEFormatError(
-            f"{src}: a {cfg['architecture']} training checkpoint (it holds 'topk_threshold'): its inference form is "
-            "a JumpReLU SAE with decoder norms folded; save it with SAELens's save_inference_model and load that"
+            f"{at}: field 'reshape_activations'={reshape!r} is not supported (supported: {', '.join(RESHAPES)})"
         )
 
 
@@ -813,6 +946,23 @@ def _k_field(cfg: Mapping[str, Any], src: str, d_sae: int) -> int:
     if k > d_sae:
         raise SAEFormatError(f"{src}: field 'k'={k} exceeds d_sae={d_sae}")
     return k
+
+
+def _fold_decoder_norms(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``rescale_acts_by_decoder_norm`` folded as SAELens folds it for inference: with the decoder
+    row norms ``n``, ``W_enc * n``, ``b_enc * n`` and ``W_dec / n`` (same arithmetic, same dtype)."""
+    norms = W_dec.norm(dim=-1).clamp(min=1e-8)
+    return W_enc * norms.unsqueeze(1).T, b_enc * norms, W_dec / norms.unsqueeze(1)
+
+
+def _topk_threshold(tensors: Mapping[str, Tensor], src: str, like: Tensor) -> Tensor:
+    """A training checkpoint's scalar ``topk_threshold`` as per-latent JumpReLU thresholds."""
+    t = tensors["topk_threshold"]
+    if t.numel() != 1 or not t.dtype.is_floating_point or not torch.isfinite(t).all():
+        raise SAEFormatError(
+            f"{src}: tensor 'topk_threshold' must be one finite float, got {list(t.shape)} {t.dtype}"
+        )
+    return torch.ones_like(like) * t.item()
 
 
 def _from_sae_lens_parts(
@@ -826,8 +976,8 @@ def _from_sae_lens_parts(
 ) -> SAE:
     d_in = _positive_int(cfg, "d_in", cfg_src)
     d_sae = _positive_int(cfg, "d_sae", cfg_src)
-    activation, k = _sae_lens_activation(cfg, cfg_src, d_sae)
-    _refuse_unimplemented(cfg, tensors, cfg_src)
+    _refuse_unimplemented(cfg, tensors, cfg_src, tensor_src)
+    activation, k = _sae_lens_activation(cfg, tensors, cfg_src, d_sae)
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):
         raise SAEFormatError(
@@ -854,7 +1004,9 @@ def _from_sae_lens_parts(
     W_dec = get("W_dec", (d_sae, d_in), "[d_sae, d_in]")
     b_dec = get("b_dec", (d_in,), "[d_in]")
     threshold = None
-    if activation == "jumprelu":
+    if _is_training_checkpoint(cfg, tensors):
+        threshold = _topk_threshold(tensors, tensor_src, b_enc)
+    elif activation == "jumprelu":
         if "threshold" in tensors:
             threshold = get("threshold", (d_sae,), "[d_sae]")
         elif "log_threshold" in tensors:
@@ -871,6 +1023,12 @@ def _from_sae_lens_parts(
     for key in ("model_name", "hook_name", "hook_layer", "hook_head_index"):
         if key in cfg and key not in metadata:
             metadata[key] = cfg[key]
+    if "hook_point" in cfg and "hook_name" not in metadata:  # the pre-6.0 name
+        metadata["hook_name"] = cfg["hook_point"]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # before any input scale: the rescaling uses the norms of the decoder as stored
+        W_enc, b_enc, W_dec = _fold_decoder_norms(W_enc, b_enc, W_dec)
+        metadata["folded_decoder_norms"] = True
     if scale is not None and norm == "expected_average_only_in":
         s = float(scale)
         metadata["folded_norm_scaling_factor"] = s
@@ -887,6 +1045,7 @@ def _from_sae_lens_parts(
         threshold=threshold,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        reshape_activations=_reshape_activations(cfg, metadata.get("hook_name")),
         metadata=metadata,
     )
     if device is not None or dtype is not None:

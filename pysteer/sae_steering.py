@@ -1,7 +1,9 @@
 """SAE feature edits as steering interventions (``pysteer.steer(model, [SAEEdit(...)])``).
 
 An ``SAEEdit`` edits chosen latents of an SAE at a d_model site (``attn.out``, ``mlp.out``,
-``resid``) with the error-preserving op ``x + W_dec[S]^T (f'_S - f_S)``: only the edited latents
+``resid``), or, for an SAE over attention heads' outputs (SAELens ``reshape_activations="hook_z"``),
+at ``attn.heads``, whose ``[..., n_heads * d_head]`` tensor is the head-major flattening such an SAE
+reads, with the error-preserving op ``x + W_dec[S]^T (f'_S - f_S)``: only the edited latents
 are encoded (exactly, for ReLU / JumpReLU), and what the SAE does not reconstruct is kept, so an
 all-zero edit leaves the model bit-exactly unchanged. Edits use the handle's positions and
 per-request rows like every intervention, and run after the affine row at the same site.
@@ -66,18 +68,28 @@ class SAEEdit:
 
     def _validate(self, resolved: ResolvedSite) -> None:
         site = self.site
-        if resolved.n_heads > 1:
+        hook_z = self.sae.reshape_activations == "hook_z"
+        if hook_z and site.kind != "attn.heads":
+            raise ValueError(
+                f"SAEEdit({site}): the SAE reads attention heads' outputs (reshape_activations='hook_z'); "
+                "edit it at an attn.heads site"
+            )
+        if resolved.n_heads > 1 and not (hook_z and site.kind == "attn.heads"):
             raise ValueError(
                 f"SAEEdit({site}): SAE edits act on unheaded sites (embed, resid_pre, attn.out, mlp.hidden, "
-                "mlp.out, resid), not on head-major ones"
+                "mlp.out, resid), not on head-major ones (attn.heads takes an SAE with reshape_activations='hook_z')"
             )
         if self.sae.d_in != resolved.width:
-            raise ValueError(f"SAEEdit({site}): SAE d_in={self.sae.d_in} but the site has width {resolved.width}")
+            raise ValueError(
+                f"SAEEdit({site}): SAE d_in={self.sae.d_in} but the site has width {resolved.width}"
+            )
         if not self.edits:
             raise ValueError(f"SAEEdit({site}): no edits")
         for latent, edit in self.edits.items():
             if not isinstance(edit, Sequence) or len(edit) != 2:
-                raise ValueError(f"SAEEdit({site}): edit of latent {latent} must be (kind, strength), got {edit!r}")
+                raise ValueError(
+                    f"SAEEdit({site}): edit of latent {latent} must be (kind, strength), got {edit!r}"
+                )
             kind, strength = edit
             if kind not in EDIT_KINDS or kind == "none":
                 raise ValueError(f"SAEEdit({site}): unknown edit kind {kind!r} for latent {latent}")
@@ -98,7 +110,9 @@ class _SAEApplier:
     def __init__(self, sae: SAE, features: list[int], num_rows: int, device):
         dev = torch.device(device)
         if (sae.device.type, sae.device.index or 0) != (dev.type, dev.index or 0):
-            raise ValueError(f"SAEEdit: the SAE is on {sae.device}, the model on {device}; move it with sae.to(...)")
+            raise ValueError(
+                f"SAEEdit: the SAE is on {sae.device}, the model on {device}; move it with sae.to(...)"
+            )
         self.sae = sae
         self.table: SAEEditTable = sae.edit_table(features, num_rows)
 

@@ -598,6 +598,23 @@ class SteeringHandle:
                     seen.setdefault(id(t), t)
         return list(seen.values())
 
+    def frozen_prefix(self, max_bytes: int = 2 << 30):
+        """A :class:`~pysteer.prefix_cache.FrozenPrefix` for the layers below this handle's lowest
+        steered layer: training on repeated batches replays them instead of recomputing them.
+
+        Raises:
+            ValueError: a steered site is the embedding or layer 0 (there is no prefix to replay).
+        """
+        from .prefix_cache import FrozenPrefix
+
+        self._require_dynamic("frozen_prefix")
+        # a layer-output site (resid) is a hook on the layer itself, which runs on a replayed output
+        first_live = {s: s.layer + 1 if s.kind == "resid" else s.layer for s in set(self.tables) | set(self.appliers)}
+        lowest = min(first_live, key=first_live.get, default=None)
+        if lowest is None or first_live[lowest] < 1:
+            raise ValueError(f"frozen_prefix: the handle steers {lowest or 'nothing'}, so no frozen layer lies below it")
+        return FrozenPrefix(self.model_ref(), upto=first_live[lowest], max_bytes=max_bytes)
+
     def to_spec(self) -> SteeringSpec:
         """The handle's configs, positions and metadata (what ``pysteer.save`` writes)."""
         self._require_live("to_spec")

@@ -49,16 +49,21 @@ def test_prompt_is_the_papers_and_goes_in_the_chat_template(real_tokenizer):
     ex = absc_mod.AspectExample("The screen was great, but the fan was awful.", "fan", "negative")
     text = absc_mod.absc_text(real_tokenizer, ex)
     assert absc_prompt(ex.sentence, ex.aspect) in text and text != absc_prompt(ex.sentence, ex.aspect)
-    assert absc_mod.absc_text(real_tokenizer, ex, chat=False) == absc_prompt(ex.sentence, ex.aspect)
-    # one-token label words, bare after the assistant turn, with a space after a plain prompt
+    # the answer's start follows the question, so the label word is the next token
+    assert text == absc_mod.absc_text(real_tokenizer, ex, answer=False) + "The sentiment polarity of the aspect term fan is"
+    assert absc_mod.absc_text(real_tokenizer, ex, chat=False, answer=False) == absc_prompt(ex.sentence, ex.aspect)
+    # one-token label words: after a space when they follow text, bare right after the assistant turn
     ids = absc_mod.label_token_ids(real_tokenizer)
-    assert [real_tokenizer.decode([i]) for i in ids] == list(LABELS)
-    assert [real_tokenizer.decode([i]) for i in absc_mod.label_token_ids(real_tokenizer, chat=False)] == [" " + w for w in LABELS]
-    # the aspect's last token sits at a fixed offset from the prompt's end (fixed suffix)
-    encs = absc_mod.encode_examples(real_tokenizer, load_absc("laptop") + load_absc("restaurant"))
-    assert len({e.offset for e in encs}) == 1
-    e = encs[0]
-    assert real_tokenizer.decode(e.ids[e.offset]).strip() == (load_absc("laptop")[0].aspect.split()[-1])
+    assert [real_tokenizer.decode([i]) for i in ids] == [" " + w for w in LABELS]
+    assert [real_tokenizer.decode([i]) for i in absc_mod.label_token_ids(real_tokenizer, answer=False)] == list(LABELS)
+    # without the answer's start, the aspect's last token sits at one fixed offset from the prompt's end
+    rows = load_absc("laptop") + load_absc("restaurant")
+    assert len({e.offset for e in absc_mod.encode_examples(real_tokenizer, rows, answer=False)}) == 1
+    # with it, the edit stays on the question's aspect term, not on its repetition in the answer
+    for row, e in zip(rows[:40], absc_mod.encode_examples(real_tokenizer, rows[:40])):
+        assert e.offset == e.span[1] - 1 - len(e.ids)
+        assert row.aspect.endswith(real_tokenizer.decode(e.ids[e.offset]).strip())
+        assert real_tokenizer.decode(e.ids[e.span[1]:]).startswith(" ?")
 
 
 def test_metrics_match_a_hand_count():
@@ -107,13 +112,17 @@ def test_absc_edit_end_to_end_on_a_tiny_model(real_tokenizer, tmp_path):
         assert len(losses) == r.chosen[method]["steps"]
     assert r.history["loreft_last"][-1] < r.history["loreft_last"][0]  # training lowers the loss
     assert (tmp_path / "trace.png").is_file() and (tmp_path / "trace_layers.png").is_file()
-    # the aspect-token edit is saved at the explicit negative position, and the model is left as it was
-    (name,) = r.interventions
-    assert name == f"at{r.config['aspect_offsets'][0]}" and r.interventions[name][0].positions == r.config["aspect_offsets"]
+    # the aspect-token edit is saved with one config per offset of the aspect from the prompt's end
+    # (an explicit negative position each; the answer's start repeats the aspect, so offsets vary),
+    # and the model is left as it was
+    assert sorted(r.interventions) == sorted(f"at{o}" for o in r.config["aspect_offsets"])
+    for name, ivs in r.interventions.items():
+        assert ivs[0].positions == [int(name[2:])]
     import pysteer
 
     spec = pysteer.load(r.save(tmp_path / "absc.safetensors"))
-    assert [iv.site_name for iv in spec.configs[name]] == [f"layers.{L}.resid" for L in r.chosen["loreft_aspect"]["layers"]]
+    for name in r.interventions:
+        assert [iv.site_name for iv in spec.configs[name]] == [f"layers.{L}.resid" for L in r.chosen["loreft_aspect"]["layers"]]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     assert all(p.requires_grad for p in model.parameters())  # freezing was undone
@@ -138,6 +147,31 @@ def test_training_lowers_the_loss(real_tokenizer, where, drop):
     finally:
         edit.close()
     assert losses[-1] < losses[0] - drop
+
+
+def test_training_replays_the_frozen_layers_with_the_same_losses(real_tokenizer):
+    """Fixed batches in a fresh order per epoch: from the second epoch on the layers below the edit
+    are replayed (FrozenPrefix), and the losses are those of computing them."""
+    model = tiny_model("llama", num_hidden_layers=3, vocab_size=len(real_tokenizer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    encs = absc_mod.encode_examples(real_tokenizer, _small("laptop", {"train": 8}))
+    label_ids = torch.tensor(absc_mod.label_token_ids(real_tokenizer))
+    runs = {}
+    for replay in (False, True):
+        edit = absc_mod._ReftEdit(model, [1], "aspect", 4, [e.offset for e in encs], 0, None)
+        made = []
+        original = edit.frozen_prefix
+        edit.frozen_prefix = (lambda made=made, original=original: made.append(original()) or made[-1]) if replay else (lambda: None)
+        try:
+            runs[replay], _ = absc_mod._fit(
+                model, encs, label_ids, edit, absc_mod._pad_id(real_tokenizer), lr=0.3, steps=6, batch_size=4, seed=0,
+                checkpoints=(), evaluate=dict, log=print,
+            )
+        finally:
+            edit.close()
+    assert runs[True] == runs[False]
+    assert made[0].upto == 2 and made[0].stats == {"hits": 4, "misses": 2, "bypassed": 0}
 
 
 def test_cli_absc_smoke(tiny_dir, tmp_path, capsys):

@@ -342,6 +342,15 @@ def test_older_sae_lens_config_and_log_threshold(tmp_path):
         SAE.load(write_sae_lens(tmp_path / "c", cfg, sae_lens_files(make_sae("relu"))[1])).activation
         == "topk"
     )
+    # pre-6.0: hook_point is the hook name, and a hook_z one means reshape_activations "hook_z"
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "hook_point": "blocks.2.attn.hook_z"}
+    old = SAE.load(write_sae_lens(tmp_path / "d", cfg, sae_lens_files(make_sae("relu"))[1]))
+    assert old.metadata["hook_name"] == "blocks.2.attn.hook_z" and old.reshape_activations == "hook_z"
+    cfg = {**cfg, "hook_point": "blocks.2.hook_resid_post"}
+    assert (
+        SAE.load(write_sae_lens(tmp_path / "e", cfg, sae_lens_files(make_sae("relu"))[1])).reshape_activations
+        == "none"
+    )
 
 
 def test_expected_average_only_in_is_folded_into_the_weights(tmp_path):
@@ -467,24 +476,25 @@ def test_unreadable_or_missing_files_raise(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "tensor", "match"),
+    ("arch", "field", "value", "tensor", "match"),
     [
-        ("rescale_acts_by_decoder_norm", True, None, "rescale_acts_by_decoder_norm"),
-        ("reshape_activations", "hook_z", None, "reshape_activations"),
-        ("architecture", "batchtopk", "topk_threshold", "training checkpoint"),
+        ("standard", "rescale_acts_by_decoder_norm", True, None, "rescale_acts_by_decoder_norm"),
+        ("topk", "reshape_activations", "hook_q", None, "reshape_activations"),
+        ("batchtopk", "k", 5, torch.tensor([0.5, 0.6]), "topk_threshold"),
     ],
 )
-def test_sae_lens_fields_that_change_the_math_are_refused_by_name(tmp_path, field, value, tensor, match):
-    """Loading these as if absent would compute different features without a word."""
+def test_sae_lens_fields_that_change_the_math_are_refused_by_name(
+    tmp_path, arch, field, value, tensor, match
+):
+    """Loading these as if absent would compute different features without a word (the
+    implemented ones are checked against sae-lens itself in test_sae_lens_parity.py)."""
     cfg, tensors = sae_lens_files(make_sae("topk"))
+    cfg["architecture"] = arch
     cfg[field] = value
     if tensor is not None:
-        tensors[tensor] = torch.tensor(0.5)
+        tensors["topk_threshold"] = tensor
     with pytest.raises(SAEFormatError, match=match):
         SAE.load(write_sae_lens(tmp_path / field, cfg, tensors))
-    cfg[field] = False if field == "rescale_acts_by_decoder_norm" else "none" if field == "reshape_activations" else "topk"
-    tensors.pop("topk_threshold", None)
-    assert SAE.load(write_sae_lens(tmp_path / (field + "-ok"), cfg, tensors)).activation == "topk"
 
 
 def test_hook_names_map_to_sites():

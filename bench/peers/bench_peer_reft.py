@@ -74,9 +74,7 @@ def build_reft(model: LlamaForCausalLM) -> pyreft.ReftModel:
     return pyreft.get_reft_model(model, config, set_device=False)
 
 
-def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup: int) -> dict:
-    B, S = ids.shape
-    locations = {"sources->base": (None, [[[0, S - 1]] * B])}
+def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int, warmup: int = 0) -> dict:
     params = reft.get_trainable_parameters()
     assert all(p.requires_grad for p in params) and not any(p.requires_grad for p in reft.model.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -84,6 +82,9 @@ def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup
     reft.model.eval()
     wall, cpu, losses = [], [], []
     for i in range(warmup + steps):
+        ids = batches[i % len(batches)]
+        B, S = ids.shape
+        locations = {"sources->base": (None, [[[0, S - 1]] * B])}
         c0, t0 = time.process_time(), time.perf_counter()
         opt.zero_grad()
         _, out = reft({"input_ids": ids}, unit_locations=locations)
@@ -97,11 +98,31 @@ def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup
             wall.append(t1 - t0)
             cpu.append(c1 - c0)
     reft.eval()
+    return {"wall": wall, "cpu": cpu, "losses": losses, "params": sum(p.numel() for p in params)}
+
+
+def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup: int) -> dict:
+    r = _train_steps(reft, [ids], steps, warmup)
     return {
-        "step_s": {"wall_median": statistics.median(wall), "cpu_median": statistics.median(cpu), "wall": wall},
-        "steps_per_s": 1 / statistics.median(wall),
-        "losses": [round(v, 5) for v in losses],
-        "params": sum(p.numel() for p in params),
+        "step_s": {"wall_median": statistics.median(r["wall"]), "cpu_median": statistics.median(r["cpu"]), "wall": r["wall"]},
+        "steps_per_s": 1 / statistics.median(r["wall"]),
+        "losses": [round(v, 5) for v in r["losses"]],
+        "params": r["params"],
+    }
+
+
+def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
+    return [torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+
+
+def bench_epochs(model: LlamaForCausalLM, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
+    """Whole training runs of ``epochs`` passes over ``batches``, a fresh intervention each run."""
+    runs = [_train_steps(build_reft(model), batches, epochs * len(batches)) for _ in range(rounds)]
+    return {
+        "run_s": {"wall": [sum(r["wall"]) for r in runs], "cpu": [sum(r["cpu"]) for r in runs]},
+        "wall_median_s": statistics.median(sum(r["wall"]) for r in runs),
+        "cpu_median_s": statistics.median(sum(r["cpu"]) for r in runs),
+        "final_loss": runs[0]["losses"][-1],
     }
 
 
@@ -154,6 +175,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epoch-batches", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epoch-rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,8 +193,11 @@ def main() -> None:
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "workload": {"batch": args.batch, "seq": args.seq, "ids_sum": int(ids.sum()), "layer": LAYER, "rank": RANK,
                      "positions": "f1+l1", "steps": args.steps, "warmup": args.warmup,
-                     "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt_ids": PROMPT_IDS, "attn": "sdpa"},
+                     "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt_ids": PROMPT_IDS, "attn": "sdpa",
+                     "epoch_batches": args.epoch_batches, "epochs": args.epochs},
         "training": bench_training(reft, ids, args.steps, args.warmup),
+        "epochs": bench_epochs(model, epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
+                               args.epochs, args.epoch_rounds),
         "generate": bench_generate(reft, model, args.new_tokens, args.rounds),
     }
     text = json.dumps(result)

@@ -83,6 +83,9 @@ def tiny_config(model_type: str, **overrides):
         raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(TINY_TYPES)}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    types = getattr(cfg, "layer_types", None)
+    if types and len(types) != cfg.num_hidden_layers:  # a layer-count override: repeat the pattern
+        cfg.layer_types = [types[i % len(types)] for i in range(cfg.num_hidden_layers)]
     return cfg
 
 

@@ -6,7 +6,7 @@ declaration's signature; validation runs in its body), its fake (meta) implement
 its autograd formula calls, and the three backends' implementations:
 
 - ``torch``:  the reference (product code on CPU, compile-visible math, and the test oracle);
-- ``triton``: a launcher in ``pysteer.kernels.<family>`` (directory ``kernels/``);
+- ``triton``: a launcher in ``pysteer.kernels.<family>``;
 - ``cuda``:   a thin wrapper in ``pysteer.ops.cuda_<family>`` passing raw pointers to ``pysteer._C``.
 
 Nothing here imports a module: the strings are resolved on first use by :func:`resolve` /

@@ -9,9 +9,13 @@ steering file and a picture.
 - ``causal_trace``: which (layer, token) states carry a fact, every cell a batch row (ROME; ``pysteer causal-trace``).
 - ``absc_edit``: aspect-based sentiment by tracing the layers and training LoReFT at the aspect token
   (Li et al., ME-ABSC; ``pysteer absc``).
+- ``lf_steering``: layer probes for consistency, SAE latents located there, ``add_if_active`` steering
+  (Yang et al., LF-Steering; ``pysteer lf-steer``); ``selection`` holds the validation / test split both
+  consistency recipes report with.
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
-module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
+module is ``jola_gates`` (and LF-Steering's ``lf_features``) so that a submodule never shadows the function
+``pysteer.recipes.jola`` (``pysteer.recipes.lf_steering``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ _LAZY = {
     "load_absc": "pysteer.recipes.absc",
     "absc_edit": "pysteer.recipes.absc",
     "absc_metrics": "pysteer.recipes.absc",
+    # LF-Steering and the honest split shared by the consistency recipes
+    "lf_steering": "pysteer.recipes.lf_features",
+    "probe_consistency_layers": "pysteer.recipes.lf_features",
+    "LFSteeringResult": "pysteer.recipes.lf_features",
+    "split_test_facts": "pysteer.recipes.selection",
+    "bootstrap_consistency": "pysteer.recipes.selection",
 }
 
 

@@ -58,6 +58,7 @@ from ._common import (
 from .causal_trace import causal_trace, subject_span
 
 PROMPT = "Given the sentence: '{sentence}', what is the sentiment polarity of the aspect term {aspect} ?"
+ANSWER = "The sentiment polarity of the aspect term {aspect} is"
 LABELS = ("positive", "negative", "neutral")
 DOMAINS = ("restaurant", "laptop")
 SPLITS = ("train", "validation", "test")
@@ -110,22 +111,24 @@ def _chat(tokenizer, chat: bool) -> bool:
     return bool(chat and getattr(tokenizer, "chat_template", None))
 
 
-def absc_text(tokenizer, ex: AspectExample, chat: bool = True) -> str:
-    """The model input of ``ex``: the question, in the chat template when the tokenizer has one."""
-    return chat_text(tokenizer, absc_prompt(ex.sentence, ex.aspect), chat)
+def absc_text(tokenizer, ex: AspectExample, chat: bool = True, answer: bool = True) -> str:
+    """The model input of ``ex``: the question, in the chat template when the tokenizer has one,
+    then (``answer``) the start of the answer, ``ANSWER``, so the next token is the label word."""
+    text = chat_text(tokenizer, absc_prompt(ex.sentence, ex.aspect), chat)
+    return text + (ANSWER.format(aspect=ex.aspect) if answer else "")
 
 
-def label_words(tokenizer, chat: bool = True) -> list[str]:
-    """The label words as the answer's first token spells them: bare after a chat template's
-    assistant turn, after a space when the prompt is plain text."""
-    prefix = "" if _chat(tokenizer, chat) else " "
+def label_words(tokenizer, chat: bool = True, answer: bool = True) -> list[str]:
+    """The label words as the answer's next token spells them: after a space when they follow
+    text (``answer``, or a plain prompt), bare right after a chat template's assistant turn."""
+    prefix = "" if _chat(tokenizer, chat) and not answer else " "
     return [prefix + lab for lab in LABELS]
 
 
-def label_token_ids(tokenizer, chat: bool = True) -> list[int]:
+def label_token_ids(tokenizer, chat: bool = True, answer: bool = True) -> list[int]:
     """First token of each label word (they must differ)."""
     ids = []
-    for w in label_words(tokenizer, chat):
+    for w in label_words(tokenizer, chat, answer):
         toks = tokenizer(w, add_special_tokens=False)["input_ids"]
         if not toks:
             raise ValueError(f"absc: label word {w!r} has no tokens")
@@ -140,15 +143,25 @@ class _Encoded:
     ids: list[int]
     offset: int  # position of the aspect's last token, back from the prompt's end (-1 = last token)
     label: int
+    span: tuple[int, int] = (0, 0)  # the question's aspect term, as token indices
 
 
-def encode_examples(tokenizer, examples: Sequence[AspectExample], chat: bool = True) -> list[_Encoded]:
-    """Token ids of every prompt (as ``causal_trace`` tokenises it) and the aspect's last-token offset."""
+def _question_span(tokenizer, ex: AspectExample, ids: Sequence[int], chat: bool) -> tuple[int, int]:
+    """Token span of the aspect term in the question (not its repetition in the answer's start)."""
+    q = list(tokenizer(absc_text(tokenizer, ex, chat, answer=False), add_special_tokens=True)["input_ids"])
+    if list(ids[: len(q)]) != q:
+        raise ValueError(f"absc: the answer's start changes how the question tokenises for {ex.aspect!r}")
+    return subject_span(tokenizer, q, ex.aspect)
+
+
+def encode_examples(tokenizer, examples: Sequence[AspectExample], chat: bool = True, answer: bool = True) -> list[_Encoded]:
+    """Token ids of every prompt (as ``causal_trace`` tokenises it) and the offset of the last token
+    of the question's aspect term."""
     out = []
     for ex in examples:
-        ids = list(tokenizer(absc_text(tokenizer, ex, chat), add_special_tokens=True)["input_ids"])
-        _, end = subject_span(tokenizer, ids, ex.aspect)  # last occurrence: the question's aspect term
-        out.append(_Encoded(ids, end - 1 - len(ids), LABELS.index(ex.polarity)))
+        ids = list(tokenizer(absc_text(tokenizer, ex, chat, answer), add_special_tokens=True)["input_ids"])
+        start, end = _question_span(tokenizer, ex, ids, chat)
+        out.append(_Encoded(ids, end - 1 - len(ids), LABELS.index(ex.polarity), (start, end)))
     return out
 
 
@@ -231,6 +244,10 @@ class _Edit:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def frozen_prefix(self):
+        """A ``FrozenPrefix`` for the frozen layers below the edit, or None (LoRA edits every layer)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -262,6 +279,9 @@ class _ReftEdit(_Edit):
 
     def select(self, encs: Sequence[_Encoded]) -> None:
         self.handle.rows([f"at{e.offset}" if self.where == "aspect" else "last" for e in encs])
+
+    def frozen_prefix(self):
+        return self.handle.frozen_prefix()
 
     def interventions(self) -> dict[str, list[LoReFT]]:
         """The trained edit as steering configs (detached copies)."""
@@ -327,29 +347,37 @@ def _fit(
     model, encs: Sequence[_Encoded], label_ids: Tensor, edit: _Edit, pad_id: int, *, lr: float, steps: int,
     batch_size: int, seed: int, checkpoints: Sequence[int], evaluate: Callable[[], dict], log: Callable[[str], None],
 ) -> tuple[list[float], dict[int, tuple[dict, list[Tensor]]]]:
-    """Adam on the label word's cross-entropy (full vocabulary, last prompt position); epochs of
-    shuffled batches. At each checkpoint step: ``evaluate()`` and a snapshot of the parameters."""
+    """Adam on the label word's cross-entropy (full vocabulary, last prompt position). The batches
+    are drawn once (shuffled) and visited in a fresh order every epoch, so a LoReFT edit replays the
+    frozen layers below it from the second epoch on (``FrozenPrefix``). At each checkpoint step:
+    ``evaluate()`` and a snapshot of the parameters."""
     device = model_device(model)
     opt = torch.optim.Adam(edit.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(encs), generator=g).tolist()
+    batches = [[encs[i] for i in perm[s : s + batch_size]] for s in range(0, len(perm), batch_size)]
+    prefix = edit.frozen_prefix()
     order: list[int] = []
     losses, at = [], {}
-    for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order += torch.randperm(len(encs), generator=g).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        chunk = [encs[i] for i in idx]
-        edit.select(chunk)
-        y = label_ids[torch.tensor([e.label for e in chunk], device=device)]
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(_last_logits(model, *_batch(chunk, pad_id, device)), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step in checkpoints:
-            metrics = evaluate()
-            at[step] = (metrics, edit.snapshot())
-            log(f"  step {step:4d}  train loss {loss.item():.4f}  val acc {metrics['accuracy']:.3f}  val macro-F1 {metrics['macro_f1']:.3f}")
+    try:
+        for step in range(1, steps + 1):
+            if not order:
+                order = torch.randperm(len(batches), generator=g).tolist()
+            chunk = batches[order.pop(0)]
+            edit.select(chunk)
+            y = label_ids[torch.tensor([e.label for e in chunk], device=device)]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(_last_logits(model, *_batch(chunk, pad_id, device)), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step in checkpoints:
+                metrics = evaluate()
+                at[step] = (metrics, edit.snapshot())
+                log(f"  step {step:4d}  train loss {loss.item():.4f}  val acc {metrics['accuracy']:.3f}  val macro-F1 {metrics['macro_f1']:.3f}")
+    finally:
+        if prefix is not None:
+            prefix.remove()
     return losses, at
 
 
@@ -359,7 +387,8 @@ def _fit(
 
 
 def trace_layers(
-    model: nn.Module, tokenizer, examples: Sequence[AspectExample], *, chat: bool = True, samples: int = 3, seed: int = 0,
+    model: nn.Module, tokenizer, examples: Sequence[AspectExample], *, chat: bool = True, answer: bool = True,
+    samples: int = 3, seed: int = 0,
 ) -> dict:
     """Causal traces (``kind="resid"``) of ``examples`` with the aspect term as the subject and the
     gold label word as the answer.
@@ -372,11 +401,11 @@ def trace_layers(
     """
     if not examples:
         raise ValueError("absc: no examples to trace")
-    words = label_words(tokenizer, chat)
+    words = label_words(tokenizer, chat, answer)
     results, aspect_eff, last_eff, per_example = [], [], [], []
-    for i, ex in enumerate(examples):
+    for i, (ex, enc) in enumerate(zip(examples, encode_examples(tokenizer, examples, chat, answer))):
         r = causal_trace(
-            model, tokenizer, absc_text(tokenizer, ex, chat), ex.aspect, words[LABELS.index(ex.polarity)],
+            model, tokenizer, absc_text(tokenizer, ex, chat, answer), enc.span, words[LABELS.index(ex.polarity)],
             kind="resid", samples=samples, seed=seed + 1000 * i,
         )
         eff = r.indirect_effect
@@ -485,6 +514,7 @@ def absc_edit(
     cross_domains: Sequence[str] | None = None,
     data: dict[str, list[AspectExample]] | None = None,
     chat: bool = True,
+    answer: bool = True,
     trace_examples: int = 4,
     trace_samples: int = 3,
     n_layers: Sequence[int] = (2, 4),
@@ -512,6 +542,9 @@ def absc_edit(
         cross_domains: other domains whose test split the trained edits are also scored on
             (default: the other shipped domain).
         data: ``{domain: examples}`` to use instead of the shipped files (every split inside).
+        chat, answer: the chat template, and the answer's start (``ANSWER``) after it, so that the
+            label word is the next token (without it a small chat model puts ~1e-4 of its
+            probability on the label words and the causal trace measures noise).
         trace_examples, trace_samples: training examples traced and noise draws per cell.
         n_layers: numbers of top traced layers tried (validation picks one); the last-token LoReFT
             baseline uses the same layers.
@@ -552,9 +585,9 @@ def absc_edit(
         raise ValueError(f"absc: n_layers up to {max(n_layers)} but the model has {geo.n_layers} layers (the last is never edited)")
     device = model_device(model)
     pad_id = _pad_id(tokenizer)
-    label_ids = torch.tensor(label_token_ids(tokenizer, chat), device=device)
-    enc = {s: encode_examples(tokenizer, exs, chat) for s, exs in split.items()}
-    enc_tests = {d: encode_examples(tokenizer, exs, chat) for d, exs in tests.items()}
+    label_ids = torch.tensor(label_token_ids(tokenizer, chat, answer), device=device)
+    enc = {s: encode_examples(tokenizer, exs, chat, answer) for s, exs in split.items()}
+    enc_tests = {d: encode_examples(tokenizer, exs, chat, answer) for d, exs in tests.items()}
     offsets = sorted({e.offset for encs in (*enc.values(), *enc_tests.values()) for e in encs})
     say(f"aspect's last token back from the prompt end: {offsets} ({'one constant' if len(offsets) == 1 else 'varies'})")
 
@@ -563,7 +596,7 @@ def absc_edit(
     picked = [by_label[LABELS[i % 3]][i // 3] for i in range(trace_examples) if i // 3 < len(by_label[LABELS[i % 3]])]
     if ranking is None:
         say(f"causal tracing {len(picked)} training examples ({trace_samples} noise draws per cell)")
-        trace = trace_layers(model, tokenizer, picked, chat=chat, samples=trace_samples, seed=seed)
+        trace = trace_layers(model, tokenizer, picked, chat=chat, answer=answer, samples=trace_samples, seed=seed)
         ranking = trace["ranking"]
     else:
         ranking = [int(x) for x in ranking]
@@ -646,6 +679,7 @@ def absc_edit(
         config={
             "prompt": PROMPT,
             "chat_template": _chat(tokenizer, chat),
+            "answer_start": ANSWER if answer else None,
             "labels": list(LABELS),
             "label_token_ids": label_ids.tolist(),
             "scoring": "argmax over the label words' first tokens at the first answer position",

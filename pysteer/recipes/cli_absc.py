@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--max-examples", type=int, help="use only the first N examples of each split (smoke runs)")
     p.add_argument("--no-chat", action="store_true", help="plain prompt even when the tokenizer has a chat template")
+    p.add_argument("--no-answer-start", action="store_true",
+                   help="end the prompt at the question (default: append the answer's start, so the label word is next)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="steering file of the chosen aspect-token LoReFT edit")
@@ -58,7 +60,7 @@ def run(args) -> int:
         return 2
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     r = absc_edit(
-        model, tok, args.domain, cross_domains=cross, data=data, chat=not args.no_chat,
+        model, tok, args.domain, cross_domains=cross, data=data, chat=not args.no_chat, answer=not args.no_answer_start,
         trace_examples=args.trace_examples, trace_samples=args.trace_samples, n_layers=args.n_layers, lrs=args.lrs,
         lora_lrs=args.lora_lrs, steps=args.steps, checkpoints=args.checkpoints, batch_size=args.batch_size,
         rank=args.rank, methods=args.methods, ranking=args.ranking, seed=args.seed, backend=args.backend,

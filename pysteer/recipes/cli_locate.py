@@ -21,7 +21,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not wrap questions in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--test-fraction", type=float, default=0.3, help="facts held out for probe accuracy")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="share of the development facts held out as validation (probe accuracy, choosing K and alpha)",
+    )
+    p.add_argument(
+        "--test-split",
+        type=float,
+        default=0.3,
+        help="share of each relation's facts set aside as the test split, never seen by locate (0: none)",
+    )
     p.add_argument("--probe-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=8, help="heads to list (and outline in the heatmap)")
@@ -61,9 +72,13 @@ def run(args) -> int:
 
     from pysteer.default_model import load_model
     from pysteer.recipes.locate import draw_accuracy, load_paraphrases, locate_heads
+    from pysteer.recipes.selection import split_test_facts
 
     try:
         facts = select_facts(load_paraphrases(args.data), args.relations, args.max_facts, args.seed)
+        test = []
+        if args.test_split:
+            facts, test = split_test_facts(facts, args.test_split, args.seed)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +102,8 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    result.metadata["test_facts"] = [{"relation": f.relation, "subject": f.subject} for f in test]
+    result.metadata["test_split"] = {"fraction": args.test_split, "seed": args.seed, "n_facts": len(test)}
     out = result.save(args.out)
     png = Path(args.png) if args.png else out.with_suffix(".png")
     draw_accuracy(result, png, k=args.top)
@@ -94,6 +111,7 @@ def run(args) -> int:
     summary = {
         "model": args.model,
         "n_facts": len(facts),
+        "n_test_facts": len(test),
         "baseline": result.metadata.get("baseline"),
         "train_pairs": result.metadata["train_pairs"],
         "heldout_pairs": result.metadata["heldout_pairs"],

@@ -182,18 +182,20 @@ def run_prompts(
     max_new_tokens: int = 12,
     batch_size: int = 16,
     capture: bool = True,
+    site: str = "attn.heads",
 ) -> tuple[list[str], Tensor | None]:
-    """Greedy answers and every head's output at the last prompt token.
+    """Greedy answers and every layer's ``site`` (default: every head's output) at the last prompt token.
 
-    Heads are read at ``layers.{i}.attn.heads`` by :func:`pysteer.trace` during the prefill forward
+    The site is read at ``layers.{i}.{site}`` by :func:`pysteer.trace` during the prefill forward
     of ``generate`` (``prefill_only=True``, ``positions="last"``), so capturing costs no extra forward.
 
     Returns:
         ``(answers, features)``: decoded continuations (empty strings when ``max_new_tokens == 0``)
-        and ``[N, L, H, D]`` float32 features on the CPU (None when ``capture=False``).
+        and ``[N, L, ...]`` float32 features on the CPU (``[N, L, H, D]`` for ``attn.heads``,
+        ``[N, L, d_model]`` for ``resid``; None when ``capture=False``).
     """
     device = model_device(model)
-    sites = [f"layers.{layer}.attn.heads" for layer in range(geometry(model, get_spec(model)).n_layers)]
+    sites = [f"layers.{layer}.{site}" for layer in range(geometry(model, get_spec(model)).n_layers)]
     tracing = nullcontext()
     if capture:
         tracing = trace(model, sites, positions="last", device="cpu", prefill_only=True)
@@ -219,7 +221,7 @@ def run_prompts(
                 model(**batch)
                 answers.extend("" for _ in range(batch["input_ids"].shape[0]))
             if capture:
-                feats.append(torch.stack([heads[s][:, 0] for s in sites], dim=1).float())  # [b, L, H, D]
+                feats.append(torch.stack([heads[s][:, 0] for s in sites], dim=1).float())  # [b, L, ...]
     return answers, (torch.cat(feats) if capture else None)
 
 
@@ -589,7 +591,9 @@ def locate_heads(
         max_new_tokens: answer length (SmolLM2-135M restates the question first; 12 tokens reach the
             answer in the prompts we checked).
         batch_size: prompts per forward.
-        test_fraction: fraction of facts held out for probe accuracy (and for evaluating the edit).
+        test_fraction: fraction of facts held out as validation: probe accuracy ranks heads there, and
+            ``pysteer edit --choose`` picks K and alpha there (a test split is set aside before this
+            function runs, see ``pysteer.recipes.selection``).
         seed: split and probe initialisation seed.
         probe_steps, probe_lr, weight_decay: probe training.
         png: where to draw the layers x heads accuracy heatmap (top heads outlined).
@@ -726,6 +730,23 @@ def evaluate_consistency(
     batch_size: int = 16,
 ) -> dict:
     """Consistency and task accuracy of the model on ``facts``, steered by ``steering`` if given."""
+    answers = answer_facts(
+        model, tokenizer, facts, steering, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return consistency_metrics(facts, answers)
+
+
+def answer_facts(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[ParaphraseFact],
+    steering: SteeringSpec | str | os.PathLike | None = None,
+    *,
+    chat: bool = True,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to every phrasing of ``facts`` (``fact_texts`` order), steered by ``steering`` if given."""
     from .. import io
     from .. import steering as steering_mod
 
@@ -741,7 +762,7 @@ def evaluate_consistency(
     finally:
         if handle is not None:
             handle.remove()
-    return consistency_metrics(facts, answers)
+    return answers
 
 
 def heldout_facts(located: LocateResult, facts: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
@@ -760,6 +781,24 @@ def recorded_facts(located: LocateResult, dataset: Sequence[ParaphraseFact]) -> 
     recorded = located.metadata.get("facts")
     if recorded is None:
         raise ValueError("this LocateResult was computed from a PairDataset; it records no facts")
+    return _lookup_facts(recorded, dataset)
+
+
+def reserved_test_facts(located: LocateResult, dataset: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
+    """The test facts set aside before ``locate_heads`` ran (``metadata["test_facts"]``), from ``dataset``.
+
+    Raises:
+        ValueError: the result records no test split, or ``dataset`` lacks one of its facts.
+    """
+    recorded = located.metadata.get("test_facts")
+    if not recorded:
+        raise ValueError(
+            "this LocateResult records no test split (run `pysteer locate` with --test-split > 0)"
+        )
+    return _lookup_facts(recorded, dataset)
+
+
+def _lookup_facts(recorded: Sequence[dict], dataset: Sequence[ParaphraseFact]) -> list[ParaphraseFact]:
     lookup = {(f.relation, f.subject): f for f in dataset}
     missing = [r for r in recorded if (r["relation"], r["subject"]) not in lookup]
     if missing:
