@@ -8,7 +8,8 @@ with a ``check.safetensors`` of inputs, pysteer's features and reconstructions, 
 ``sae_lens.SAE.load_from_disk`` and compares its ``encode`` / ``decode`` with pysteer's (it imports
 nothing from pysteer). Each SAE records ``hook_name`` as one trained on a trace of ``layers.15.resid``
 does; the report says which hook name sae-lens reads back. The JSON report goes to stdout and to
-``--report``; the check passes when features and reconstructions agree within 1e-5.
+``--report``; the check passes when features and reconstructions agree within 1e-5 and sae-lens
+reads the hook name back.
 
     python bench/peers/sae_lens_train_check.py --out /tmp/sae-check \\
         --peer-python /work/peers-sae-venv/bin/python --report bench/results/sae-train-sae-lens-load.json
@@ -116,7 +117,9 @@ def main() -> int:
         raise SystemExit(f"sae-lens half failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     ok = all(
-        r["features_max_abs_diff"] <= 1e-5 and r["recon_max_abs_diff"] <= 1e-5
+        r["features_max_abs_diff"] <= 1e-5
+        and r["recon_max_abs_diff"] <= 1e-5
+        and r["metadata_hook_name"] == HOOK
         for r in report["saes"].values()
     )
     report["pass"] = ok
