@@ -229,6 +229,9 @@ def test_streams_from_a_traced_dataset(tmp_path):
     assert sae.metadata["hook_name"] == "blocks.1.hook_resid_post" and sae.site == "layers.1.resid"
     assert sae.metadata["training"]["tokens"] == 30 * reader.num_rows
     assert fve(sae, x) > 0.8 > fve(untrained, x) + 0.3
+    cfg = json.loads((tmp_path / "sae-run" / SAE_SUBDIR / "cfg.json").read_text())
+    assert cfg["hook_name"] == "blocks.1.hook_resid_post" and "sae_lens_version" in cfg  # sae-lens 6.x layout
+    assert SAE.load(tmp_path / "sae-run" / SAE_SUBDIR).site == "layers.1.resid"
     lines = (tmp_path / "sae-run" / "log.jsonl").read_text().splitlines()
     assert {"fve", "l0", "dead_fraction", "aux_loss"} <= set(json.loads(lines[-1]))
 
