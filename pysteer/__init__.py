@@ -35,6 +35,7 @@ _LAZY = {
     "Patch": "pysteer.patching",
     "Noise": "pysteer.patching",
     "LoReFT": "pysteer.reft",
+    "WeightDelta": "pysteer.weight_delta",
     "intervention_kind": "pysteer.interventions",
     "runtime": "pysteer.steering",
     "trace": "pysteer.tracing",
