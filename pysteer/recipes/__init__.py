@@ -9,6 +9,8 @@ steering file and a picture.
 - ``causal_trace``: which (layer, token) states carry a fact, every cell a batch row (ROME; ``pysteer causal-trace``).
 - ``absc_edit``: aspect-based sentiment by tracing the layers and training LoReFT at the aspect token
   (Li et al., ME-ABSC; ``pysteer absc``).
+- ``load_edits`` / ``EditEvaluator`` / ``FTL``: the sequential-editing set, its reliability / generality /
+  locality metrics and the fine-tuning baseline (DAFNet's evaluation).
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
 module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
@@ -53,6 +55,13 @@ _LAZY = {
     "load_absc": "pysteer.recipes.absc",
     "absc_edit": "pysteer.recipes.absc",
     "absc_metrics": "pysteer.recipes.absc",
+    # sequential model editing: the editing set, metrics, FT-L
+    "EditRecord": "pysteer.recipes.editing",
+    "EditScores": "pysteer.recipes.editing",
+    "EditEvaluator": "pysteer.recipes.editing",
+    "load_edits": "pysteer.recipes.editing",
+    "token_accuracy": "pysteer.recipes.editing",
+    "FTL": "pysteer.recipes.editing",
 }
 
 
