@@ -11,6 +11,8 @@ steering file and a picture.
   (Li et al., ME-ABSC; ``pysteer absc``).
 - ``load_edits`` / ``EditEvaluator`` / ``FTL``: the sequential-editing set, its reliability / generality /
   locality metrics and the fine-tuning baseline (DAFNet's evaluation).
+- ``dafnet_train`` / ``sequential_edit``: the DAFNet editor, meta-trained, turning edits into low-rank
+  weight deltas one after another (``pysteer edit-seq``).
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
 module is ``jola_gates`` so that the submodule never shadows the function ``pysteer.recipes.jola``.
@@ -62,6 +64,13 @@ _LAZY = {
     "load_edits": "pysteer.recipes.editing",
     "token_accuracy": "pysteer.recipes.editing",
     "FTL": "pysteer.recipes.editing",
+    # DAFNet: the sequential editor
+    "DAFNetConfig": "pysteer.recipes.dafnet",
+    "DAFNetEditor": "pysteer.recipes.dafnet",
+    "TrainConfig": "pysteer.recipes.dafnet",
+    "capture_signals": "pysteer.recipes.dafnet",
+    "dafnet_train": "pysteer.recipes.dafnet",
+    "sequential_edit": "pysteer.recipes.dafnet",
 }
 
 
