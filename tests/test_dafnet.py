@@ -176,3 +176,24 @@ def test_sequential_edit_folds_the_deltas_and_remove_restores_the_model(model, r
     assert not torch.allclose(edited, before, atol=1e-4)
     with pytest.raises(ValueError, match="no edits"):
         sequential_edit(model, editor, [], real_tokenizer)
+
+
+def test_cli_edit_seq_trains_applies_scores_and_saves(tiny_dir, tmp_path):
+    import json
+
+    import pysteer
+    from pysteer.cli import main
+    from pysteer.weight_delta import WeightDelta
+
+    editor, out, scores = tmp_path / "editor.safetensors", tmp_path / "edits.safetensors", tmp_path / "scores.json"
+    rc = main([
+        "edit-seq", "--model", str(tiny_dir), "--editor", str(editor), "--train-steps", "2", "--max-sequence", "3",
+        "--layers", "0", "1", "-n", "3", "--out", str(out), "--json-out", str(scores), "--threads", "1",
+    ])
+    assert rc == 0
+    assert editor.is_file()
+    saved = pysteer.load(out).configs["default"]
+    assert [d.module_site for d in saved] == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    assert all(isinstance(d, WeightDelta) for d in saved)
+    assert set(json.loads(scores.read_text())["scores"]) == {"n_edits", "reliability", "generality", "locality"}
+    assert main(["edit-seq", "--model", str(tiny_dir), "--editor", str(editor), "-n", "0"]) == 2
