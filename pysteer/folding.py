@@ -158,7 +158,13 @@ def fold(owner: int, model: nn.Module, spec: ArchSpec, terms: SiteTerms, deltas:
         proj, side, _ = fold_target(model, spec, site)
         planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
     for site, U, V in deltas:
-        proj, _, _ = fold_target(model, spec, site)
+        proj, _, where = fold_target(model, spec, site)
+        in_f, out_f = proj_weight_in_out(proj, spec.proj_layout)
+        if (U.shape[0], V.shape[1]) != (in_f, out_f):
+            raise ValueError(
+                f"weight delta on {where}: U must be [{in_f}, r] and V [r, {out_f}], got U {tuple(U.shape)}, "
+                f"V {tuple(V.shape)}"
+            )
         planned.append((proj, "delta", U.detach(), V.detach()))
     touched: list[nn.Module] = []
     try:

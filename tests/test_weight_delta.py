@@ -173,8 +173,9 @@ def test_an_edited_and_an_unedited_row_in_one_batch_equal_each_alone(model, ids)
 
 def test_a_delta_of_the_wrong_shape_is_refused_before_the_model_changes(model, ids):
     before = _logits(model, ids)
-    with pytest.raises(ValueError, match=r"U must be \[96, r\] and V \[r, 64\]"):
-        pysteer.steer(model, _delta("mlp.down_proj", 64, 64), mode="dynamic")
+    for mode in ("dynamic", "auto"):
+        with pytest.raises(ValueError, match=r"U must be \[96, r\] and V \[r, 64\]"):
+            pysteer.steer(model, _delta("mlp.down_proj", 64, 64), mode=mode)
     with pytest.raises(ValueError, match="one rank"):
         WeightDelta("layers.0.mlp.down_proj", torch.zeros(96, 2), torch.zeros(3, 64))
     with pytest.raises(ValueError, match="NaN"):
