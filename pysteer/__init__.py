@@ -36,6 +36,7 @@ _LAZY = {
     "Noise": "pysteer.patching",
     "LoReFT": "pysteer.reft",
     "FrozenPrefix": "pysteer.prefix_cache",
+    "WeightDelta": "pysteer.weight_delta",
     "intervention_kind": "pysteer.interventions",
     "runtime": "pysteer.steering",
     "trace": "pysteer.tracing",

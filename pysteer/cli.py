@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "causal-trace": "pysteer.recipes.cli_causal_trace",
     "absc": "pysteer.recipes.cli_absc",
     "lf-steer": "pysteer.recipes.cli_lf_steer",
+    "edit-seq": "pysteer.recipes.cli_edit_seq",
 }
 
 

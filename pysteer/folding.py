@@ -6,12 +6,16 @@ into that projection: on the input side ``W diag(m)`` and ``b + W a``, on the ou
 ``FoldedProjection`` with the list of edits folded into it (one per handle, in order), and is
 recomputed from the originals whenever that list changes, so removing any handle restores the
 exact original bits once the list is empty.
+
+A low-rank weight delta (``pysteer.WeightDelta``, ``y = x W + x U V``) folds into its linear as
+``W + U V`` (``W + (U V)^T`` in the ``[out, in]`` layout); a projection's deltas are added to the
+original weight first, then its affine edits apply as above.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +32,19 @@ FOLD_TARGETS: dict[str, tuple[str, str]] = {
     "attn.out": ("attn_out_proj", "out"),
     "mlp.hidden": ("mlp_out_proj", "in"),
     "mlp.out": ("mlp_out_proj", "out"),
+    "mlp.gate_proj.in": ("mlp_gate_proj", "in"),
+    "mlp.gate_proj.out": ("mlp_gate_proj", "out"),
+    "mlp.up_proj.in": ("mlp_up_proj", "in"),
+    "mlp.up_proj.out": ("mlp_up_proj", "out"),
+    "mlp.down_proj.in": ("mlp_out_proj", "in"),
+    "mlp.down_proj.out": ("mlp_out_proj", "out"),
+    "attn.o_proj.in": ("attn_out_proj", "in"),
+    "attn.o_proj.out": ("attn_out_proj", "out"),
 }
 FOLDABLE_KINDS = tuple(FOLD_TARGETS)
 
 SiteTerms = Mapping[Site, tuple[Tensor, Tensor]]  # one config's composed ``(m, a)`` per site
+Deltas = Sequence[tuple[Site, Tensor, Tensor]]  # ``(a linear's out site, U [in, r], V [r, out])``: W + U V
 
 
 def fold_target(model: nn.Module, spec: ArchSpec, site: Site) -> tuple[nn.Module, str, str]:
@@ -57,7 +70,9 @@ def fold_blocker(terms_per_config: Mapping[str, SiteTerms], has_non_affine: bool
     return None
 
 
-def unfoldable_projection(model: nn.Module, spec: ArchSpec, terms_per_config: Mapping[str, SiteTerms]) -> str | None:
+def unfoldable_projection(
+    model: nn.Module, spec: ArchSpec, terms_per_config: Mapping[str, SiteTerms], delta_sites: Sequence[Site] = ()
+) -> str | None:
     """Why a projection the steering would fold into cannot take it, or None.
 
     Fold rewrites ``weight`` and ``bias`` of a plain ``nn.Linear`` (or GPT-2's ``Conv1D``). A PEFT
@@ -66,7 +81,7 @@ def unfoldable_projection(model: nn.Module, spec: ArchSpec, terms_per_config: Ma
     """
     from transformers.pytorch_utils import Conv1D
 
-    for terms in terms_per_config.values():
+    for terms in [*terms_per_config.values(), delta_sites]:
         for site in terms:
             if site.kind not in FOLD_TARGETS:
                 continue
@@ -88,7 +103,7 @@ class FoldedProjection:
         self.orig_weight = module.weight.detach().clone()
         bias = getattr(module, "bias", None)
         self.orig_bias = bias.detach().clone() if bias is not None else None
-        self.entries: list[tuple[int, str, Tensor, Tensor]] = []  # (handle id, "in"|"out", m, a)
+        self.entries: list[tuple[int, str, Tensor, Tensor]] = []  # (handle id, "in"|"out", m, a) or (.., "delta", U, V)
 
     def recompute(self) -> None:
         mod = self.module
@@ -105,12 +120,15 @@ class FoldedProjection:
         dev = self.orig_weight.device
         m_in, a_in = torch.ones(in_f, device=dev), torch.zeros(in_f, device=dev)
         m_out, a_out = torch.ones(out_f, device=dev), torch.zeros(out_f, device=dev)
+        W = self.orig_weight.float()
         for _, side, m, a in self.entries:
             if side == "in":
                 m_in, a_in = m_in * m, a_in * m + a
-            else:
+            elif side == "out":
                 m_out, a_out = m_out * m, a_out * m + a
-        W = self.orig_weight.float()
+            else:  # a weight delta U V, [in, out]
+                delta = m.float() @ a.float()
+                W = W + (delta.transpose(0, 1) if self.layout == "linear" else delta)
         b = self.orig_bias.float() if self.orig_bias is not None else torch.zeros(out_f, device=dev)
         if self.layout == "linear":  # y = W x + b, W [out, in]
             b = b + W @ a_in
@@ -130,14 +148,24 @@ class FoldedProjection:
 FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedProjection] = weakref.WeakKeyDictionary()
 
 
-def fold(owner: int, model: nn.Module, spec: ArchSpec, terms: SiteTerms) -> list[nn.Module]:
-    """Fold one config's terms into their projections as ``owner``'s edits; return the projections.
+def fold(owner: int, model: nn.Module, spec: ArchSpec, terms: SiteTerms, deltas: Deltas = ()) -> list[nn.Module]:
+    """Fold one config's terms and weight deltas into their projections as ``owner``'s edits; return
+    the projections.
 
     All or nothing: if any projection fails, every projection touched goes back to its original."""
     planned = []
     for site, (m, a) in terms.items():
         proj, side, _ = fold_target(model, spec, site)
         planned.append((proj, side, m.reshape(-1), a.reshape(-1)))
+    for site, U, V in deltas:
+        proj, _, where = fold_target(model, spec, site)
+        in_f, out_f = proj_weight_in_out(proj, spec.proj_layout)
+        if (U.shape[0], V.shape[1]) != (in_f, out_f):
+            raise ValueError(
+                f"weight delta on {where}: U must be [{in_f}, r] and V [r, {out_f}], got U {tuple(U.shape)}, "
+                f"V {tuple(V.shape)}"
+            )
+        planned.append((proj, "delta", U.detach(), V.detach()))
     touched: list[nn.Module] = []
     try:
         for proj, side, m, a in planned:

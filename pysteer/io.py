@@ -29,7 +29,13 @@ def register_intervention_type(cls: type) -> type:
     return intervention_kind(cls)
 
 
-BUILTIN_KIND_MODULES = ("pysteer.sae_steering", "pysteer.scalars", "pysteer.patching", "pysteer.reft")
+BUILTIN_KIND_MODULES = (
+    "pysteer.sae_steering",
+    "pysteer.scalars",
+    "pysteer.patching",
+    "pysteer.reft",
+    "pysteer.weight_delta",
+)
 
 
 def _register_builtin_kinds() -> None:

@@ -197,12 +197,19 @@ class TokenContext:
         pos: ``[B, S]`` position of each token from its sequence's first real token.
         prompt_len: ``[B]`` real prompt tokens per sequence.
         backend: the op backend of the handle.
+        site_input: ``[T, K]`` the module's input at a site that hands it over (a linear's output
+            site, ``SiteKind.with_input``; what a weight delta reads), else None.
     """
 
     rows: Tensor
     pos: Tensor
     prompt_len: Tensor
     backend: str
+    site_input: Tensor | None = None
+
+    def with_site_input(self, x: Tensor) -> TokenContext:
+        """This context with ``site_input`` set to ``x`` flattened to ``[T, K]``."""
+        return TokenContext(self.rows, self.pos, self.prompt_len, self.backend, x.reshape(self.rows.shape[0], -1))
 
     def offsets_from_prompt_end(self) -> Tensor:
         """``[T]`` position relative to the end of the prompt: -1 is the last prompt token, 0 the

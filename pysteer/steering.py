@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from . import folding
 from ._backend import resolve_backend
 from .interventions import check_intervention, compose_affine, finite_number, is_affine, trainable_tensors
-from .models.sites import Site, install_site_hook, resolve_site, site_shape
+from .models.sites import SITE_TABLE, Site, install_site_hook, resolve_site, site_shape
 from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, unwrap_model
 from .ops.affine import affine_steer
 from .ops.affine_linear import affine_linear
@@ -150,14 +150,17 @@ class _ModelState:
             return
         if site not in self.site_hooks:
             resolved = resolve_site(model, site, self.arch)
-            self.site_hooks[site] = install_site_hook(resolved, self._make_site_fn(site), prepend=True)
+            with_input = SITE_TABLE[site.kind].with_input
+            self.site_hooks[site] = install_site_hook(
+                resolved, self._make_site_fn(site), prepend=True, with_input=with_input
+            )
 
     def _make_site_fn(self, site: Site):
         handles = self.site_handles[site]
 
-        def site_fn(x: Tensor) -> Tensor:
+        def site_fn(x: Tensor, site_input: Tensor | None = None) -> Tensor:
             for h in handles:
-                x = h._apply(site, x)
+                x = h._apply(site, x, site_input)
             return x
 
         return site_fn
@@ -181,6 +184,11 @@ class _ModelState:
             self.root_hook.remove()
             self.root_hook = None
             self.prompt_lengths.reset()
+
+
+def _fold_deltas(ivs: Sequence) -> list:
+    """The weight deltas of a config's interventions that fold (kinds with ``fold_delta``)."""
+    return [iv.fold_delta() for iv in ivs if not is_affine(iv) and hasattr(iv, "fold_delta")]
 
 
 def _check_token_count(site: Site, T: int, rows: Tensor) -> None:
@@ -313,7 +321,8 @@ class SteeringHandle:
         self._terms = terms
         if self.mode == "fold":
             (only,) = terms.values()
-            self._folded = folding.fold(self.id, model, self.arch, only)
+            (ivs,) = configs.values()
+            self._folded = folding.fold(self.id, model, self.arch, only, _fold_deltas(ivs))
             return
         self.capacity = max(capacity or 0, len(configs))
         self._request_rows: Tensor | None = None  # [n] int32: config row per batch row (handle.rows)
@@ -326,10 +335,11 @@ class SteeringHandle:
         self._attach(model)
 
     def _choose_mode(self, mode: str, model: nn.Module, terms, configs, positions) -> str:
-        non_affine = any(not is_affine(iv) for ivs in configs.values() for iv in ivs)
+        non_affine = any(not is_affine(iv) and not hasattr(iv, "fold_delta") for ivs in configs.values() for iv in ivs)
         reason = folding.fold_blocker(terms, non_affine, positions)
         if reason is None:
-            reason = folding.unfoldable_projection(model, self.arch, terms)
+            delta_sites = [site for ivs in configs.values() for site, _, _ in _fold_deltas(ivs)]
+            reason = folding.unfoldable_projection(model, self.arch, terms, delta_sites)
             if reason is not None and mode == "auto":
                 _log_once(f"pysteer: steering dynamically, not folded: {reason}")
         if mode == "fold" and reason:
@@ -403,7 +413,7 @@ class SteeringHandle:
         rows = token_rows(self._position_table, self._request_rows, pos, valid, prompt_len)
         self._ctx = TokenContext(rows, pos, prompt_len, self.backend)
 
-    def _apply(self, site: Site, x: Tensor) -> Tensor:
+    def _apply(self, site: Site, x: Tensor, site_input: Tensor | None = None) -> Tensor:
         ctx = self._ctx
         if ctx is None:
             return x
@@ -415,7 +425,10 @@ class SteeringHandle:
         y = x.reshape(T, H, W // H)
         if tab is not None:
             y = affine_steer(y, ctx.rows, tab[0], tab[1], self.backend)
-        for applier in self.appliers.get(site, ()):
+        appliers = self.appliers.get(site, ())
+        if appliers and site_input is not None:
+            ctx = ctx.with_site_input(site_input)
+        for applier in appliers:
             y = applier.apply(y, ctx)
         return y.reshape(x.shape)
 

@@ -40,8 +40,10 @@ def _has_site(model, site) -> bool:
     try:
         resolve_site(model, site)
     except ValueError as err:
-        assert "fused projection" in str(err), err
-        assert site.split(".")[-1] in ("q", "k", "v"), f"only attn.q|k|v may be missing, not {site}"
+        kind = site.split(".", 2)[-1]
+        gate_or_up = kind.startswith(("mlp.gate_proj.", "mlp.up_proj."))  # ungated or fused gate/up MLPs
+        assert gate_or_up or "fused projection" in str(err), err
+        assert gate_or_up or kind in ("attn.q", "attn.k", "attn.v"), f"only attn.q|k|v, gate and up may be missing, not {site}"
         return False
     return True
 

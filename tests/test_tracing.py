@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pysteer
-from pysteer.models.sites import SITE_KINDS, install_site_hook, resolve_site
+from pysteer.models.sites import LINEARS, SITE_KINDS, install_site_hook, resolve_site
 from pysteer.models.specs import geometry, get_spec, get_submodule
 from pysteer.models.tiny import TINY_TYPES, tiny_model
 from pysteer.tracing import CorruptShardError, TraceConfigError, TraceReader, trace, trace_dataset
@@ -30,15 +30,18 @@ ALL_KINDS_SITES = [
     "layers.0.mlp.out",
     "layers.0.resid",
     "layers.1.resid",
+    *(f"layers.0.{linear}.{side}" for linear in LINEARS for side in ("in", "out")),
 ]
 QKV = ("attn.q", "attn.k", "attn.v")
 
 
 def all_kinds_sites(model: nn.Module) -> list[str]:
-    """ALL_KINDS_SITES less attn.q|k|v where the architecture fuses them (resolving them says so)."""
-    if get_spec(model).q_proj is None:
-        return [s for s in ALL_KINDS_SITES if not s.endswith(QKV)]
-    return ALL_KINDS_SITES
+    """ALL_KINDS_SITES less attn.q|k|v where the architecture fuses them (resolving them says so), and
+    less the MLP's gate / up linears where it has none of its own."""
+    spec = get_spec(model)
+    sites = [s for s in ALL_KINDS_SITES if spec.q_proj is not None or not s.endswith(QKV)]
+    missing = [name for name, path in (("mlp.gate_proj", spec.mlp_gate_proj), ("mlp.up_proj", spec.mlp_up_proj)) if path is None]
+    return [s for s in sites if not any(f".{name}." in s for name in missing)]
 DOC_LENGTHS = [5, 11, 1, 0, 17, 8, 3, 13]
 
 
@@ -65,6 +68,20 @@ def manual_site_hooks(model: nn.Module, site_names: list[str], store: dict[str, 
         _, i, *kind = name.split(".")
         kind = ".".join(kind)
         layer = layers[int(i)]
+        linear_paths = {
+            "mlp.gate_proj": spec.mlp_gate_proj,
+            "mlp.up_proj": spec.mlp_up_proj,
+            "mlp.down_proj": spec.mlp_out_proj,
+            "attn.o_proj": spec.attn_out_proj,
+        }
+        linear, _, side = kind.rpartition(".")
+        if linear in linear_paths:
+            mod = get_submodule(layer, linear_paths[linear])
+            if side == "in":
+                handles.append(mod.register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0])))
+            else:
+                handles.append(mod.register_forward_hook(lambda m, a, out, keep=keep: keep(out)))
+            continue
         if kind in ("attn.heads", "mlp.hidden", "resid_pre"):
             path = {"attn.heads": spec.attn_out_proj, "mlp.hidden": spec.mlp_out_proj, "resid_pre": ""}[kind]
             mod = get_submodule(layer, path)
@@ -115,7 +132,7 @@ def test_trace_equals_manual_hooks_for_every_site_kind(model_type):
     assert {name.split(".", 2)[-1] for name in ALL_KINDS_SITES} == set(SITE_KINDS)
     model = tiny_model(model_type)
     sites = all_kinds_sites(model)
-    if sites != ALL_KINDS_SITES:  # fused query/key/value: the three sites do not exist
+    if get_spec(model).q_proj is None:  # fused query/key/value: the three sites do not exist
         with pytest.raises(ValueError, match="fused projection"):
             with trace(model, "layers.0.attn.q"):
                 pass
@@ -129,7 +146,13 @@ def test_trace_equals_manual_hooks_for_every_site_kind(model_type):
     for h in handles:
         h.remove()
     geo = geometry(model)
-    heads = {"attn.heads": geo.n_heads, "attn.q": geo.n_heads, "attn.k": geo.n_kv_heads, "attn.v": geo.n_kv_heads}
+    heads = {
+        "attn.heads": geo.n_heads,
+        "attn.o_proj.in": geo.n_heads,
+        "attn.q": geo.n_heads,
+        "attn.k": geo.n_kv_heads,
+        "attn.v": geo.n_kv_heads,
+    }
     for name in sites:
         expected = manual[name][0]
         H = heads.get(name.split(".", 2)[-1])

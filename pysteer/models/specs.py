@@ -32,6 +32,10 @@ class ArchSpec:
             (the ``attn.q|k|v`` sites are their outputs); ``None`` where the architecture computes
             them in one fused projection.
         fused_qkv: the fused projection's path, named in the error for ``attn.q|k|v``.
+        mlp_gate_proj, mlp_up_proj: paths, relative to a layer, of the MLP's gate and up (input)
+            projections (the ``mlp.gate_proj.in|out`` / ``mlp.up_proj.in|out`` sites); ``None`` where
+            the architecture has no such separate linear.
+        fused_gate_up: the fused gate/up projection's path, named in the error for those sites.
     """
 
     layers: str
@@ -45,10 +49,18 @@ class ArchSpec:
     k_proj: str | None = "self_attn.k_proj"
     v_proj: str | None = "self_attn.v_proj"
     fused_qkv: str | None = None
+    mlp_gate_proj: str | None = None
+    mlp_up_proj: str | None = None
+    fused_gate_up: str | None = None
 
 
 _LLAMA_LIKE = ArchSpec(
-    layers="model.layers", attn_out_proj="self_attn.o_proj", mlp="mlp", mlp_out_proj="mlp.down_proj"
+    layers="model.layers",
+    attn_out_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_out_proj="mlp.down_proj",
+    mlp_gate_proj="mlp.gate_proj",
+    mlp_up_proj="mlp.up_proj",
 )
 
 ARCH_SPECS: dict[str, ArchSpec] = {
@@ -59,7 +71,16 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi3": dataclasses.replace(_LLAMA_LIKE, q_proj=None, k_proj=None, v_proj=None, fused_qkv="self_attn.qkv_proj"),
+    "phi3": dataclasses.replace(
+        _LLAMA_LIKE,
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        fused_qkv="self_attn.qkv_proj",
+        mlp_gate_proj=None,
+        mlp_up_proj=None,
+        fused_gate_up="mlp.gate_up_proj",
+    ),
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "phi": ArchSpec(
@@ -68,6 +89,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         mlp="mlp",
         mlp_out_proj="mlp.fc2",
         final_norm="model.final_layernorm",
+        mlp_up_proj="mlp.fc1",
     ),
     "gpt2": ArchSpec(
         layers="transformer.h",
@@ -80,6 +102,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         k_proj=None,
         v_proj=None,
         fused_qkv="attn.c_attn",
+        mlp_up_proj="mlp.c_fc",
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers",
@@ -91,6 +114,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         k_proj=None,
         v_proj=None,
         fused_qkv="attention.query_key_value",
+        mlp_up_proj="mlp.dense_h_to_4h",
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",
@@ -98,6 +122,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         mlp="fc2",
         mlp_out_proj="fc2",
         final_norm="model.decoder.final_layer_norm",
+        mlp_up_proj="fc1",
     ),
 }
 

@@ -12,6 +12,10 @@ steering file and a picture.
 - ``lf_steering``: layer probes for consistency, SAE latents located there, ``add_if_active`` steering
   (Yang et al., LF-Steering; ``pysteer lf-steer``); ``selection`` holds the validation / test split both
   consistency recipes report with.
+- ``load_edits`` / ``EditEvaluator`` / ``FTL``: the sequential-editing set, its reliability / generality /
+  locality metrics and the fine-tuning baseline (DAFNet's evaluation).
+- ``dafnet_train`` / ``sequential_edit``: the DAFNet editor, meta-trained, turning edits into low-rank
+  weight deltas one after another (``pysteer edit-seq``).
 
 The package imports lazily (``pysteer --help`` loads the CLI modules, which must stay light). The JoLA
 module is ``jola_gates`` (and LF-Steering's ``lf_features``) so that a submodule never shadows the function
@@ -63,6 +67,20 @@ _LAZY = {
     "LFSteeringResult": "pysteer.recipes.lf_features",
     "split_test_facts": "pysteer.recipes.selection",
     "bootstrap_consistency": "pysteer.recipes.selection",
+    # sequential model editing: the editing set, metrics, FT-L
+    "EditRecord": "pysteer.recipes.editing",
+    "EditScores": "pysteer.recipes.editing",
+    "EditEvaluator": "pysteer.recipes.editing",
+    "load_edits": "pysteer.recipes.editing",
+    "token_accuracy": "pysteer.recipes.editing",
+    "FTL": "pysteer.recipes.editing",
+    # DAFNet: the sequential editor
+    "DAFNetConfig": "pysteer.recipes.dafnet",
+    "DAFNetEditor": "pysteer.recipes.dafnet",
+    "TrainConfig": "pysteer.recipes.dafnet",
+    "capture_signals": "pysteer.recipes.dafnet",
+    "dafnet_train": "pysteer.recipes.dafnet",
+    "sequential_edit": "pysteer.recipes.dafnet",
 }
 
 
