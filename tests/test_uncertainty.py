@@ -203,3 +203,123 @@ def test_judge_runs_batched_and_caches(real_tokenizer, monkeypatch):
     judge.cluster(["Paris", "London", "Rome"], question="Capital of France?")
     assert batches == before  # everything came from the cache
     assert "Capital of France?" in judge.prompt("Paris", "Rome", "Capital of France?")
+
+
+def test_auroc_and_rejection_curve_hand_computed():
+    from pysteer.uncertainty.evaluation import area_under_rejection, auroc, rejection_curve
+
+    pytest.importorskip("sklearn")
+    # wrong answers score 0.9 and 0.4, right ones 0.1 and 0.5: 3 of the 4 (wrong, right) pairs ordered
+    assert auroc([1, 0, 1, 0], [0.9, 0.1, 0.4, 0.5]) == pytest.approx(0.75)
+    correct = [True, False, True, True]
+    score = [0.1, 0.9, 0.2, 0.3]
+    assert rejection_curve(correct, score, coverages=(0.25, 0.5, 1.0)) == [1.0, 1.0, 0.75]
+    assert area_under_rejection(correct, score) == pytest.approx((1.0 * 8 + 0.75 * 2) / 10)
+    with pytest.raises(ValueError, match="both right and wrong"):
+        auroc([1, 1], [0.1, 0.2])
+
+
+def test_correctness_is_whole_word_containment_and_unanswerable_is_never_correct():
+    from pysteer.uncertainty.evaluation import is_correct
+
+    assert is_correct("The capital of France is Paris.", ["Paris"])
+    assert is_correct("Vincent van Gogh", ["Monet", "van Gogh"])
+    assert not is_correct("Parisian", ["Paris"])
+    assert not is_correct("Nobody knows.", [])
+
+
+def test_shipped_questions_have_three_splits_and_unanswerable_rows(tmp_path):
+    from pysteer.uncertainty.questions import SPLITS, load_questions
+
+    qs = load_questions()
+    assert len({q.id for q in qs}) == len(qs) >= 200
+    for split in SPLITS:
+        part = load_questions(split=split)
+        assert part and any(not q.answerable for q in part) and any(q.answerable for q in part)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "q?", "answers": [], "split": "dev"}\n')
+    with pytest.raises(ValueError, match="split 'dev'"):
+        load_questions(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(real_tokenizer):
+    from pysteer.models.tiny import tiny_model
+
+    torch.manual_seed(0)
+    return tiny_model("llama", vocab_size=len(real_tokenizer)).eval(), real_tokenizer
+
+
+def test_greedy_logprobs_match_generate_scores(tiny_llama):
+    from pysteer.uncertainty import sampling
+
+    model, tok = tiny_llama
+    questions = ["What is the capital of France?", "Who wrote Hamlet?"]
+    got = sampling.sample_answers(model, tok, questions, n=1, temperature=0, max_new_tokens=5)
+    stops = sampling.stop_token_ids(tok)
+    prompts = [sampling.answer_prompt(tok, q) for q in questions]
+    enc = sampling._encode_left(tok, prompts, torch.device("cpu"))
+    out = model.generate(
+        **enc,
+        max_new_tokens=5,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+    )
+    for b in range(len(questions)):
+        gen = out.sequences[b, enc["input_ids"].shape[1] :].tolist()
+        n = len(got.token_logprobs[b][0])
+        ref = [torch.log_softmax(out.scores[k][b], -1)[gen[k]].item() for k in range(n)]
+        assert got.token_logprobs[b][0].tolist() == pytest.approx(ref, abs=1e-4)
+    assert got.hidden_tbg is None and got.sites == []
+
+
+def test_hidden_states_are_taken_at_the_last_prompt_token_and_second_last_generated(tiny_llama):
+    from pysteer.tracing import trace
+    from pysteer.uncertainty import sampling
+
+    model, tok = tiny_llama
+    got = sampling.sample_answers(
+        model, tok, ["Name a colour."], n=3, temperature=1.0, max_new_tokens=4, hidden=True
+    )
+    assert got.hidden_tbg.shape == (1, 3, 2, 64) and got.hidden_slt.shape == (1, 3, 2, 64)
+    assert got.sites == ["layers.0.resid", "layers.1.resid"]
+    assert len(got.texts[0]) == len(got.token_logprobs[0]) == 3
+    prompt = tok(sampling.answer_prompt(tok, "Name a colour."), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad(), trace(model, "layers.1.resid", positions="last") as cache:
+        model(**prompt)
+    for s in range(3):
+        torch.testing.assert_close(
+            got.hidden_tbg[0, s, 1], cache["layers.1.resid"][0, 0], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_sample_answers_rejects_bad_arguments_before_running(tiny_llama):
+    from pysteer.uncertainty.sampling import sample_answers
+
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="greedy decoding"):
+        sample_answers(model, tok, ["q?"], n=3, temperature=0)
+    with pytest.raises(ValueError, match="at least one question"):
+        sample_answers(model, tok, [])
+
+
+def test_p_true_is_the_log_probability_of_A(tiny_llama):
+    from pysteer.uncertainty.baselines import p_true, p_true_prompt
+    from pysteer.uncertainty.sampling import continuation_logprobs
+
+    model, tok = tiny_llama
+    got = p_true(model, tok, ["Capital of France?"], ["Paris"], [["Paris", "Lyon"]])
+    prompt = p_true_prompt("Capital of France?", "Paris", ["Paris", "Lyon"])
+    assert prompt.endswith(
+        "Possible answer: Paris\nIs the possible answer:\nA) True\nB) False\nThe possible answer is:"
+    )
+    ids = tok(prompt + " A", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    n_a = len(tok(" A", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, -n_a - 1 : -1], -1)
+    ref = lp.gather(-1, ids[0, -n_a:, None]).sum().item()
+    assert got[0] == pytest.approx(ref, abs=1e-4)
+    assert continuation_logprobs(model, tok, [prompt], " A")[0] == pytest.approx(ref, abs=1e-4)

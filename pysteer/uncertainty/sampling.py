@@ -13,6 +13,7 @@ token when generation ended on a stop token (a newline or EOS).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,18 @@ def answer_prompt(tokenizer: Any, question: str, chat: bool = True) -> str:
     return chat_text(tokenizer, ANSWER_PROMPT.format(question=question), chat)
 
 
+# tokenizer -> its stop ids (decoding the whole vocabulary takes seconds)
+_STOP_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS and every token whose text contains a newline: an answer ends at its first line."""
+    if tokenizer not in _STOP_IDS:
+        _STOP_IDS[tokenizer] = _find_stop_ids(tokenizer)
+    return list(_STOP_IDS[tokenizer])
+
+
+def _find_stop_ids(tokenizer: Any) -> list[int]:
     vocab = len(tokenizer)
     texts = tokenizer.batch_decode([[i] for i in range(vocab)])
     ids = {i for i, t in enumerate(texts) if "\n" in t}
