@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "jola": "pysteer.recipes.cli_jola",
     "causal-trace": "pysteer.recipes.cli_causal_trace",
     "absc": "pysteer.recipes.cli_absc",
+    "uncertainty": "pysteer.uncertainty.cli",
 }
 
 
