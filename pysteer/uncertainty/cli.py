@@ -86,6 +86,7 @@ def run(args) -> int:
         min_layers=args.min_layers,
         chat=not args.no_chat,
     )
+    load_start = list(os.getloadavg())
     result = run_experiment(
         model, tok, questions, entailment, config, out_dir, log=lambda s: print(s, flush=True)
     )
@@ -95,7 +96,7 @@ def run(args) -> int:
         "per_split": args.per_split,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
-        "loadavg_start_end": [list(os.getloadavg())],
+        "loadavg_start_end": [load_start, list(os.getloadavg())],
         **result,
     }
     ev = result["evaluation_test"]
