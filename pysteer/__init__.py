@@ -43,6 +43,7 @@ _LAZY = {
     "generate": "pysteer.fast",
     "recipes": "pysteer.recipes",
     "models": "pysteer.models",
+    "uncertainty": "pysteer.uncertainty",
 }
 
 
