@@ -126,6 +126,7 @@ class NLIEntailment(Entailment):
             DeBERTa (``f"{question} {answer}"``).
         batch_size: pairs per forward.
         device: where the model runs.
+        model, tokenizer: already loaded objects to use instead of reading ``path``.
     """
 
     def __init__(
@@ -141,8 +142,8 @@ class NLIEntailment(Entailment):
         super().__init__()
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-        self.model = model or AutoModelForSequenceClassification.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path) if tokenizer is None else tokenizer
+        self.model = AutoModelForSequenceClassification.from_pretrained(path) if model is None else model
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.order = torch.tensor(nli_label_order(self.model.config.id2label))
