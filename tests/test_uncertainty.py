@@ -250,28 +250,28 @@ def tiny_llama(real_tokenizer):
     return tiny_model("llama", vocab_size=len(real_tokenizer)).eval(), real_tokenizer
 
 
-def test_greedy_logprobs_match_generate_scores(tiny_llama):
+def test_greedy_logprobs_equal_a_full_forward_of_prompt_and_answer(tiny_llama):
     from pysteer.uncertainty import sampling
 
     model, tok = tiny_llama
     questions = ["What is the capital of France?", "Who wrote Hamlet?"]
     got = sampling.sample_answers(model, tok, questions, n=1, temperature=0, max_new_tokens=5)
     stops = sampling.stop_token_ids(tok)
-    prompts = [sampling.answer_prompt(tok, q) for q in questions]
-    enc = sampling._encode_left(tok, prompts, torch.device("cpu"))
-    out = model.generate(
-        **enc,
-        max_new_tokens=5,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_token_id,
-    )
-    for b in range(len(questions)):
-        gen = out.sequences[b, enc["input_ids"].shape[1] :].tolist()
+    for b, q in enumerate(questions):
+        prompt = tok(sampling.answer_prompt(tok, q), add_special_tokens=False)["input_ids"]
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
+        gen = out[0, len(prompt) :].tolist()
+        with torch.no_grad():
+            logits = model(out[:, : len(prompt) + len(gen)]).logits[0]
         n = len(got.token_logprobs[b][0])
-        ref = [torch.log_softmax(out.scores[k][b], -1)[gen[k]].item() for k in range(n)]
+        ref = [torch.log_softmax(logits[len(prompt) - 1 + k], -1)[gen[k]].item() for k in range(n)]
         assert got.token_logprobs[b][0].tolist() == pytest.approx(ref, abs=1e-4)
     assert got.hidden_tbg is None and got.sites == []
 

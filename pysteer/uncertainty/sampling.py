@@ -1,10 +1,12 @@
 """Answers sampled from a causal LM, with their token log-probabilities and hidden states.
 
-Sampling goes through Hugging Face ``generate`` for now; the log-probabilities and the hidden
-states come from one teacher-forced forward of prompt + answer per batch (traced with
-:func:`pysteer.trace` at ``layers.{i}.resid``). When ``pysteer.generate`` gains
-``num_return_sequences`` and ``taps=``, :func:`sample_answers` switches to it and this second
-forward goes away; its outputs stay the same.
+Sampling goes through Hugging Face ``generate`` for now. The token log-probabilities are those of
+the distribution each token was sampled from (``generate``'s scores, as in the reference); the
+hidden states come from one teacher-forced forward of prompt + answer per batch (traced with
+:func:`pysteer.trace` at ``layers.{i}.resid``), run only when they are asked for: on a loaded CPU a
+second forward over every sample roughly doubled the sampling time. When ``pysteer.generate`` gains
+``num_return_sequences`` and ``taps=``, :func:`sample_answers` switches to it (one shared prefill
+per question) and the teacher-forced forward goes away; its outputs stay the same.
 
 Positions follow the semantic-entropy-probes paper: the *token before generation* (TBG) is the last
 prompt token; the *second-last token* (SLT) is the second-last generated token, i.e. the last answer
@@ -31,9 +33,9 @@ class AnswerSamples:
     Attributes:
         questions: the ``Q`` questions.
         texts: ``[Q][n]`` answer strings (stop token removed, stripped).
-        token_logprobs: ``[Q][n]`` tensors ``[T]`` of the answer tokens' log-probabilities
-            (temperature 1; the stop token excluded, as in the reference; an answer that is only a
-            stop token keeps that token's log-probability).
+        token_logprobs: ``[Q][n]`` tensors ``[T]`` of the answer tokens' log-probabilities under
+            the sampling distribution (the model's own at temperature 1 or greedy); the stop token
+            is excluded, as in the reference, except in an answer that is only a stop token.
         sites: the traced sites, ``layers.{i}.resid`` in layer order (empty when none were asked).
         hidden_tbg: ``[Q, n, L, d]`` float32 at the token before generation, or ``None``.
         hidden_slt: ``[Q, n, L, d]`` float32 at the second-last generated token, or ``None``.
@@ -101,9 +103,11 @@ def _generate(
     temperature: float,
     max_new_tokens: int,
     stops: list[int],
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt token ids (one per prompt) and generated ids (``n`` per prompt, cut after the first
-    stop token, which is kept)."""
+) -> tuple[list[list[int]], list[list[int]], list[Tensor]]:
+    """Prompt token ids (one per prompt), generated ids (``n`` per prompt, cut after the first
+    stop token, which is kept) and their log-probabilities under the sampling distribution (the
+    model's own at temperature 1 or greedy; as the reference computes them, from the scores
+    ``generate`` sampled from)."""
     enc = _encode_left(tokenizer, prompts, _device(model))
     # plain temperature sampling: top_k=0 and top_p=1 switch off the filters a model's
     # generation config may turn on
@@ -119,22 +123,33 @@ def _generate(
         num_return_sequences=n,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     width = enc["input_ids"].shape[1]
+    chosen = out.sequences[:, width:]
+    step_logprobs = torch.stack(
+        [
+            torch.log_softmax(sc.float(), -1).gather(-1, chosen[:, k, None])[:, 0]
+            for k, sc in enumerate(out.scores)
+        ],
+        dim=1,
+    ).cpu()
     stop_set = set(stops)
     prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
-    generated = []
-    for row in out[:, width:].tolist():
+    generated, logprobs = [], []
+    for row, lp in zip(chosen.tolist(), step_logprobs):
         cut = next((k + 1 for k, t in enumerate(row) if t in stop_set), len(row))
         generated.append(row[:cut])
-    return prompt_ids, generated
+        logprobs.append(lp[:cut])
+    return prompt_ids, generated, logprobs
 
 
 def greedy_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded, one ``generate`` call), special tokens dropped."""
     eos = tokenizer.eos_token_id
     stops = eos if isinstance(eos, list) else [eos]
-    _, generated = _generate(model, tokenizer, prompts, 1, 0.0, max_new_tokens, stops)
+    _, generated, _ = _generate(model, tokenizer, prompts, 1, 0.0, max_new_tokens, stops)
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
@@ -237,9 +252,12 @@ def sample_answers(
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         prompts = [answer_prompt(tokenizer, q, chat) for q in chunk]
-        prompt_ids, generated = _generate(model, tokenizer, prompts, n, temperature, max_new_tokens, stops)
-        repeated = [p for p in prompt_ids for _ in range(n)]
-        lps, h_tbg, h_slt = _teacher_forced(model, repeated, generated, sites)
+        prompt_ids, generated, lps = _generate(
+            model, tokenizer, prompts, n, temperature, max_new_tokens, stops
+        )
+        if sites:
+            repeated = [p for p in prompt_ids for _ in range(n)]
+            _, h_tbg, h_slt = _teacher_forced(model, repeated, generated, sites)
         for q in range(len(chunk)):
             rows = range(q * n, (q + 1) * n)
             texts.append([_answer_text(tokenizer, generated[r], stops) for r in rows])
