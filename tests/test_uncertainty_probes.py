@@ -93,3 +93,27 @@ def test_layer_sweep_finds_the_informative_layer_and_the_range_probe_concatenate
     probe = fit_range_probe(states, y.tolist(), (1, 3), sites, target="high_semantic_entropy")
     assert probe.sites == sites[1:] and probe.n_features == 2 * d
     assert probe([states[:, 1], states[:, 2]]).shape == (n,)
+
+
+def test_probe_study_survives_an_evaluation_split_with_one_class(tmp_path):
+    from pysteer.uncertainty.experiment import probe_study
+    from pysteer.uncertainty.questions import Question
+
+    g = torch.Generator().manual_seed(2)
+    splits = ["train"] * 20 + ["validation"] * 4 + ["test"] * 6
+    questions = [Question(f"q{i}", "?", ("a",), s) for i, s in enumerate(splits)]
+    se = [0.0, 2.0] * 10 + [2.0] * 4 + [0.0, 2.0] * 3  # validation: high SE only
+    correct = [i % 2 == 0 for i in range(30)]
+    hidden = torch.randn(30, 3, 4, generator=g)
+    hidden[:, 2, 0] += 4 * torch.tensor(se)
+    scored = {
+        "scores": {"semantic_entropy": se},
+        "correct": correct,
+        "hidden": {"tbg": hidden, "slt": hidden},
+        "sites": [f"layers.{i}.resid" for i in range(3)],
+    }
+    out = probe_study(questions, scored, min_layers=1, probe_dir=tmp_path)
+    sep = out["sep_tbg"]
+    assert sep["layer_auroc_validation"] is None and sep["layer_range"] == [0, 3]
+    assert sep["layer_auroc_test"][2] > 0.9 and sep["range_auroc_test_own_target"] is not None
+    assert out["accuracy_probe_slt"]["layer_auroc_validation"] is not None

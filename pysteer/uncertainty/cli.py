@@ -99,6 +99,18 @@ def run(args) -> int:
         "loadavg_start_end": [load_start, list(os.getloadavg())],
         **result,
     }
+    _print_summary(result)
+    path = out_dir / "uncertainty.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _print_summary(result: dict) -> None:
     ev = result["evaluation_test"]
     print(f"accuracy (answerable): {result['accuracy_answerable']}")
     print(f"{'score':28s} {'AUROC':>6s} {'AURAC':>6s}   (test split, {ev['n']} questions)")
@@ -109,16 +121,10 @@ def run(args) -> int:
         "neg_log_likelihood",
         "p_false",
     ):
-        a = ev[name]["auroc"]
-        shown = "n/a" if a is None else f"{a:.3f}"
-        print(f"{name:28s} {shown:>6s} {ev[name]['aurac']:6.3f}")
+        print(f"{name:28s} {_fmt(ev[name]['auroc']):>6s} {ev[name]['aurac']:6.3f}")
     for key, r in result["probes"].items():
         if isinstance(r, dict):
             print(
-                f"{key:28s} layers {r['layer_range']}: AUROC own target {r['range_auroc_test_own_target']:.3f}, "
-                f"wrong answers {r['range_auroc_test_wrong_answer']:.3f}"
+                f"{key:28s} layers {r['layer_range']}: AUROC own target {_fmt(r['range_auroc_test_own_target'])}, "
+                f"wrong answers {_fmt(r['range_auroc_test_wrong_answer'])}"
             )
-    path = out_dir / "uncertainty.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    return 0

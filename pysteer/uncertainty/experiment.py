@@ -151,7 +151,7 @@ def evaluate_scores(correct: Sequence[bool], scores: dict[str, Sequence[float]])
     }
     for name, s in scores.items():
         out[name] = {
-            "auroc": auroc(wrong, s) if 0 < sum(wrong) < len(wrong) else None,
+            "auroc": auroc(wrong, s) if _both_classes(wrong) else None,
             "rejection_accuracy": rejection_curve(correct, s),
             "aurac": area_under_rejection(correct, s),
         }
@@ -209,26 +209,34 @@ def _probe_position(
     min_layers: int,
 ) -> tuple[LinearProbe, dict[str, Any]]:
     """Per-layer AUROCs (validation, test), the best validation range, and its concatenated probe
-    scored on test, for one position's states ``[Q, L, d]``."""
+    scored on test, for one position's states ``[Q, L, d]``. An evaluation split holding one class
+    only gets ``None`` AUROCs (and, for validation, the range of all layers)."""
     train, val, test = splits
 
     def pick(rows: list[int]) -> tuple[Tensor, list[int]]:
         return states[rows], [labels[i] for i in rows]
 
-    per_val = layer_aurocs(*pick(train), *pick(val))
-    per_test = layer_aurocs(*pick(train), *pick(test))
-    layers = best_layer_range(per_val, min_layers)
+    def per_layer(rows: list[int]) -> list[float] | None:
+        return layer_aurocs(*pick(train), *pick(rows)) if _both_classes(pick(rows)[1]) else None
+
+    per_val, per_test = per_layer(val), per_layer(test)
+    layers = best_layer_range(per_val, min_layers) if per_val else (0, states.shape[1])
     probe = fit_range_probe(states[train], [labels[i] for i in train], layers, sites, target)
     p = probe([states[test][:, layer] for layer in range(*layers)]).tolist()
+    own, wrong_test = [labels[i] for i in test], [wrong[i] for i in test]
     return probe, {
         "target": target,
         "layer_auroc_validation": per_val,
         "layer_auroc_test": per_test,
         "layer_range": list(layers),
-        "range_auroc_test_own_target": auroc([labels[i] for i in test], p),
-        "range_auroc_test_wrong_answer": auroc([wrong[i] for i in test], p),
+        "range_auroc_test_own_target": auroc(own, p) if _both_classes(own) else None,
+        "range_auroc_test_wrong_answer": auroc(wrong_test, p) if _both_classes(wrong_test) else None,
         "range_test_scores": p,
     }
+
+
+def _both_classes(labels: Sequence[int]) -> bool:
+    return 0 < sum(labels) < len(labels)
 
 
 def lines_png(
@@ -327,6 +335,8 @@ def _plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     for kind, label in (("sep", "SEP"), ("accuracy_probe", "accuracy probe")):
         for pos in POSITIONS:
             ys = probes[f"{kind}_{pos}"]["layer_auroc_test"]
+            if ys is None:
+                continue
             curves[f"{label} {pos.upper()} (own target)"] = (range(len(ys)), ys)
     ev = result["evaluation_test"]
     hlines = {"chance": 0.5}
