@@ -47,6 +47,7 @@ _LAZY = {
     "models": "pysteer.models",
     "train_sae": "pysteer.sae_train",
     "SAETrainConfig": "pysteer.sae_train",
+    "uncertainty": "pysteer.uncertainty",
 }
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "absc": "pysteer.recipes.cli_absc",
     "lf-steer": "pysteer.recipes.cli_lf_steer",
     "edit-seq": "pysteer.recipes.cli_edit_seq",
+    "uncertainty": "pysteer.uncertainty.cli",
 }
 
 
