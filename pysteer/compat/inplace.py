@@ -33,7 +33,8 @@ import inspect
 import types
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,23 @@ class Acceleration:
         for r in self.replacements:
             r.original = r.owner.__dict__[r.name]
             setattr(r.owner, r.name, r.function)
+
+    @contextmanager
+    def paused(self) -> Iterator[Acceleration]:
+        """Inside the block the library's calls run its own code; steering pysteer already holds
+        stays where it is (to compare both paths in one process, on two models)."""
+        self._require_live("paused")
+        for r in self.replacements:
+            setattr(r.owner, r.name, r.original)
+        try:
+            yield self
+        finally:
+            for r in self.replacements:
+                setattr(r.owner, r.name, r.function)
+
+    def _require_live(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"Acceleration.{what}: the acceleration of {self.library} was removed")
 
     def remove(self) -> None:
         """Hand live steering back to the library's own path and restore its functions."""

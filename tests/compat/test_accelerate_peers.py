@@ -206,27 +206,35 @@ def _fallback_warnings(record) -> list[str]:
 
 def test_uncovered_steering_vectors_calls_run_the_library_path_with_one_warning(tiny):
     model, tok = tiny["gpt2"]
-    vector = SteeringVector({1: _direction(model.config.hidden_size, 7)})
+    d = model.config.hidden_size
+    vector = SteeringVector({1: _direction(d, 7)})
+    layernorm_vector = SteeringVector({1: _direction(d, 9)}, layer_type="input_layernorm")
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     # (apply() in 0.12.2 always passes min_token_index=0, so token_indices goes through patch_activations)
-    calls = [dict(operator=ablation_operator()), dict(token_indices=[0, 2]), dict(min_token_index=2)]
+    calls = [
+        (vector, dict(operator=ablation_operator())),
+        (vector, dict(token_indices=[0, 2])),
+        (vector, dict(min_token_index=2)),
+        (layernorm_vector, {}),
+    ]
 
     @torch.no_grad()
-    def run(call):
-        handle = vector.patch_activations(model, multiplier=2.0, **call)
+    def run(sv, kwargs):
+        handle = sv.patch_activations(model, multiplier=2.0, **kwargs)
         try:
             return model(input_ids=ids).logits
         finally:
             handle.remove()
 
-    expected = [run(call) for call in calls]
+    expected = [run(sv, kwargs) for sv, kwargs in calls]
     with accelerate("steering_vectors"), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        for call, want in zip(calls * 2, expected * 2):
-            assert torch.equal(run(call), want)
+        for (sv, kwargs), want in zip(calls * 2, expected * 2):
+            assert torch.equal(run(sv, kwargs), want)
     messages = _fallback_warnings(record)
-    assert len(messages) == 2  # once per reason (operator; token selection), though each call ran twice
+    assert len(messages) == 3  # once per reason (operator; token selection; layer type), each call ran twice
     assert "ablation_operator" in messages[0] and "token_indices" in messages[1]
+    assert "layer_type 'input_layernorm' has no pysteer site" in messages[2]
 
 
 def test_uncovered_repeng_normalize_runs_the_library_path(tiny):
@@ -292,3 +300,18 @@ def test_smollm2_parity_both_libraries():
     with accelerate("steering_vectors"), sv.apply(model, multiplier=2.0):
         acc = _outputs(model, tok)
     _assert_same(lib, acc)
+
+
+def test_paused_acceleration_runs_the_library_path_and_keeps_pysteer_steering(tiny):
+    from torch.utils.hooks import RemovableHandle
+
+    llama, gpt2 = tiny["llama"][0], tiny["gpt2"][0]
+    vector = SteeringVector({0: _direction(64, 10)})
+    with accelerate("steering_vectors") as acc:
+        accelerated = vector.patch_activations(llama)
+        with acc.paused():
+            own = vector.patch_activations(gpt2)
+        assert all(isinstance(h, RemovableHandle) for h in own.model_hooks)  # the library's own hooks
+        assert pysteer.runtime(llama).active and not pysteer.runtime(gpt2).active
+        own.remove()
+        accelerated.remove()
