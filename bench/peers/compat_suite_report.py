@@ -22,6 +22,15 @@ def outcomes(path: Path) -> dict[str, str]:
     return out
 
 
+def printed(path: Path) -> dict[str, str]:
+    """``{test id: what it printed}`` (``junit_logging=system-out``)."""
+    out = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        text = "".join(child.text or "" for child in case if child.tag == "system-out")
+        out[f"{case.get('classname')}::{case.get('name')}"] = text
+    return out
+
+
 def first_line(path: Path, test: str) -> str:
     for case in ET.parse(path).getroot().iter("testcase"):
         if f"{case.get('classname')}::{case.get('name')}" == test:
@@ -45,6 +54,9 @@ def main(scratch: str, out: str) -> int:
             "accelerated": count(accel),
             "differ": {t: [plain.get(t), accel.get(t)] for t in sorted(set(plain) | set(accel)) if plain.get(t) != accel.get(t)},
             "not_passing": {t: first_line(root / f"{name}-0.xml", t) for t, v in sorted(plain.items()) if v != "passed"},
+            "printed_differently": sorted(t for t, text in printed(root / f"{name}-0.xml").items()
+                                          if text != printed(root / f"{name}-1.xml").get(t)),
+            "printed_output": {t: text for t, text in printed(root / f"{name}-1.xml").items() if text},
         }
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: {r: v[r] for r in ("plain", "accelerated")} for k, v in report["suites"].items()}, indent=1))

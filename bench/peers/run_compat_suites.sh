@@ -10,7 +10,9 @@
 #      (repeng/tests.py, its relative imports made absolute, with the sdist's notebooks/data);
 #      steering-vectors' from SV_TESTS (a checkout's tests/ folder: the sdist lacks the
 #      tests/_original_caa helpers test_steering_vector.py imports) or else its sdist.
-#      Per-test outcomes both ways -> bench/results/compat-suites.json.
+#      Per-test outcomes both ways, and whether each test printed the same (repeng's tests print
+#      their steered generations before asserting the trained checkpoints' text) ->
+#      bench/results/compat-suites.json.
 #
 #   PEER_PY=/work/peers-steer-venv/bin/python SV_TESTS=/path/to/steering-vectors/tests \
 #       bash bench/peers/run_compat_suites.sh
@@ -44,7 +46,7 @@ run_suite() {  # run_suite NAME DIR ACCELERATE
     local name=$1 dir=$2 accel=$3
     echo "==> $name, PYSTEER_ACCELERATE=$accel"
     (cd "$dir" && PYSTEER_ACCELERATE=$accel "$PEER_PY" -m pytest -q -p no:cacheprovider -p suite_standins \
-        --junitxml="$SCRATCH/$name-$accel.xml" . | tail -n 15) || true
+        -o junit_logging=system-out --junitxml="$SCRATCH/$name-$accel.xml" . | tail -n 15) || true
 }
 for accel in 0 1; do
     run_suite repeng "$SCRATCH/repeng-suite" "$accel"

