@@ -96,6 +96,13 @@ class Accelerator:
     run on the library's path, as do the ablation operators. The library patches padding tokens
     too and pysteer leaves them alone: only the padding positions' own outputs differ, which no real
     token attends to.
+
+    One difference the logits do not show: the library adds to the layer's output tensor in place,
+    pysteer returns a new tensor. transformers 4.57's Llama, Mistral, Gemma and Qwen2 record
+    ``output_hidden_states`` by wrapping each layer's ``forward``, before forward hooks run, so
+    there the hidden state reported for a steered layer is the unsteered one under pysteer (the
+    library's own suite checks it: ``test_SteeringVector_apply_gemma`` / ``_mistral``); logits,
+    generation and the next layers' inputs are the same.
     """
 
     def __init__(self, module, version: str):
