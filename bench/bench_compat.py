@@ -16,6 +16,9 @@ library, interleaved round by round:
   library re-registers its steering, so the compiled step recompiles; accelerated, the table row is
   rewritten in place. ``steady-compiled-b1`` is the same call with nothing changed.
 
+A round's strength change also invalidates the library path's compiled batch-8 step, so from the
+second round on its ``compiled-b8`` samples include that recompile (round 1's samples do not).
+
 Each figure is a median over the rounds; ``ratio_own_over_accelerated`` > 1 means the accelerated path
 is faster. The two paths' greedy tokens are compared at every strength. -> ``bench/results/compat-cpu.json``
 """
