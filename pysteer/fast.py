@@ -14,6 +14,12 @@ head during decode steps (``pysteer.models.attention``) instead of copying the c
 head, and sliding-window layers get full-length static buffers (their Python token counters would
 otherwise recompile every step; the model's sliding mask still drops old tokens). Only the first
 decode step of a call runs Dynamo's full guard check.
+
+Sampling N answers per prompt (``num_return_sequences``) prefills each prompt once and copies its
+KV cache to its N decode rows; every token comes with its log-probability. ``taps=`` records sites
+at the last prompt token and the second-last generated token from inside the same forwards, and an
+``abstain=`` probe scores the prefill's taps so that uncertain prompts are never decoded
+(``pysteer.taps``).
 """
 
 from __future__ import annotations
