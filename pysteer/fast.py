@@ -14,6 +14,12 @@ head during decode steps (``pysteer.models.attention``) instead of copying the c
 head, and sliding-window layers get full-length static buffers (their Python token counters would
 otherwise recompile every step; the model's sliding mask still drops old tokens). Only the first
 decode step of a call runs Dynamo's full guard check.
+
+Sampling N answers per prompt (``num_return_sequences``) prefills each prompt once and copies its
+KV cache to its N decode rows; every token comes with its log-probability. ``taps=`` records sites
+at the last prompt token and the second-last generated token from inside the same forwards, and an
+``abstain=`` probe scores the prefill's taps so that uncertain prompts are never decoded
+(``pysteer.taps``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .models.attention import decode_attention
 from .models.forward_args import cache_keyword
 from .models.sites import Site
 from .steering import SteeringHandle, reserve_tables, runtime, steer
+from .taps import TAP_POSITIONS, TapRecorder, check_abstain, probe_scores, tap_sites
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -60,6 +67,19 @@ class GenerationResult:
         seconds: wall time of prefill + decode.
         decode_seconds: wall time of the decode loop alone.
         steps: decode steps run.
+        logprobs: per output row, the log-probability of each token in ``tokens`` under the
+            distribution it was drawn from: the log-softmax of the logits after temperature, top-k
+            and top-p (what Hugging Face's ``compute_transition_scores(..., normalize_logits=True)``
+            returns from ``output_scores``, as the semantic-entropy reference code reads them);
+            greedy: the log-softmax of the raw logits.
+        samples_per_prompt: ``num_return_sequences``; output row ``r`` is sample ``r % N`` of
+            prompt ``r // N`` (rows grouped per prompt, see ``groups``).
+        abstained: per output row, whether the abstain gate skipped it (no tokens); all False
+            without a gate.
+        abstain_scores: per prompt, the gate's probe score (None without a gate).
+        taps: ``{position: {site name: Tensor[rows, width]}}`` for the positions of
+            ``pysteer.taps.TAP_POSITIONS`` (None without taps); abstained rows are NaN at
+            ``"second_last_generated"``.
     """
 
     tokens: list[list[int]]
@@ -70,11 +90,21 @@ class GenerationResult:
     steps: int
     compile_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    logprobs: list[list[float]] = field(default_factory=list)
+    samples_per_prompt: int = 1
+    abstained: list[bool] = field(default_factory=list)
+    abstain_scores: list[float] | None = None
+    taps: dict[str, dict[str, Tensor]] | None = None
 
     @property
     def tokens_per_second(self) -> float:
         n = sum(len(t) for t in self.tokens)
         return n / self.seconds if self.seconds > 0 else float("nan")
+
+    def groups(self, attribute: str = "tokens") -> list[list]:
+        """``attribute`` (``"tokens"``, ``"texts"``, ``"logprobs"``) split into one list of samples per prompt."""
+        values, n = getattr(self, attribute), self.samples_per_prompt
+        return [values[i : i + n] for i in range(0, len(values), n)]
 
 
 class _CacheSlot:
@@ -92,6 +122,9 @@ class _CacheSlot:
         self.valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = (self.pos, self.valid, self.prompt_len)  # what decode steps supply to steering
+        self.live = torch.ones(batch, 1, dtype=torch.bool, device=dev)  # rows still generating (taps)
+        self.tap_buffers: list[Tensor] = []  # per tapped site [batch, width], see TapRecorder
+        self.tap_sites: tuple[Site, ...] = ()
         self.compiled = False
         # Later decode steps of a call may skip Dynamo's full guard check only when nothing the
         # graph specialised on changes between steps.
@@ -100,15 +133,30 @@ class _CacheSlot:
         self.code = None
         self.hooks = None  # the model's hook set when ``fn`` was made
         if dev.type == "cuda":
-            for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len):
+            for t in (self.mask, self.tokens, self.pos, self.valid, self.prompt_len, self.live):
                 torch._dynamo.mark_static_address(t)
+
+    def tap_buffers_for(self, recorder: TapRecorder, widths: list[int], dtype: torch.dtype) -> list[Tensor]:
+        """Fixed-address decode buffers for the recorder's sites (made once per site set)."""
+        if self.tap_sites != recorder.sites:
+            dev = self.mask.device
+            self.tap_buffers = [torch.zeros(self.batch, w, dtype=dtype, device=dev) for w in widths]
+            if dev.type == "cuda":
+                for t in self.tap_buffers:
+                    torch._dynamo.mark_static_address(t)
+            self.tap_sites = recorder.sites
+        return self.tap_buffers
 
 
 @dataclass
 class _GenerateCall:
     """One ``generate``/``stream`` call: its prompts, cache slot, steering and stop rules (set by
     ``FastGenerator._start``), and what it produced (filled by ``FastGenerator._steps``, read by
-    ``FastGenerator._result``)."""
+    ``FastGenerator._result``).
+
+    The prefill runs once per prompt in ``slot``; ``FastGenerator._fan_out`` then gives each decoded
+    prompt ``samples`` rows (its prompt cache copied to them) and points ``slot`` at the decode slot.
+    """
 
     prompts: list[list[int]]
     prompt_width: int  # S: the longest prompt, the left-padded width of the prefill
@@ -119,8 +167,15 @@ class _GenerateCall:
     stop_ids: Tensor
     text_stops: list[str]
     pad: int
-    finished: Tensor  # [B] bool: the row has emitted a stop token
+    samples: int = 1  # num_return_sequences
+    taps: list[Site] = field(default_factory=list)
+    abstain: tuple | None = None  # (probe, threshold, probe sites)
+    finished: Tensor | None = None  # [B] bool per decode row: the row has emitted a stop token
+    source_rows: Tensor | None = None  # [B] prompt of each decode row (padding rows: the first one's)
+    out_rows: list[int] = field(default_factory=list)  # output row of each real decode row
+    scores: Tensor | None = None  # [n] abstain scores
     tokens: list[Tensor] = field(default_factory=list)  # one [B] tensor per step, prefill's first
+    logprobs: list[Tensor] = field(default_factory=list)  # one [B] tensor per step
     steps: int = 0  # decode steps run
     t0: float = 0.0
     t_dec: float = 0.0
@@ -132,19 +187,26 @@ class _GenerateCall:
     def n(self) -> int:
         return len(self.prompts)
 
-    def accept(self, tok: Tensor) -> None:
+    @property
+    def rows(self) -> int:
+        """Real (decoded) rows of the decode batch."""
+        return len(self.out_rows)
+
+    def accept(self, tok: Tensor, logprob: Tensor) -> None:
         """Take a step's sampled tokens: stopped rows emit padding; feed them to the next step."""
         tok = torch.where(self.finished, self.pad, tok)
         self.finished |= torch.isin(tok, self.stop_ids)
         self.slot.tokens[:, 0].copy_(tok)
+        self.slot.live.copy_(~self.finished[:, None])
         self.tokens.append(tok)
+        self.logprobs.append(logprob)
 
     def host_tokens(self) -> list[int]:
-        return [int(t) for t in self.tokens[-1][: self.n].tolist()]
+        return [int(t) for t in self.tokens[-1][: self.rows].tolist()]
 
     def all_stopped(self, step: int) -> bool:
         """Every request has stopped; checked every ``STOP_CHECK_EVERY`` steps (each check syncs)."""
-        return step % STOP_CHECK_EVERY == 0 and bool(self.finished[: self.n].all())
+        return step % STOP_CHECK_EVERY == 0 and bool(self.finished[: self.rows].all())
 
     def finish(self, compile_seconds: float) -> None:
         self.seconds = time.perf_counter() - self.t0
@@ -169,6 +231,29 @@ def _make_static_cache(model: nn.Module, length: int):
         if sliding is not None and isinstance(layer, sliding):
             cache.layers[i] = cache_utils.StaticLayer(max_cache_len=length)
     return cache
+
+
+def _share_prompt_cache(src, dst, source_rows: Tensor, width: int) -> None:
+    """Copy the prompt keys and values (the first ``width`` positions) of rows ``source_rows`` of
+    the static cache ``src`` into the rows of ``dst``: each prompt is prefilled once and its cache
+    handed to its samples. Positions past the prompt need no clearing: every decode step writes its
+    own position before attending to it, and the causal mask hides the later ones."""
+    for s_layer, d_layer in zip(src.layers, dst.layers):
+        if not d_layer.is_initialized:
+            _allocate_layer(d_layer, s_layer, len(source_rows))
+        d_layer.keys[:, :, :width].copy_(s_layer.keys[:, :, :width].index_select(0, source_rows))
+        d_layer.values[:, :, :width].copy_(s_layer.values[:, :, :width].index_select(0, source_rows))
+        if isinstance(getattr(d_layer, "cumulative_length", None), Tensor):  # transformers >= 5: tokens seen
+            d_layer.cumulative_length.copy_(s_layer.cumulative_length)
+
+
+def _allocate_layer(layer, like, batch: int) -> None:
+    """Allocate a static cache layer for ``batch`` rows shaped like the layer ``like``."""
+    k = like.keys[:1, :, :1].expand(batch, -1, -1, -1)
+    v = like.values[:1, :, :1].expand(batch, -1, -1, -1)
+    # transformers 4.57 takes the keys only; 5.x the keys and the values
+    takes_values = len(inspect.signature(layer.lazy_initialization).parameters) >= 2
+    layer.lazy_initialization(*((k, v) if takes_values else (k,)))
 
 
 def _hook_signature(model: nn.Module) -> tuple:
@@ -226,6 +311,7 @@ class FastGenerator:
         self._managed: SteeringHandle | None = None
         self._call_handle: SteeringHandle | None = None  # non-affine steering of the running call
         self._managed_sites: frozenset[Site] = frozenset()
+        self._recorder: TapRecorder | None = None  # taps and the abstain gate, kept across calls
         fwd = inspect.signature(model.forward).parameters
         self._logits_kw = (
             {"logits_to_keep": 1} if "logits_to_keep" in fwd else {"num_logits_to_keep": 1} if "num_logits_to_keep" in fwd else {}
@@ -294,10 +380,26 @@ class FastGenerator:
 
     # -- steering -------------------------------------------------------------------------------
     def release(self) -> None:
-        """Remove the steering this generator attached to the model (the next steered call recompiles)."""
+        """Remove the steering and taps this generator attached to the model (the next steered or
+        tapped call recompiles)."""
         if self._managed is not None:
             self._managed.remove()
             self._managed, self._managed_sites = None, frozenset()
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def _ready_recorder(self, sites: list[Site]) -> TapRecorder | None:
+        """The tap recorder covering ``sites``; a new site set replaces it (the decode step then
+        recompiles once), a subset or no taps keeps it attached."""
+        rec = self._recorder
+        if not sites or (rec is not None and rec.covers(sites)):
+            return rec
+        if rec is not None:
+            rec.remove()
+            sites = list(dict.fromkeys([*rec.sites, *sites]))
+        self._recorder = TapRecorder(self.model, sites)
+        return self._recorder
 
     def _resolve_steering(self, steering, n: int, batch: int) -> SteeringHandle | None:
         """Return the handle to use and set its per-row configs for a batch of ``n`` (padded to ``batch``)."""
@@ -379,21 +481,33 @@ class FastGenerator:
         return sorted(set(ids))
 
     # -- one call: set up, prefill, decode steps, result ----------------------------------------
+    def _slot(self, batch: int, length: int) -> _CacheSlot:
+        slot = self.slots.get((batch, length))
+        if slot is None:
+            slot = self.slots[(batch, length)] = _CacheSlot(self, batch, length)
+        return slot
+
     def _start(
         self, inputs, steering, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
         top_p: float = 1.0, top_k: int = 0, stop=None, seed: int | None = None, ignore_eos: bool = False,
+        num_return_sequences: int = 1, taps=None, abstain=None, threshold: float = 0.5,
     ) -> _GenerateCall:
-        """Check the arguments, pick the cache slot and the steering handle of one call (the
-        arguments of ``stream``)."""
+        """Check the arguments, pick the prefill's cache slot and the steering handle of one call
+        (the arguments of ``generate``)."""
         _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
+        _check_samples(num_return_sequences, do_sample)
+        sites = tap_sites(self.model, taps)
+        gate = None
+        if abstain is not None:
+            gate = (abstain, float(threshold), check_abstain(self.model, abstain, threshold))
         prompts = self._encode(inputs)
         n = len(prompts)
         B = _bucket(n, BATCH_BUCKETS, "batch size")
+        _bucket(n * num_return_sequences, BATCH_BUCKETS, "prompts x num_return_sequences")
         S = max(map(len, prompts))
         L = _bucket(S + max_new_tokens, LENGTH_BUCKETS, "prompt + new tokens")
-        slot = self.slots.get((B, L))
-        if slot is None:
-            slot = self.slots[(B, L)] = _CacheSlot(self, B, L)
+        slot = self._slot(B, L)
+        self._ready_recorder(list(dict.fromkeys([*sites, *(gate[2] if gate else [])])))
         stop_ids = torch.tensor(self._stop_ids(stop, ignore_eos) or [-1], device=self.device)
         stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
         # last: a handle steered for this call is removed by _steps, so nothing may raise after it
@@ -410,7 +524,7 @@ class FastGenerator:
             sampling=(do_sample, temperature, top_p, top_k, rng), stop_ids=stop_ids,
             text_stops=[s for s in stops if isinstance(s, str)],
             pad=int(getattr(self.tokenizer, "pad_token_id", None) or 0),
-            finished=torch.zeros(B, dtype=torch.bool, device=self.device),
+            samples=num_return_sequences, taps=sites, abstain=gate,
         )
 
     def _load_prompts(self, call: _GenerateCall) -> tuple[Tensor, Tensor]:
@@ -440,9 +554,53 @@ class FastGenerator:
         kw[self._cache_kw] = slot.cache
         if self._pass_cache_position:
             kw["cache_position"] = torch.arange(call.prompt_width, device=self.device)
+        if self._recorder is not None:
+            self._recorder.phase = "prefill"
         return self.model(
             input_ids=ids, position_ids=pos_prefill, attention_mask=slot.mask, use_cache=True, **kw
         ).logits[:, -1, :]
+
+    def _gate(self, call: _GenerateCall) -> list[int]:
+        """The prompts to decode: all of them, or those the abstain probe scores at most the threshold
+        (the probe reads the prefill's last-prompt taps: no extra forward)."""
+        if call.abstain is None:
+            return list(range(call.n))
+        probe, threshold, sites = call.abstain
+        hidden = [self._recorder.prompt_state(site)[: call.n] for site in sites]
+        call.scores = probe_scores(probe, hidden, call.n)
+        return [p for p in range(call.n) if float(call.scores[p]) <= threshold]
+
+    def _fan_out(self, call: _GenerateCall, decoded: list[int], mask_prompt: Tensor) -> bool:
+        """Give each decoded prompt ``call.samples`` consecutive decode rows. When that changes the
+        batch (samples, abstentions), the decode slot's rows get their prompt's cache, mask and
+        length copied from the prefill slot: one prefill per prompt, not one per sample. Returns
+        whether the rows changed (the decode slot may still be the prefill's bucket)."""
+        N, pre = call.samples, call.slot
+        call.out_rows = [p * N + j for p in decoded for j in range(N)]
+        rows = [p for p in decoded for _ in range(N)]
+        if rows == list(range(call.n)):  # one row per prompt, none skipped: decode where it was prefilled
+            call.source_rows = torch.tensor(rows + [0] * (pre.batch - len(rows)), device=self.device)
+        elif rows:
+            dec = self._slot(_bucket(len(rows), BATCH_BUCKETS, "decode batch"), pre.length)
+            source = torch.tensor(rows + [rows[0]] * (dec.batch - len(rows)), device=self.device)
+            _share_prompt_cache(pre.cache, dec.cache, source, call.prompt_width)
+            S = call.prompt_width
+            dec.mask.fill_(1)
+            dec.mask[:, :S].copy_(mask_prompt.index_select(0, source))
+            dec.prompt_len.copy_(pre.prompt_len.index_select(0, source))
+            call.slot, call.source_rows = dec, source
+        call.finished = torch.zeros(call.slot.batch, dtype=torch.bool, device=self.device)
+        if self._recorder is not None and rows:
+            self._start_tap_decode(call)
+        return rows != list(range(call.n))
+
+    def _start_tap_decode(self, call: _GenerateCall) -> None:
+        """Point the recorder at the decode slot's buffers, every row starting from its prompt's state."""
+        rec = self._recorder
+        widths = [rec.prompt_state(site).shape[-1] for site in rec.sites]
+        buffers = call.slot.tap_buffers_for(rec, widths, rec.prompt_states[0].dtype)
+        call.slot.live.fill_(True)
+        rec.start_decode(call.slot.live, buffers, call.source_rows)
 
     def _ready_compiled_step(self, slot: _CacheSlot) -> None:
         """Before a call's decode steps: a new hook set compiles anyway; a fresh code object drops
@@ -487,7 +645,15 @@ class FastGenerator:
         try:
             if call.handle is not None:
                 scope.enter_context(call.handle.padded_rows(call.slot.batch))  # padding rows are not steered
-            call.accept(self._sample(self._prefill(call, ids, mask_prompt, steering_runtime), *call.sampling))
+            logits = self._prefill(call, ids, mask_prompt, steering_runtime)
+            remapped = self._fan_out(call, self._gate(call), mask_prompt)
+            if not call.out_rows:  # every prompt abstained: nothing to decode
+                call.t_dec = time.perf_counter()
+                call.finish(0.0)
+                return
+            if call.handle is not None and remapped:
+                scope.enter_context(call.handle.padded_rows(call.slot.batch, call.source_rows[: call.rows]))
+            call.accept(*self._sample(logits.index_select(0, call.source_rows), *call.sampling))
             yield call.host_tokens()
             steering_runtime.supply_positions(*call.slot.positions)
             call.t_dec = time.perf_counter()
@@ -499,13 +665,15 @@ class FastGenerator:
                 logits = self._decode_logits(call, step, trusted)
                 if step == 1:
                     trusted = self._trust_later_steps(call.slot)
-                call.accept(self._sample(logits, *call.sampling))
+                call.accept(*self._sample(logits, *call.sampling))
                 call.steps += 1
                 yield call.host_tokens() if to_host else None
             call.finish(self.compile_seconds.get((call.slot.batch, call.slot.length), 0.0))
         finally:
             steering_runtime.clear_positions()
             scope.close()
+            if self._recorder is not None:
+                self._recorder.phase = "prefill"
             if self._call_handle is not None:
                 self._call_handle.remove()
                 self._call_handle = None
@@ -527,34 +695,44 @@ class FastGenerator:
         stop=None,
         seed: int | None = None,
         ignore_eos: bool = False,
+        num_return_sequences: int = 1,
     ) -> Iterator[list[int | None]]:
         """Yield, per decode step, one new token per request (None once a request has stopped).
 
         In-place steering changes made between steps (``set_alpha``, ``update``, ``rows``,
         ``set_positions``) apply from the next step. Hooks attached or removed while a stream runs
         apply from the next call: only the first decode step of a call runs Dynamo's full guard check.
+        With ``num_return_sequences`` N, each step yields N tokens per prompt (grouped per prompt).
         """
         call = self._start(
             inputs, steering, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos,
+            top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos, num_return_sequences=num_return_sequences,
         )
         yield from self._steps(call, to_host=True)
 
     @torch.no_grad()
     def generate(self, inputs, steering=None, max_new_tokens: int = 64, **kw) -> GenerationResult:
-        """Generate for a batch of prompts (``kw``: the other arguments of ``stream``); see ``pysteer.generate``."""
+        """Generate for a batch of prompts (``kw``: the other arguments of ``stream``, and ``taps``,
+        ``abstain``, ``threshold``); see ``pysteer.generate``."""
         call = self._start(inputs, steering, max_new_tokens, **kw)
         for _ in self._steps(call, to_host=False):
             pass
         return self._result(call)
 
     def _result(self, call: _GenerateCall) -> GenerationResult:
-        """Cut each request after its first stop token; decode and cut texts at stop strings."""
+        """Cut each row after its first stop token; decode and cut texts at stop strings. Rows are
+        grouped per prompt; abstained rows are empty."""
         stop_ids = set(call.stop_ids.tolist())
-        tokens = []
-        for row in torch.stack(call.tokens, 1)[: call.n].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-            tokens.append(row[:cut])
+        n_out = call.n * call.samples
+        tokens: list[list[int]] = [[] for _ in range(n_out)]
+        logprobs: list[list[float]] = [[] for _ in range(n_out)]
+        if call.out_rows:
+            steps = torch.stack(call.tokens, 1)[: call.rows].tolist()
+            scores = torch.stack(call.logprobs, 1)[: call.rows].float().tolist()
+            for out, row, lp in zip(call.out_rows, steps, scores):
+                cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+                tokens[out], logprobs[out] = row[:cut], lp[:cut]
+        decoded = set(call.out_rows)
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -565,13 +743,39 @@ class FastGenerator:
         return GenerationResult(
             tokens=tokens, texts=texts, prompt_tokens=call.prompts, seconds=call.seconds,
             decode_seconds=call.decode_seconds, steps=call.steps, compile_seconds=call.compile_seconds,
+            logprobs=logprobs, samples_per_prompt=call.samples,
+            abstained=[r not in decoded for r in range(n_out)],
+            abstain_scores=None if call.scores is None else call.scores.tolist(),
+            taps=self._tapped_states(call) if call.taps else None,
         )
 
+    def _tapped_states(self, call: _GenerateCall) -> dict[str, dict[str, Tensor]]:
+        """The call's taps per position and site, one row per output row (host, the model's dtype)."""
+        rec, N = self._recorder, call.samples
+        prompt_of_row = torch.arange(call.n * N, device=self.device) // N
+        decoded = torch.tensor(call.out_rows, dtype=torch.long)
+        out: dict[str, dict[str, Tensor]] = {pos: {} for pos in TAP_POSITIONS}
+        for site in call.taps:
+            i = rec.sites.index(site)
+            last_prompt = rec.prompt_states[i].index_select(0, prompt_of_row).cpu()
+            second_last = torch.full_like(last_prompt, float("nan"))
+            if call.out_rows:
+                second_last[decoded] = rec.latest[i][: call.rows].cpu()
+            out["last_prompt"][site.name] = last_prompt
+            out["second_last_generated"][site.name] = second_last
+        return out
+
     @staticmethod
-    def _sample(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int, gen) -> Tensor:
+    def _sample(
+        logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int, gen
+    ) -> tuple[Tensor, Tensor]:
+        """The next token per row and its log-probability under the distribution it was drawn from
+        (temperature, then top-k, then top-p, as Hugging Face's warpers; greedy: the raw logits)."""
+        logits = logits.float()
         if not do_sample:
-            return logits.argmax(-1)
-        logits = logits.float() / max(temperature, 1e-6)
+            tok = logits.argmax(-1)
+            return tok, _chosen_logprob(logits, tok)
+        logits = logits / max(temperature, 1e-6)
         if top_k and top_k > 0:
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -582,7 +786,24 @@ class FastGenerator:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        return tok, _chosen_logprob(logits, tok)
+
+
+def _chosen_logprob(scores: Tensor, tok: Tensor) -> Tensor:
+    """``log_softmax(scores)[row, tok[row]]`` without materialising the full log-softmax."""
+    return scores.gather(-1, tok[:, None])[:, 0] - scores.logsumexp(-1)
+
+
+def _check_samples(num_return_sequences, do_sample: bool) -> None:
+    """``num_return_sequences``: a positive integer; more than one needs sampling (as in HF's ``generate``,
+    greedy rows of one prompt would all be equal)."""
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer of at least 1, got {num_return_sequences!r}")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError(
+            f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding gives every sample the same tokens"
+        )
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k) -> None:
@@ -664,6 +885,10 @@ def generate(
     progress: bool = True,
     compile_backend: str = "inductor",
     ignore_eos: bool = False,
+    num_return_sequences: int = 1,
+    taps=None,
+    abstain=None,
+    threshold: float = 0.5,
 ):
     """Generate with a static KV cache and a compiled decode step, steering updated in place.
 
@@ -684,6 +909,14 @@ def generate(
         stream: return an iterator yielding one token per request per step instead.
         progress: print compile progress to stderr.
         compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` compiles fast, for tests).
+        num_return_sequences: samples per prompt (N > 1 needs ``do_sample``). Each prompt is
+            prefilled once and its KV cache copied to its N rows; output rows are grouped per prompt.
+        taps: sites to record while generating (``"all"``: every layer's ``resid``; or names like
+            ``"layers.10.resid"``) at the last prompt token and the second-last generated token
+            (``pysteer.taps``); returned in ``result.taps``. No second pass, no ``output_hidden_states``.
+        abstain: a probe (``sites: list[str]``, ``__call__(list[Tensor[B, d]]) -> Tensor[B]`` in
+            [0, 1]) run on the prefill's last-prompt states; prompts scoring above ``threshold`` are
+            not decoded (``result.abstained``, ``result.abstain_scores``). Not with ``stream``.
 
     Returns:
         ``GenerationResult`` (or an iterator of token lists when ``stream=True``).
@@ -691,8 +924,10 @@ def generate(
     gen = get_generator(model, tokenizer, compile=compile, progress=progress, compile_backend=compile_backend)
     kw = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=stop, seed=seed, ignore_eos=ignore_eos,
+        stop=stop, seed=seed, ignore_eos=ignore_eos, num_return_sequences=num_return_sequences,
     )
     if stream:
+        if taps is not None or abstain is not None:
+            raise ValueError("generate: taps= and abstain= return with the result; use stream=False")
         return gen.stream(inputs, steering=steering, **kw)
-    return gen.generate(inputs, steering=steering, **kw)
+    return gen.generate(inputs, steering=steering, taps=taps, abstain=abstain, threshold=threshold, **kw)

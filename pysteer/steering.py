@@ -507,19 +507,24 @@ class SteeringHandle:
         return None if self._request_rows is None else int(self._request_rows.shape[0])
 
     @contextmanager
-    def padded_rows(self, batch: int) -> Iterator[SteeringHandle]:
+    def padded_rows(self, batch: int, source_rows: Tensor | None = None) -> Iterator[SteeringHandle]:
         """Inside the block, batch rows past those ``rows()`` named are padding and stay unsteered.
 
         For a generation loop that pads a batch of requests up to a fixed size (the fast path's
-        batch buckets); the assignment the user made is back in place afterwards.
+        batch buckets); the assignment the user made is back in place afterwards. With
+        ``source_rows`` (``[k]`` int, k <= batch), batch row j takes the config of the request row
+        ``source_rows[j]``: the samples of one prompt share its config, and prompts left out
+        (abstained) take no row.
         """
         self._require_dynamic("padded_rows")
         user = self._request_rows
-        if user is None or user.shape[0] >= batch:
+        if user is None or (source_rows is None and user.shape[0] >= batch):
             yield self
             return
+        if source_rows is not None:
+            user = user.index_select(0, source_rows.to(user.device))
         pad = torch.zeros(batch - user.shape[0], dtype=torch.int32, device=user.device)
-        self._request_rows = torch.cat([user, pad])
+        self._request_rows, user = torch.cat([user, pad]), self._request_rows
         try:
             yield self
         finally:
