@@ -66,7 +66,9 @@ def _model(name: str, device: str, dtype: torch.dtype):
     else:
         raise SystemExit(f"unknown --model {name!r}")
     model = model.to(device=device, dtype=dtype)
-    ids = torch.randint(3, min(model.config.vocab_size, 1000), (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(
+        3, min(model.config.vocab_size, 1000), (20,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     return model, _IntTokenizer(), " ".join(map(str, ids)), " ".join(map(str, ids[4:7]))
 
 

@@ -90,7 +90,9 @@ class SteeringVectorsPaths:
     def __init__(self, own, accel, acc, d: int):
         self.acc = acc
         self.models = {"own": own, "accelerated": accel}
-        self.vector = SteeringVector({k: _direction(d, 10 + k, 8.0) for k in LAYERS}, layer_type="decoder_block")
+        self.vector = SteeringVector(
+            {k: _direction(d, 10 + k, 8.0) for k in LAYERS}, layer_type="decoder_block"
+        )
         self.handles: dict = {}
         self.set_strength(STRENGTHS[0])
 
@@ -113,8 +115,12 @@ class SteeringVectorsPaths:
 def _eager(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=0,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
         )
     return out[:, ids.shape[1] :]
 
@@ -149,14 +155,22 @@ def bench_library(paths, models: dict, prompts: dict, rounds: int) -> dict:
                 for path, model in models.items():
                     record(f"{path}/{kind}-b{b}", _timed(lambda m=model: run(m, ids, new))[0] / new)
         for path, model in models.items():
-            record(f"{path}/steady-compiled-b1", _timed(lambda m=model: _compiled(m, prompts[1], CHANGE_NEW))[0])
+            record(
+                f"{path}/steady-compiled-b1", _timed(lambda m=model: _compiled(m, prompts[1], CHANGE_NEW))[0]
+            )
         paths.set_strength(STRENGTHS[1 + r % (len(STRENGTHS) - 1)])
         tokens = {}
         for path, model in models.items():
             seconds, tokens[path] = _timed(lambda m=model: _compiled(m, prompts[1], CHANGE_NEW))
             record(f"{path}/strength-change-compiled-b1", seconds)
         agree.append(bool(torch.equal(tokens["own"], tokens["accelerated"])))
-        agree.append(bool(torch.equal(_eager(models["own"], prompts[8], 4), _eager(models["accelerated"], prompts[8], 4))))
+        agree.append(
+            bool(
+                torch.equal(
+                    _eager(models["own"], prompts[8], 4), _eager(models["accelerated"], prompts[8], 4)
+                )
+            )
+        )
     return _summary(samples, first_call, agree)
 
 
@@ -164,7 +178,9 @@ def _summary(samples: dict, first_call: dict, agree: list[bool]) -> dict:
     median = {k: statistics.median(v) for k, v in samples.items()}
     variants = sorted({k.split("/", 1)[1] for k in median})
     return {
-        "ms_per_token_median": {k: 1e3 * v for k, v in median.items() if "strength" not in k and "steady" not in k},
+        "ms_per_token_median": {
+            k: 1e3 * v for k, v in median.items() if "strength" not in k and "steady" not in k
+        },
         "seconds_median": {k: v for k, v in median.items() if "strength" in k or "steady" in k},
         "ratio_own_over_accelerated": {v: median[f"own/{v}"] / median[f"accelerated/{v}"] for v in variants},
         "first_call_seconds": first_call,
@@ -189,17 +205,24 @@ def main() -> int:
         for cls, acc in ((RepengPaths, acc_repeng), (SteeringVectorsPaths, acc_sv)):
             paths = cls(own, accel, acc, d)
             try:
-                results[paths.name] = bench_library(paths, {"own": own, "accelerated": accel}, prompts, args.rounds)
+                results[paths.name] = bench_library(
+                    paths, {"own": own, "accelerated": accel}, prompts, args.rounds
+                )
             finally:
                 paths.close()
-            print(json.dumps({paths.name: results[paths.name]["ratio_own_over_accelerated"]}, indent=1), flush=True)
+            print(
+                json.dumps({paths.name: results[paths.name]["ratio_own_over_accelerated"]}, indent=1),
+                flush=True,
+            )
     report = {
         "bench": "bench_compat",
         "device": "cpu",
         "host": platform.machine(),
         "threads": torch.get_num_threads(),
         "load_average_at_end": list(os.getloadavg()),
-        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "repeng", "steering-vectors")},
+        "versions": {
+            n: importlib.metadata.version(n) for n in ("torch", "transformers", "repeng", "steering-vectors")
+        },
         "model": "default (SmolLM2-135M-Instruct), fp32",
         "new_tokens": NEW,
         "strength_change_new_tokens": CHANGE_NEW,

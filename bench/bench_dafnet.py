@@ -69,7 +69,9 @@ def ftl_edit_fn(model, tok, sites, lr, steps):
 def generate_rate(model, ids, new_tokens: int) -> float:
     t = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + new_tokens
     return new_tokens / dt
@@ -81,8 +83,15 @@ def speed(model, tok, editor, records, rounds: int, new_tokens: int) -> dict:
 
     stamps = []
     t0 = time.perf_counter()
-    handle = sequential_edit(model, editor, records, tok, progress=False, mode="dynamic",
-                             on_edit=lambda k: stamps.append(time.perf_counter()))
+    handle = sequential_edit(
+        model,
+        editor,
+        records,
+        tok,
+        progress=False,
+        mode="dynamic",
+        on_edit=lambda k: stamps.append(time.perf_counter()),
+    )
     per_edit = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
     deltas = [d for ivs in handle.configs.values() for d in ivs]
     handle.remove()
@@ -102,7 +111,11 @@ def speed(model, tok, editor, records, rounds: int, new_tokens: int) -> dict:
         with pysteer.steer(model, deltas, mode="dynamic"):
             rates["unfolded"].append(generate_rate(model, ids, new_tokens))
         loads.append(os.getloadavg())
-    ratio = {k: statistics.median(a / b for a, b in zip(v, rates["unedited"], strict=True)) for k, v in rates.items() if k != "unedited"}
+    ratio = {
+        k: statistics.median(a / b for a, b in zip(v, rates["unedited"], strict=True))
+        for k, v in rates.items()
+        if k != "unedited"
+    }
     return {
         "per_edit_seconds_median": statistics.median(per_edit),
         "per_edit_seconds_mean": statistics.mean(per_edit),
@@ -153,18 +166,35 @@ def main() -> None:
     editors = {}
     for name, inter in (("dafnet", True), ("dafnet_no_inter", False)):
         cfg = DAFNetConfig(sites, inter_attention=inter, init_edit_lr=args.init_edit_lr)
-        train = TrainConfig(steps=args.steps, max_sequence=args.max_sequence, curriculum_steps=args.curriculum_steps, lr=args.lr)
+        train = TrainConfig(
+            steps=args.steps,
+            max_sequence=args.max_sequence,
+            curriculum_steps=args.curriculum_steps,
+            lr=args.lr,
+        )
         t = time.perf_counter()
-        editor, log = dafnet_train(model, tok, train_recs, cfg, train, checkpoint=f"{args.ckpt_dir}/{name}.safetensors")
+        editor, log = dafnet_train(
+            model, tok, train_recs, cfg, train, checkpoint=f"{args.ckpt_dir}/{name}.safetensors"
+        )
         train_s = time.perf_counter() - t
         editors[name] = editor
         print(f"{name}: trained {args.steps} steps in {train_s:.0f} s", flush=True)
-        result["methods"][name] = {"train_seconds": train_s, "train_log": log, "loadavg_after_train": os.getloadavg()}
+        result["methods"][name] = {
+            "train_seconds": train_s,
+            "train_log": log,
+            "loadavg_after_train": os.getloadavg(),
+        }
     for name, editor in editors.items():
         print(name, flush=True)
-        result["methods"][name]["scores"] = score_after(model, tok, evaluator, eval_recs, dafnet_edit_fn(model, tok, editor))
+        result["methods"][name]["scores"] = score_after(
+            model, tok, evaluator, eval_recs, dafnet_edit_fn(model, tok, editor)
+        )
     print("ft_l", flush=True)
-    result["methods"]["ft_l"] = {"scores": score_after(model, tok, evaluator, eval_recs, ftl_edit_fn(model, tok, sites, args.ftl_lr, args.ftl_steps))}
+    result["methods"]["ft_l"] = {
+        "scores": score_after(
+            model, tok, evaluator, eval_recs, ftl_edit_fn(model, tok, sites, args.ftl_lr, args.ftl_steps)
+        )
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
     result["speed"] = speed(model, tok, editors["dafnet"], eval_recs, args.rounds, args.new_tokens)
     result["loadavg_end"] = os.getloadavg()

@@ -44,8 +44,11 @@ def main() -> None:
     model, tok = load_model("default")
     g = torch.Generator().manual_seed(0)
     deltas = [
-        pysteer.WeightDelta(f"layers.{i}.mlp.down_proj", torch.randn(1536, args.rank, generator=g) * 1e-3,
-                            torch.randn(args.rank, 576, generator=g) * 1e-3)
+        pysteer.WeightDelta(
+            f"layers.{i}.mlp.down_proj",
+            torch.randn(1536, args.rank, generator=g) * 1e-3,
+            torch.randn(args.rank, 576, generator=g) * 1e-3,
+        )
         for i in LAYERS
     ]
     small = [d.compress(32) for d in deltas]
@@ -64,9 +67,18 @@ def main() -> None:
             with make():
                 rates[name].append(rate(model, ids, args.new_tokens))
         loads.append(os.getloadavg())
-    ratio = {k: statistics.median(a / b for a, b in zip(v, rates["unedited"], strict=True)) for k, v in rates.items() if k != "unedited"}
-    result = {"model": "SmolLM2-135M-Instruct (float32, CPU, 1 thread)", "settings": vars(args), "tokens_per_s": rates,
-              "ratio_to_unedited_median": ratio, "loadavg": loads}
+    ratio = {
+        k: statistics.median(a / b for a, b in zip(v, rates["unedited"], strict=True))
+        for k, v in rates.items()
+        if k != "unedited"
+    }
+    result = {
+        "model": "SmolLM2-135M-Instruct (float32, CPU, 1 thread)",
+        "settings": vars(args),
+        "tokens_per_s": rates,
+        "ratio_to_unedited_median": ratio,
+        "loadavg": loads,
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(ratio))
 

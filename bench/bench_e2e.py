@@ -42,12 +42,23 @@ from bench_fast_generate import head_steering  # noqa: E402  (the same steering 
 
 SHAPES = {
     "llama3-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     ),
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
     ),
 }
 
@@ -91,7 +102,9 @@ def hf_ms_per_token(model, batch, new_tokens, rounds) -> float:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            model.generate(
+                batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
         if batch.device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t) / new_tokens)
@@ -99,14 +112,18 @@ def hf_ms_per_token(model, batch, new_tokens, rounds) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on CPU by default")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compile", default="auto", help="fast path compile mode (auto: reduce-overhead on a GPU)")
+    p.add_argument(
+        "--compile", default="auto", help="fast path compile mode (auto: reduce-overhead on a GPU)"
+    )
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--skip", default="", help="comma-separated: hf-eager, hf-compiled, batch16")
     p.add_argument("--out", type=Path, required=True)
@@ -139,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, min(SHAPES[args.shape]["vocab_size"], 30000), (args.prompt_tokens,), generator=g).tolist()
+    prompt = torch.randint(
+        3, min(SHAPES[args.shape]["vocab_size"], 30000), (args.prompt_tokens,), generator=g
+    ).tolist()
     gen = FastGenerator(model, compile=args.compile, compile_backend=args.compile_backend, progress=True)
     ms = report["ms_per_step"]
 
     def stamp(name: str, seconds: float) -> None:
         ms[name] = round(seconds * 1e3, 4)
-        print(f"bench_e2e: {name}: {ms[name]} ms/step  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        print(
+            f"bench_e2e: {name}: {ms[name]} ms/step  [{time.perf_counter() - t0:.0f} s]",
+            file=sys.stderr,
+            flush=True,
+        )
         save()
 
     for batch in (1, 16):
@@ -171,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             handle.rows(["c0"] * batch)
             step_times(gen, prompts, 4, handle)
             stamp("b1/fast+heads-fused", median_step(gen, prompts, args.new_tokens, args.rounds, handle))
-            report["ratios"]["b1/fused vs separate projection"] = ms["b1/fast+heads-fused"] / ms["b1/fast+heads"]
+            report["ratios"]["b1/fused vs separate projection"] = (
+                ms["b1/fast+heads-fused"] / ms["b1/fast+heads"]
+            )
         else:
             handle.rows([f"c{i}" for i in range(16)])
-            stamp("b16/fast+heads-16-configs", median_step(gen, prompts, args.new_tokens, args.rounds, handle))
-            report["ratios"]["b16/16 configs vs 1 config"] = ms["b16/fast+heads"] / ms["b16/fast+heads-16-configs"]
+            stamp(
+                "b16/fast+heads-16-configs", median_step(gen, prompts, args.new_tokens, args.rounds, handle)
+            )
+            report["ratios"]["b16/16 configs vs 1 config"] = (
+                ms["b16/fast+heads"] / ms["b16/fast+heads-16-configs"]
+            )
         handle.remove()
         save()
 
@@ -188,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if "hf-compiled" not in skip:
         model.generation_config.cache_implementation = "static"
         model.forward = torch.compile(
-            model.forward, backend=args.compile_backend, mode="reduce-overhead" if device.type == "cuda" else None
+            model.forward,
+            backend=args.compile_backend,
+            mode="reduce-overhead" if device.type == "cuda" else None,
         )
         stamp("b1/hf-compiled", hf_ms_per_token(model, batch1, args.new_tokens, args.rounds))
         report["ratios"]["b1/fast vs hf-compiled (tokens/s)"] = ms["b1/hf-compiled"] / ms["b1/fast"]

@@ -41,20 +41,27 @@ def head_steering(geo, seed: int):
     g = torch.Generator().manual_seed(seed)
     ivs = []
     for layer in range(geo.n_layers):
-        ivs.append(HeadBias(layer, head=None, vector=0.05 * torch.randn(geo.n_heads, geo.head_dim, generator=g)))
+        ivs.append(
+            HeadBias(layer, head=None, vector=0.05 * torch.randn(geo.n_heads, geo.head_dim, generator=g))
+        )
         ivs.append(HeadScale(layer, head=None, scale=1 + 0.05 * torch.randn(geo.n_heads, generator=g)))
     return ivs
 
 
 def resid_steering(geo, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return [VectorAdd(f"layers.{i}.resid", 0.05 * torch.randn(geo.d_model, generator=g)) for i in range(geo.n_layers)]
+    return [
+        VectorAdd(f"layers.{i}.resid", 0.05 * torch.randn(geo.d_model, generator=g))
+        for i in range(geo.n_layers)
+    ]
 
 
 def weight_read_seconds(model, repeats: int = 5) -> float:
     """Median seconds to read every parameter once (GEMV per matrix, sum per vector)."""
     params = [p for p in model.parameters()]
-    ones = {p.shape[-1]: torch.ones(p.shape[-1], dtype=p.dtype, device=p.device) for p in params if p.dim() == 2}
+    ones = {
+        p.shape[-1]: torch.ones(p.shape[-1], dtype=p.dtype, device=p.device) for p in params if p.dim() == 2
+    }
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
@@ -91,7 +98,13 @@ def interleaved_step_ratio(gen_a: FastGenerator, gen_b: FastGenerator, batch: in
             t = time.perf_counter()
             steering_runtime.supply_positions(*slot.positions)
             try:
-                args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position if gen._pass_cache_position else None)
+                args = (
+                    slot.tokens,
+                    slot.pos,
+                    slot.mask,
+                    slot.cache,
+                    cache_position if gen._pass_cache_position else None,
+                )
                 gen._run_step(slot, args, trusted=trusted and trust)
             finally:
                 steering_runtime.clear_positions()
@@ -145,16 +158,28 @@ def main(argv=None) -> int:
             def run():
                 t, c = time.perf_counter(), time.process_time()
                 with torch.no_grad():
-                    out = model.generate(batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                    out = model.generate(
+                        batch,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )
                 outputs[name] = out[:, batch.shape[1] :].tolist()
-                return (time.perf_counter() - t) / args.new_tokens, None, (time.process_time() - c) / args.new_tokens
+                return (
+                    (time.perf_counter() - t) / args.new_tokens,
+                    None,
+                    (time.process_time() - c) / args.new_tokens,
+                )
 
             return run
 
         def fast_runner(gen, steering, name):
             def run():
                 c = time.process_time()
-                res = gen.generate(prompts, steering=steering, max_new_tokens=args.new_tokens, ignore_eos=True)
+                res = gen.generate(
+                    prompts, steering=steering, max_new_tokens=args.new_tokens, ignore_eos=True
+                )
                 outputs[name] = res.tokens
                 cpu = (time.process_time() - c) / args.new_tokens
                 return res.seconds / args.new_tokens, res.decode_seconds / max(res.steps, 1), cpu
@@ -216,7 +241,11 @@ def main(argv=None) -> int:
                 cpu_per_token[name].append(1000 * cpu)
                 if dec is not None:
                     decode[name].append(1000 * dec)
-            print(f"  round {r}: floor {floor[-1]:.1f}, " + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners), file=sys.stderr)
+            print(
+                f"  round {r}: floor {floor[-1]:.1f}, "
+                + ", ".join(f"{n} {per_token[n][-1]:.1f}" for n in runners),
+                file=sys.stderr,
+            )
         med = {n: statistics.median(v) for n, v in per_token.items()}
         cpu_med = {n: statistics.median(v) for n, v in cpu_per_token.items()}
         res = {
@@ -245,12 +274,16 @@ def main(argv=None) -> int:
         if "hf-eager" in med:
             res["paired_speedup_vs_hf_eager"] = paired("hf-eager")
         if "fast" in med:
-            res["paired_ratio_vs_fast_unsteered"] = {n: v for n, v in paired("fast").items() if n.startswith("fast")}
+            res["paired_ratio_vs_fast_unsteered"] = {
+                n: v for n, v in paired("fast").items() if n.startswith("fast")
+            }
             if "decode_ms_per_step_median" in res and "fast" in res["decode_ms_per_step_median"]:
                 res["fast_decode_step_over_weight_read_floor"] = (
                     res["decode_ms_per_step_median"]["fast"] / res["weight_read_floor_ms_median"]
                 )
-            res["ratio_tokens_per_s_vs_fast_unsteered"] = {n: med["fast"] / v for n, v in med.items() if n.startswith("fast")}
+            res["ratio_tokens_per_s_vs_fast_unsteered"] = {
+                n: med["fast"] / v for n, v in med.items() if n.startswith("fast")
+            }
             res["cpu_ratio_tokens_per_s_vs_fast_unsteered"] = {
                 n: cpu_med["fast"] / v for n, v in cpu_med.items() if n.startswith("fast")
             }
@@ -266,7 +299,9 @@ def main(argv=None) -> int:
         if args.step_pairs and "fast" in fast_gens:
             for name in ("fast+resid", "fast+heads"):
                 if name in fast_gens:
-                    pairs[f"{name} vs fast"] = interleaved_step_ratio(fast_gens["fast"], fast_gens[name], B, args.step_pairs)
+                    pairs[f"{name} vs fast"] = interleaved_step_ratio(
+                        fast_gens["fast"], fast_gens[name], B, args.step_pairs
+                    )
         if args.step_pairs and "fast+heads" in fast_gens and "fast+heads-16-configs" in fast_gens:
             pairs["fast+heads-16-configs vs fast+heads"] = interleaved_step_ratio(
                 fast_gens["fast+heads"], fast_gens["fast+heads-16-configs"], B, args.step_pairs
@@ -292,7 +327,10 @@ def main(argv=None) -> int:
                 ratios.append(times[1] / statistics.median(times[2:]))
             res["first_step_after_change_over_steady"] = statistics.median(ratios)
         results[f"batch{B}"] = res
-        print(json.dumps({k: v for k, v in res.items() if k not in ("samples_ms_per_token",)}, indent=1), file=sys.stderr)
+        print(
+            json.dumps({k: v for k, v in res.items() if k not in ("samples_ms_per_token",)}, indent=1),
+            file=sys.stderr,
+        )
 
     doc = {
         "bench": "bench_fast_generate",

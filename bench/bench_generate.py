@@ -46,7 +46,9 @@ def head_interventions(geo, seed: int):
 
 def resid_interventions(geo, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return [VectorAdd(f"layers.{layer}.resid", 2.0 * torch.randn(geo.d_model, generator=g)) for layer in LAYERS]
+    return [
+        VectorAdd(f"layers.{layer}.resid", 2.0 * torch.randn(geo.d_model, generator=g)) for layer in LAYERS
+    ]
 
 
 class PlainHooks:
@@ -191,7 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--interleaved", type=int, default=0, help="only interleaved single decode forwards: pairs per variant")
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        help="only interleaved single decode forwards: pairs per variant",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -229,7 +236,10 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 t, c = time.perf_counter(), time.process_time()
                 out = model.generate(
-                    **ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    **ids,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
                     pad_token_id=tok.pad_token_id,
                 )
                 dt, dc = time.perf_counter() - t, time.process_time() - c
@@ -259,7 +269,14 @@ def main(argv=None) -> int:
                 return PlainHooks(model, resid, geo)
             raise KeyError(name)
 
-        names = ["unhooked", "head/fold", "head/dynamic", "head/plain-hooks", "resid/dynamic", "resid/plain-hooks"]
+        names = [
+            "unhooked",
+            "head/fold",
+            "head/dynamic",
+            "head/plain-hooks",
+            "resid/dynamic",
+            "resid/plain-hooks",
+        ]
         if batch_size > 1:
             names.insert(3, "head/dynamic-8-configs")
         samples = {n: [] for n in names}
@@ -267,7 +284,9 @@ def main(argv=None) -> int:
         paired = {n: [] for n in names}  # per round: variant ÷ unhooked of the same round (process CPU time)
         outputs = {}
         for r in range(args.rounds + 1):  # round 0 warms up
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always follows another
+            order = (
+                names[r % len(names) :] + names[: r % len(names)]
+            )  # rotate: no variant always follows another
             this = {}
             for n in order:
                 h = variant(n)
@@ -283,7 +302,11 @@ def main(argv=None) -> int:
                 outputs[n] = out
             for n in this:
                 paired[n].append(this[n] / this["unhooked"])
-            print(f"batch {batch_size} round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if r), file=sys.stderr)
+            print(
+                f"batch {batch_size} round {r}: "
+                + ", ".join(f"{n} {samples[n][-1]:.1f}" for n in names if r),
+                file=sys.stderr,
+            )
         hook_ms = hook_time_per_token(model, variant, gen, batch_size * args.new_tokens)
         med = {n: statistics.median(v) for n, v in samples.items()}
         cpu_med = {n: statistics.median(v) for n, v in cpu_samples.items()}
@@ -309,12 +332,16 @@ def main(argv=None) -> int:
                     torch.equal(outputs["head/dynamic"], outputs["head/plain-hooks"])
                     and torch.equal(outputs["head/fold"], outputs["head/dynamic"])
                 ),
-                "resid: dynamic == plain hooks": bool(torch.equal(outputs["resid/dynamic"], outputs["resid/plain-hooks"])),
+                "resid: dynamic == plain hooks": bool(
+                    torch.equal(outputs["resid/dynamic"], outputs["resid/plain-hooks"])
+                ),
             },
         }
         if batch_size > 1:
             res["ratio_8_configs_vs_1_config"] = med["head/dynamic-8-configs"] / med["head/dynamic"]
-            res["cpu_ratio_8_configs_vs_1_config"] = cpu_med["head/dynamic-8-configs"] / cpu_med["head/dynamic"]
+            res["cpu_ratio_8_configs_vs_1_config"] = (
+                cpu_med["head/dynamic-8-configs"] / cpu_med["head/dynamic"]
+            )
         results[f"batch{batch_size}"] = res
     doc = {
         "bench": "bench_generate",
@@ -335,7 +362,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(doc, indent=2))
     summary = {
         k: {
-            "wall": v["ratio_vs_unhooked"], "cpu": v["cpu_ratio_vs_unhooked"], "paired_cpu": v["paired_cpu_ratio_median"],
+            "wall": v["ratio_vs_unhooked"],
+            "cpu": v["cpu_ratio_vs_unhooked"],
+            "paired_cpu": v["paired_cpu_ratio_median"],
             "hook_share": v["pysteer_hook_share_of_unhooked"],
         }
         for k, v in results.items()

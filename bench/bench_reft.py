@@ -91,7 +91,13 @@ def _train_steps(model, batches: list[torch.Tensor], steps: int, prefix: bool, w
             stats = dict(fp.stats) if fp else None
             if fp:
                 fp.remove()
-    return {"wall": wall, "cpu": cpu, "losses": losses, "params": sum(p.numel() for p in params), "prefix_stats": stats}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "losses": losses,
+        "params": sum(p.numel() for p in params),
+        "prefix_stats": stats,
+    }
 
 
 def bench_training(model, ids: torch.Tensor, steps: int, warmup: int, rounds: int = 2) -> dict:
@@ -100,14 +106,18 @@ def bench_training(model, ids: torch.Tensor, steps: int, warmup: int, rounds: in
     per_round = max(1, steps // rounds)
     runs = {"plain": [], "frozen_prefix": []}
     for r in range(rounds):
-        for name in (["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]):
+        for name in ["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]:
             runs[name].append(_train_steps(model, [ids], per_round, name == "frozen_prefix", warmup=warmup))
     out = {}
     for name, rs in runs.items():
         wall = [w for r in rs for w in r["wall"]]
         cpu = [c for r in rs for c in r["cpu"]]
         out[name] = {
-            "step_s": {"wall_median": statistics.median(wall), "cpu_median": statistics.median(cpu), "wall": wall},
+            "step_s": {
+                "wall_median": statistics.median(wall),
+                "cpu_median": statistics.median(cpu),
+                "wall": wall,
+            },
             "steps_per_s": 1 / statistics.median(wall),
             "losses": [round(v, 5) for v in rs[0]["losses"]],
             "params": rs[0]["params"],
@@ -122,7 +132,10 @@ def bench_training(model, ids: torch.Tensor, steps: int, warmup: int, rounds: in
 
 
 def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
-    return [torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+    return [
+        torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i))
+        for i in range(n)
+    ]
 
 
 def bench_epochs(model, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
@@ -130,7 +143,7 @@ def bench_epochs(model, batches: list[torch.Tensor], epochs: int, rounds: int) -
     outputs, later ones replay them), the two variants alternating run by run."""
     runs = {"plain": [], "frozen_prefix": []}
     for r in range(rounds):
-        for name in (["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]):
+        for name in ["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]:
             runs[name].append(_train_steps(model, batches, epochs * len(batches), name == "frozen_prefix"))
     out = {
         name: {
@@ -167,26 +180,41 @@ def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> di
 
     def fast(steering):
         def run():
-            out = pysteer.generate(model, ids, steering=steering, max_new_tokens=new_tokens, compile=False,
-                                   progress=False, ignore_eos=True)
+            out = pysteer.generate(
+                model,
+                ids,
+                steering=steering,
+                max_new_tokens=new_tokens,
+                compile=False,
+                progress=False,
+                ignore_eos=True,
+            )
             return out.tokens[0]
+
         return run
 
-    variants = {"hf_unsteered": hf_plain, "hf_steered": hf_steered, "fast_unsteered": fast(None),
-                "fast_steered": fast([[iv]])}
+    variants = {
+        "hf_unsteered": hf_plain,
+        "hf_steered": hf_steered,
+        "fast_unsteered": fast(None),
+        "fast_steered": fast([[iv]]),
+    }
     names = list(variants)
     times = {k: {"wall": [], "cpu": []} for k in names}
     tokens = {k: f() for k, f in variants.items()}  # warm-up, and the tokens
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             c0, t0 = time.process_time(), time.perf_counter()
             variants[name]()
             times[name]["wall"].append(time.perf_counter() - t0)
             times[name]["cpu"].append(time.process_time() - c0)
     res = {
         name: {
-            "wall_median_s": statistics.median(t["wall"]), "cpu_median_s": statistics.median(t["cpu"]),
-            "tokens_per_s": new_tokens / statistics.median(t["wall"]), "wall_s": t["wall"], "tokens": tokens[name],
+            "wall_median_s": statistics.median(t["wall"]),
+            "cpu_median_s": statistics.median(t["cpu"]),
+            "tokens_per_s": new_tokens / statistics.median(t["wall"]),
+            "wall_s": t["wall"],
+            "tokens": tokens[name],
         }
         for name, t in times.items()
     }
@@ -201,10 +229,30 @@ def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> di
 
 
 def run_peer(python: str, args) -> dict:
-    cmd = [python, str(ROOT / "bench" / "peers" / "bench_peer_reft.py"), "--batch", str(args.batch), "--seq",
-           str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--new-tokens",
-           str(args.new_tokens), "--rounds", str(args.rounds), "--threads", str(args.threads), "--epoch-batches",
-           str(args.epoch_batches), "--epochs", str(args.epochs), "--epoch-rounds", str(args.epoch_rounds)]
+    cmd = [
+        python,
+        str(ROOT / "bench" / "peers" / "bench_peer_reft.py"),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+        "--epoch-batches",
+        str(args.epoch_batches),
+        "--epochs",
+        str(args.epochs),
+        "--epoch-rounds",
+        str(args.epoch_rounds),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peer bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -223,7 +271,9 @@ def main() -> None:
     ap.add_argument("--epoch-batches", type=int, default=4, help="distinct batches of the whole-run workload")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--epoch-rounds", type=int, default=2)
-    ap.add_argument("--peer-python", default=None, help="the pyreft virtualenv's python (runs its side first)")
+    ap.add_argument(
+        "--peer-python", default=None, help="the pyreft virtualenv's python (runs its side first)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reft-cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,34 +291,71 @@ def main() -> None:
     prompt = torch.tensor([tok(PROMPT)["input_ids"]])
     ours = {
         "side": "pysteer",
-        "versions": {"pysteer": pysteer.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "workload": {"batch": args.batch, "seq": args.seq, "ids_sum": int(ids.sum()), "layer": LAYER, "rank": RANK,
-                     "positions": POSITIONS, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
-                     "rounds": args.rounds, "prompt_ids": prompt[0].tolist(), "attn": model.config._attn_implementation,
-                     "epoch_batches": args.epoch_batches, "epochs": args.epochs},
+        "versions": {
+            "pysteer": pysteer.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "workload": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "ids_sum": int(ids.sum()),
+            "layer": LAYER,
+            "rank": RANK,
+            "positions": POSITIONS,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "prompt_ids": prompt[0].tolist(),
+            "attn": model.config._attn_implementation,
+            "epoch_batches": args.epoch_batches,
+            "epochs": args.epochs,
+        },
         "load_before": os.getloadavg(),
         "training": bench_training(model, ids, args.steps, args.warmup),
-        "epochs": bench_epochs(model, epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
-                               args.epochs, args.epoch_rounds),
+        "epochs": bench_epochs(
+            model,
+            epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
+            args.epochs,
+            args.epoch_rounds,
+        ),
         "generate": bench_generate(model, prompt, args.new_tokens, args.rounds),
     }
     result = {
         "what": "LoReFT (rank 4, layer 15 resid / block_output, f1+l1) on SmolLM2-135M-Instruct, fp32 CPU",
         "script": "bench/bench_reft.py (pysteer) + bench/peers/bench_peer_reft.py (pyreft)",
-        "machine": platform.machine(), "threads": args.threads,
+        "machine": platform.machine(),
+        "threads": args.threads,
         "pysteer": ours,
     }
     ours["load_after"] = os.getloadavg()
     tr, ep, gen = ours["training"]["frozen_prefix"], ours["epochs"], ours["generate"]
-    print(f"pysteer: training {tr['steps_per_s']:.3f} steps/s (frozen prefix; x{ours['training']['frozen_prefix_speedup']['wall']:.2f} "
-          f"over plain), whole run x{ep['frozen_prefix_speedup']['wall']:.2f}; generate steered/unsteered "
-          f"hf {gen['hf_steered_over_unsteered']['wall_median']:.3f}, fast {gen['fast_steered_over_unsteered']['wall_median']:.3f}")
+    print(
+        f"pysteer: training {tr['steps_per_s']:.3f} steps/s (frozen prefix; x{ours['training']['frozen_prefix_speedup']['wall']:.2f} "
+        f"over plain), whole run x{ep['frozen_prefix_speedup']['wall']:.2f}; generate steered/unsteered "
+        f"hf {gen['hf_steered_over_unsteered']['wall_median']:.3f}, fast {gen['fast_steered_over_unsteered']['wall_median']:.3f}"
+    )
     if peer is not None:
-        for key in ("batch", "seq", "ids_sum", "layer", "rank", "positions", "new_tokens", "prompt_ids", "attn",
-                    "epoch_batches", "epochs"):
+        for key in (
+            "batch",
+            "seq",
+            "ids_sum",
+            "layer",
+            "rank",
+            "positions",
+            "new_tokens",
+            "prompt_ids",
+            "attn",
+            "epoch_batches",
+            "epochs",
+        ):
             if peer["workload"][key] != ours["workload"][key]:
-                raise RuntimeError(f"the two sides ran different workloads: {key} {peer['workload'][key]!r} vs {ours['workload'][key]!r}")
+                raise RuntimeError(
+                    f"the two sides ran different workloads: {key} {peer['workload'][key]!r} vs {ours['workload'][key]!r}"
+                )
         pg = peer["generate"]
         result["pyreft"] = peer
         result["note"] = (
@@ -289,7 +376,8 @@ def main() -> None:
             },
             "whole_run_pyreft_over_pysteer": {
                 f"{name}_{clock}": peer["epochs"][f"{clock}_median_s"] / ep[name][f"{clock}_median_s"]
-                for name in ("frozen_prefix", "plain") for clock in ("wall", "cpu")
+                for name in ("frozen_prefix", "plain")
+                for clock in ("wall", "cpu")
             },
             "generate_steered_over_unsteered": {
                 "pysteer_hf_generate": gen["hf_steered_over_unsteered"]["wall_median"],
@@ -300,16 +388,22 @@ def main() -> None:
                 "pysteer_hf_generate": gen["hf_steered"]["tokens_per_s"] / pg["pyreft"]["tokens_per_s"],
                 "pysteer_fast_generate": gen["fast_steered"]["tokens_per_s"] / pg["pyreft"]["tokens_per_s"],
             },
-            "unsteered_tokens_per_s_pysteer_hf_over_pyreft_hf": gen["hf_unsteered"]["tokens_per_s"] / pg["unsteered"]["tokens_per_s"],
+            "unsteered_tokens_per_s_pysteer_hf_over_pyreft_hf": gen["hf_unsteered"]["tokens_per_s"]
+            / pg["unsteered"]["tokens_per_s"],
         }
         result["targets"] = {
             "training_at_least_1.5x_pyreft": {
-                "step, wall": result["ratios"]["training_steps_per_s_pysteer_over_pyreft"]["frozen_prefix"] >= 1.5,
-                "step, cpu": result["ratios"]["training_cpu_step_pyreft_over_pysteer"]["frozen_prefix"] >= 1.5,
-                "whole run, wall": result["ratios"]["whole_run_pyreft_over_pysteer"]["frozen_prefix_wall"] >= 1.5,
+                "step, wall": result["ratios"]["training_steps_per_s_pysteer_over_pyreft"]["frozen_prefix"]
+                >= 1.5,
+                "step, cpu": result["ratios"]["training_cpu_step_pyreft_over_pysteer"]["frozen_prefix"]
+                >= 1.5,
+                "whole run, wall": result["ratios"]["whole_run_pyreft_over_pysteer"]["frozen_prefix_wall"]
+                >= 1.5,
             },
             "steered_generate_at_most_3pct_over_unsteered": {
-                k: v <= 1.03 for k, v in result["ratios"]["generate_steered_over_unsteered"].items() if k != "pyreft"
+                k: v <= 1.03
+                for k, v in result["ratios"]["generate_steered_over_unsteered"].items()
+                if k != "pyreft"
             },
         }
         print(json.dumps(result["ratios"], indent=1))

@@ -173,7 +173,12 @@ class Recorder:
 
 
 def bench_tokens(
-    rec: Recorder, sae: dict, T: int, backends: list[str], device: torch.device, k_values: list[int] = K_VALUES
+    rec: Recorder,
+    sae: dict,
+    T: int,
+    backends: list[str],
+    device: torch.device,
+    k_values: list[int] = K_VALUES,
 ) -> None:
     """Every op for one (d, m, T) cell; ``sae`` holds the weights and the edit tables."""
     W_enc, b_enc, W_dec, b_dec = sae["W_enc"], sae["b_enc"], sae["W_dec"], sae["b_dec"]

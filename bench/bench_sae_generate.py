@@ -38,7 +38,12 @@ def main(argv=None) -> int:
     d = model.config.hidden_size
     m = 16 * d
     g = torch.Generator().manual_seed(0)
-    sae = SAE(torch.randn(d, m, generator=g) / d**0.5, torch.zeros(m), torch.randn(m, d, generator=g) / d**0.5, torch.zeros(d))
+    sae = SAE(
+        torch.randn(d, m, generator=g) / d**0.5,
+        torch.zeros(m),
+        torch.randn(m, d, generator=g) / d**0.5,
+        torch.zeros(d),
+    )
     features = torch.randperm(m, generator=g)[:8].tolist()
     edit = SAEEdit("layers.15.resid", sae, {f: ("add_if_active", 2.0) for f in features})
     ids = tok("Write a short story about a lighthouse keeper.", return_tensors="pt")
@@ -46,7 +51,13 @@ def main(argv=None) -> int:
     def gen():
         t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **ids,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         return out, args.new_tokens / (time.perf_counter() - t), args.new_tokens / (time.process_time() - c)
 
     samples = {"unhooked": [], "sae-steer": []}
@@ -64,7 +75,10 @@ def main(argv=None) -> int:
             if r:
                 samples[name].append(tps)
                 cpu_samples[name].append(cpu_tps)
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items() if v and r), file=sys.stderr)
+        print(
+            f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items() if v and r),
+            file=sys.stderr,
+        )
     med = {k: statistics.median(v) for k, v in samples.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu_samples.items()}
     doc = {
@@ -74,7 +88,13 @@ def main(argv=None) -> int:
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
         "model": "SmolLM2-135M-Instruct (fp32)",
-        "sae": {"d": d, "m": m, "activation": "relu", "edited_latents": len(features), "site": "layers.15.resid"},
+        "sae": {
+            "d": d,
+            "m": m,
+            "activation": "relu",
+            "edited_latents": len(features),
+            "site": "layers.15.resid",
+        },
         "new_tokens": args.new_tokens,
         "tokens_per_s_median": med,
         "samples": samples,
@@ -87,7 +107,20 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(json.dumps({k: doc[k] for k in ("tokens_per_s_median", "ratio_steered_vs_unhooked", "cpu_ratio_steered_vs_unhooked", "steering_changed_tokens")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: doc[k]
+                for k in (
+                    "tokens_per_s_median",
+                    "ratio_steered_vs_unhooked",
+                    "cpu_ratio_steered_vs_unhooked",
+                    "steering_changed_tokens",
+                )
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -114,7 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--gate-pairs", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--skip", default="", help="comma-separated variants to skip")
-    p.add_argument("--compile-backend", default="inductor", help="fast path torch.compile backend (aot_eager: smoke runs)")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="fast path torch.compile backend (aot_eager: smoke runs)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -127,7 +131,9 @@ def main(argv=None) -> int:
     tok.padding_side = "left"
     geo = geometry(base)
     questions = QUESTIONS[: args.questions]
-    chunks = [prompts_of(tok, questions[i : i + args.per_call]) for i in range(0, len(questions), args.per_call)]
+    chunks = [
+        prompts_of(tok, questions[i : i + args.per_call]) for i in range(0, len(questions), args.per_call)
+    ]
     N, T = args.samples, args.new_tokens
     sampling = dict(do_sample=True, temperature=1.0, top_k=50, top_p=1.0)
     skip = set(filter(None, args.skip.split(",")))
@@ -142,7 +148,11 @@ def main(argv=None) -> int:
                 enc = tok(chunk, return_tensors="pt", padding="max_length", max_length=width)
                 with torch.no_grad():
                     out = model.generate(
-                        **enc, max_new_tokens=T, min_new_tokens=T, num_return_sequences=N, pad_token_id=tok.pad_token_id,
+                        **enc,
+                        max_new_tokens=T,
+                        min_new_tokens=T,
+                        num_return_sequences=N,
+                        pad_token_id=tok.pad_token_id,
                         **sampling,
                     )
                 rows += out.shape[0]
@@ -154,13 +164,26 @@ def main(argv=None) -> int:
         def run(seed: int) -> dict:
             t, tokens, steps, abstained, decode = time.perf_counter(), 0, 0, 0, 0.0
             for chunk in chunks:
-                res = gen.generate(chunk, max_new_tokens=T, num_return_sequences=N, ignore_eos=True, seed=seed, **sampling, **extra)
+                res = gen.generate(
+                    chunk,
+                    max_new_tokens=T,
+                    num_return_sequences=N,
+                    ignore_eos=True,
+                    seed=seed,
+                    **sampling,
+                    **extra,
+                )
                 tokens += sum(len(x) for x in res.tokens)
                 steps += sum(T for a in res.abstained if not a)  # row-steps decoded
                 abstained += sum(res.abstained)
                 decode += res.decode_seconds
-            return {"seconds": time.perf_counter() - t, "tokens": tokens, "row_steps": steps, "abstained_rows": abstained,
-                    "decode_seconds": decode}
+            return {
+                "seconds": time.perf_counter() - t,
+                "tokens": tokens,
+                "row_steps": steps,
+                "abstained_rows": abstained,
+                "decode_seconds": decode,
+            }
 
         return run
 
@@ -176,14 +199,18 @@ def main(argv=None) -> int:
     # before (once per process): turn that on first, or the taps variant would recompile "fast".
     guard_hooks_in_compiled_graphs()
     gens = {
-        name: FastGenerator(copy.deepcopy(base), tok, compile_backend=args.compile_backend) for name in ("fast", "fast+taps")
+        name: FastGenerator(copy.deepcopy(base), tok, compile_backend=args.compile_backend)
+        for name in ("fast", "fast+taps")
     }
     gens["gate"] = FastGenerator(copy.deepcopy(base), tok, compile=False)
     runners["fast"] = fast_runner(gens["fast"])
     runners["fast+taps"] = fast_runner(gens["fast+taps"], taps="all")
     runners = {n: r for n, r in runners.items() if n not in skip}
 
-    print(f"{len(questions)} questions x {N} samples x {T} tokens; warming up {len(runners)} variants ...", file=sys.stderr)
+    print(
+        f"{len(questions)} questions x {N} samples x {T} tokens; warming up {len(runners)} variants ...",
+        file=sys.stderr,
+    )
     first_call = {}
     for name, run in runners.items():
         t = time.perf_counter()
@@ -195,14 +222,28 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
             samples[name].append(runners[name](1 + r))
-        print(f"  round {r}: " + ", ".join(f"{n} {samples[n][-1]['tokens'] / samples[n][-1]['seconds']:.1f} tok/s" for n in names), file=sys.stderr)
+        print(
+            f"  round {r}: "
+            + ", ".join(
+                f"{n} {samples[n][-1]['tokens'] / samples[n][-1]['seconds']:.1f} tok/s" for n in names
+            ),
+            file=sys.stderr,
+        )
 
     tps = {n: [s["tokens"] / s["seconds"] for s in v] for n, v in samples.items()}
     res: dict = {
         "what": "sampled generation, N samples per question, exactly new_tokens per sample; tokens/s over all rows",
-        "model": args.model, "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "questions": len(questions), "full_set": len(QUESTIONS), "subset": len(questions) < len(QUESTIONS),
-        "per_call": args.per_call, "samples": N, "new_tokens": T, "sampling": sampling, "rounds": args.rounds,
+        "model": args.model,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "questions": len(questions),
+        "full_set": len(QUESTIONS),
+        "subset": len(questions) < len(QUESTIONS),
+        "per_call": args.per_call,
+        "samples": N,
+        "new_tokens": T,
+        "sampling": sampling,
+        "rounds": args.rounds,
         "tokens_per_s_median": {n: statistics.median(v) for n, v in tps.items()},
         "tokens_per_s_samples": tps,
         "first_call_seconds": first_call,
@@ -221,7 +262,9 @@ def main(argv=None) -> int:
     # taps: the decode step with the recorder ÷ without, adjacent pairs on the last call's slot
     batch = 1 << (len(chunks[-1]) * N - 1).bit_length()
     gens["fast+taps"]._recorder.phase = "decode"  # the steps below replay decode steps outside a call
-    res["taps_decode_step_ratio"] = interleaved_step_ratio(gens["fast"], gens["fast+taps"], batch, args.step_pairs)
+    res["taps_decode_step_ratio"] = interleaved_step_ratio(
+        gens["fast"], gens["fast+taps"], batch, args.step_pairs
+    )
     gens["fast+taps"]._recorder.phase = "prefill"
 
     # gate: prefill (+ first token) of all questions with the gate ÷ without, threshold 1 (nobody
@@ -247,16 +290,25 @@ def main(argv=None) -> int:
     ungated_run = fast_runner(gated_gen)
     g, f = gated_run(7), ungated_run(7)
     res["gate"] = {
-        "probe": "stand-in: fixed random direction over layers 10-19 resid, logistic", "probe_sites": probe.sites,
-        "threshold_median_score": threshold, "scores": scores,
-        "abstained_rows": g["abstained_rows"], "rows": len(questions) * N,
-        "decoded_row_steps": g["row_steps"], "ungated_row_steps": f["row_steps"],
+        "probe": "stand-in: fixed random direction over layers 10-19 resid, logistic",
+        "probe_sites": probe.sites,
+        "threshold_median_score": threshold,
+        "scores": scores,
+        "abstained_rows": g["abstained_rows"],
+        "rows": len(questions) * N,
+        "decoded_row_steps": g["row_steps"],
+        "ungated_row_steps": f["row_steps"],
         "decode_work_saved": 1 - g["row_steps"] / f["row_steps"],
-        "decode_seconds_gated": g["decode_seconds"], "decode_seconds_ungated": f["decode_seconds"],
+        "decode_seconds_gated": g["decode_seconds"],
+        "decode_seconds_ungated": f["decode_seconds"],
         "decode_seconds_saved_fraction": 1 - g["decode_seconds"] / f["decode_seconds"],
     }
     res["loadavg_before"], res["loadavg_after"] = load_before, os.getloadavg()
-    res["python"], res["torch"], res["platform"] = platform.python_version(), torch.__version__, platform.platform()
+    res["python"], res["torch"], res["platform"] = (
+        platform.python_version(),
+        torch.__version__,
+        platform.platform(),
+    )
     import transformers
 
     res["transformers"] = transformers.__version__

@@ -65,56 +65,272 @@ def plan(py: str, out: Path, dry_run: bool, gpu: dict | None) -> list[dict]:
     if dry_run:
         interp = {"TRITON_INTERPRET": "1"}
         return [
-            dict(name="build", cmd=[py, "-c", "import pysteer._C as c; print(c.__file__)"], cap=60, env={}, result=None),
-            dict(name="kernels", cmd=[py, f"{b}/gpu_kernel_launches.py", "--device", "cpu", "--backend", "triton",
-                                      "--out", str(out / "kernels.json")], cap=120, env=interp, result="kernels.json"),
-            dict(name="e2e", cmd=[py, f"{b}/bench_e2e.py", "--shape", "tiny", "--device", "cpu", "--compile", "default",
-                                  "--compile-backend", "aot_eager", "--new-tokens", "8", "--rounds", "2",
-                                  "--out", str(out / "e2e.json")], cap=180, env={}, result="e2e.json"),
-            dict(name="sanitizer", cmd=None, cap=0, env={}, result=None, skip="dry run: compute-sanitizer needs a GPU"),
+            dict(
+                name="build",
+                cmd=[py, "-c", "import pysteer._C as c; print(c.__file__)"],
+                cap=60,
+                env={},
+                result=None,
+            ),
+            dict(
+                name="kernels",
+                cmd=[
+                    py,
+                    f"{b}/gpu_kernel_launches.py",
+                    "--device",
+                    "cpu",
+                    "--backend",
+                    "triton",
+                    "--out",
+                    str(out / "kernels.json"),
+                ],
+                cap=120,
+                env=interp,
+                result="kernels.json",
+            ),
+            dict(
+                name="e2e",
+                cmd=[
+                    py,
+                    f"{b}/bench_e2e.py",
+                    "--shape",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--compile",
+                    "default",
+                    "--compile-backend",
+                    "aot_eager",
+                    "--new-tokens",
+                    "8",
+                    "--rounds",
+                    "2",
+                    "--out",
+                    str(out / "e2e.json"),
+                ],
+                cap=180,
+                env={},
+                result="e2e.json",
+            ),
+            dict(
+                name="sanitizer",
+                cmd=None,
+                cap=0,
+                env={},
+                result=None,
+                skip="dry run: compute-sanitizer needs a GPU",
+            ),
             # the CUDA kernels compiled for the host (csrc launches as loops) and the dispatch tests
-            dict(name="tests", cmd=[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_affine.py",
-                                    "tests/test_ops_affine_linear.py", "tests/test_ops_sae.py", "-k", "host or test_backend_dispatch",
-                                    "tests/test_backend_dispatch.py"], cap=180, env={}, result="tests.txt"),
-            dict(name="ops", cmd=[py, f"{b}/bench_ops.py", "--device", "cpu", "--reps", "2", "--out", str(out / "ops.json")],
-                 cap=120, env={}, result="ops.json"),
-            dict(name="affine-linear", cmd=[py, f"{b}/bench_affine_linear.py", "--device", "cpu", "--reps", "1",
-                                            "--tokens", "1", "4", "--out", str(out / "affine-linear.json")],
-                 cap=120, env={}, result="affine-linear.json"),
-            dict(name="sae-ops", cmd=[py, f"{b}/bench_sae.py", "--device", "cpu", "--grid", "tiny",
-                                      "--out", str(out / "sae-ops.json")], cap=120, env={}, result="sae-ops.json"),
-            dict(name="causal-trace", cmd=[py, f"{b}/bench_causal_trace.py", "--model", "tiny", "--samples", "2",
-                                           "--out", str(out / "causal-trace.json")], cap=120, env={},
-                 result="causal-trace.json"),
+            dict(
+                name="tests",
+                cmd=[
+                    py,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/test_ops_affine.py",
+                    "tests/test_ops_affine_linear.py",
+                    "tests/test_ops_sae.py",
+                    "-k",
+                    "host or test_backend_dispatch",
+                    "tests/test_backend_dispatch.py",
+                ],
+                cap=180,
+                env={},
+                result="tests.txt",
+            ),
+            dict(
+                name="ops",
+                cmd=[
+                    py,
+                    f"{b}/bench_ops.py",
+                    "--device",
+                    "cpu",
+                    "--reps",
+                    "2",
+                    "--out",
+                    str(out / "ops.json"),
+                ],
+                cap=120,
+                env={},
+                result="ops.json",
+            ),
+            dict(
+                name="affine-linear",
+                cmd=[
+                    py,
+                    f"{b}/bench_affine_linear.py",
+                    "--device",
+                    "cpu",
+                    "--reps",
+                    "1",
+                    "--tokens",
+                    "1",
+                    "4",
+                    "--out",
+                    str(out / "affine-linear.json"),
+                ],
+                cap=120,
+                env={},
+                result="affine-linear.json",
+            ),
+            dict(
+                name="sae-ops",
+                cmd=[
+                    py,
+                    f"{b}/bench_sae.py",
+                    "--device",
+                    "cpu",
+                    "--grid",
+                    "tiny",
+                    "--out",
+                    str(out / "sae-ops.json"),
+                ],
+                cap=120,
+                env={},
+                result="sae-ops.json",
+            ),
+            dict(
+                name="causal-trace",
+                cmd=[
+                    py,
+                    f"{b}/bench_causal_trace.py",
+                    "--model",
+                    "tiny",
+                    "--samples",
+                    "2",
+                    "--out",
+                    str(out / "causal-trace.json"),
+                ],
+                cap=120,
+                env={},
+                result="causal-trace.json",
+            ),
         ]
     arch = gpu["arch"] if gpu else "90"
     sanitizer = _sanitizer()
     compiled = {"PYSTEER_TEST_TRITON_INTERPRET": "0", "TRITON_INTERPRET": "0"}
     return [
-        dict(name="build", cmd=[py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
-             cap=240, env={"PYSTEER_BUILD_CUDA": "1", "PYSTEER_CUDA_ARCHS": arch}, result=None),
-        dict(name="kernels", cmd=[py, f"{b}/gpu_kernel_launches.py", "--backend", "cuda", "--out", str(out / "kernels.json")],
-             cap=90, env=compiled, result="kernels.json",
-             also=[py, f"{b}/gpu_kernel_launches.py", "--backend", "triton", "--out", str(out / "kernels.json")]),
-        dict(name="e2e", cmd=[py, f"{b}/bench_e2e.py", "--rounds", "3", "--out", str(out / "e2e.json")], cap=330,
-             env=compiled, result="e2e.json"),
-        dict(name="sanitizer",
-             cmd=None if sanitizer is None else [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
-                                                 py, f"{b}/gpu_kernel_launches.py", "--backend", "cuda"],
-             cap=150, env=compiled, result="sanitizer.txt",
-             skip=None if sanitizer else "compute-sanitizer not found (CUDA_HOME/bin or PATH)"),
-        dict(name="tests", cmd=[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_ops_affine.py",
-                                "tests/test_ops_affine_linear.py", "tests/test_ops_sae.py", "tests/test_backend_dispatch.py"],
-             cap=300, env=compiled, result="tests.txt"),
-        dict(name="ops", cmd=[py, f"{b}/bench_ops.py", "--out", str(out / "ops.json")], cap=120, env=compiled,
-             result="ops.json"),
-        dict(name="affine-linear", cmd=[py, f"{b}/bench_affine_linear.py", "--out", str(out / "affine-linear.json")],
-             cap=120, env=compiled, result="affine-linear.json"),
-        dict(name="sae-ops", cmd=[py, f"{b}/bench_sae.py", "--device", "cuda", "--grid", "quick",
-                                  "--out", str(out / "sae-ops.json")], cap=180, env=compiled, result="sae-ops.json"),
-        dict(name="causal-trace", cmd=[py, f"{b}/bench_causal_trace.py", "--model", "smollm2-shape", "--device", "cuda",
-                                       "--samples", "10", "--batch-size", "256", "--out", str(out / "causal-trace.json")],
-             cap=150, env=compiled, result="causal-trace.json"),
+        dict(
+            name="build",
+            cmd=[py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+            cap=240,
+            env={"PYSTEER_BUILD_CUDA": "1", "PYSTEER_CUDA_ARCHS": arch},
+            result=None,
+        ),
+        dict(
+            name="kernels",
+            cmd=[py, f"{b}/gpu_kernel_launches.py", "--backend", "cuda", "--out", str(out / "kernels.json")],
+            cap=90,
+            env=compiled,
+            result="kernels.json",
+            also=[
+                py,
+                f"{b}/gpu_kernel_launches.py",
+                "--backend",
+                "triton",
+                "--out",
+                str(out / "kernels.json"),
+            ],
+        ),
+        dict(
+            name="e2e",
+            cmd=[py, f"{b}/bench_e2e.py", "--rounds", "3", "--out", str(out / "e2e.json")],
+            cap=330,
+            env=compiled,
+            result="e2e.json",
+        ),
+        dict(
+            name="sanitizer",
+            cmd=None
+            if sanitizer is None
+            else [
+                sanitizer,
+                "--tool",
+                "memcheck",
+                "--error-exitcode",
+                "1",
+                py,
+                f"{b}/gpu_kernel_launches.py",
+                "--backend",
+                "cuda",
+            ],
+            cap=150,
+            env=compiled,
+            result="sanitizer.txt",
+            skip=None if sanitizer else "compute-sanitizer not found (CUDA_HOME/bin or PATH)",
+        ),
+        dict(
+            name="tests",
+            cmd=[
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-x",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_ops_affine.py",
+                "tests/test_ops_affine_linear.py",
+                "tests/test_ops_sae.py",
+                "tests/test_backend_dispatch.py",
+            ],
+            cap=300,
+            env=compiled,
+            result="tests.txt",
+        ),
+        dict(
+            name="ops",
+            cmd=[py, f"{b}/bench_ops.py", "--out", str(out / "ops.json")],
+            cap=120,
+            env=compiled,
+            result="ops.json",
+        ),
+        dict(
+            name="affine-linear",
+            cmd=[py, f"{b}/bench_affine_linear.py", "--out", str(out / "affine-linear.json")],
+            cap=120,
+            env=compiled,
+            result="affine-linear.json",
+        ),
+        dict(
+            name="sae-ops",
+            cmd=[
+                py,
+                f"{b}/bench_sae.py",
+                "--device",
+                "cuda",
+                "--grid",
+                "quick",
+                "--out",
+                str(out / "sae-ops.json"),
+            ],
+            cap=180,
+            env=compiled,
+            result="sae-ops.json",
+        ),
+        dict(
+            name="causal-trace",
+            cmd=[
+                py,
+                f"{b}/bench_causal_trace.py",
+                "--model",
+                "smollm2-shape",
+                "--device",
+                "cuda",
+                "--samples",
+                "10",
+                "--batch-size",
+                "256",
+                "--out",
+                str(out / "causal-trace.json"),
+            ],
+            cap=150,
+            env=compiled,
+            result="causal-trace.json",
+        ),
     ]
 
 
@@ -131,9 +347,13 @@ def run_step(step: dict, out: Path, remaining: float) -> dict:
     for cmd in [step["cmd"]] + ([step["also"]] if step.get("also") else []):
         left = timeout - (time.perf_counter() - t)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1))
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1)
+            )
         except subprocess.TimeoutExpired as err:
-            outputs.append((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""))
+            outputs.append(
+                (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            )
             status, rc = "timeout", None
             break
         outputs.append(proc.stdout + proc.stderr)
@@ -144,12 +364,20 @@ def run_step(step: dict, out: Path, remaining: float) -> dict:
     result = step.get("result")
     if result and result.endswith(".txt"):  # a log; the JSON-writing steps write their own file
         (out / result).write_text(text)
-    return {**record, "status": status, "rc": rc, "seconds": round(time.perf_counter() - t, 1),
-            "result": result, "tail": text[-2000:]}
+    return {
+        **record,
+        "status": status,
+        "rc": rc,
+        "seconds": round(time.perf_counter() - t, 1),
+        "result": result,
+        "tail": text[-2000:],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: proves the script runs (CI)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
     p.add_argument("--out", type=Path, default=ROOT / ".gpu", help="folder for the JSONs (default .gpu/)")
@@ -174,14 +402,21 @@ def main(argv: list[str] | None = None) -> int:
         if only and step["name"] not in only:
             continue
         remaining = args.budget - (time.perf_counter() - start)
-        print(f"gpu_check: [{time.perf_counter() - start:6.1f} s] {step['name']} ...", file=sys.stderr, flush=True)
+        print(
+            f"gpu_check: [{time.perf_counter() - start:6.1f} s] {step['name']} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         record = run_step(step, args.out, remaining)
         summary["steps"].append(record)
         summary["seconds"] = round(time.perf_counter() - start, 1)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"gpu_check: [{time.perf_counter() - start:6.1f} s] {step['name']}: {record['status']}"
-              + (f" ({record.get('reason')})" if record.get("reason") else f" in {record['seconds']} s"),
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu_check: [{time.perf_counter() - start:6.1f} s] {step['name']}: {record['status']}"
+            + (f" ({record.get('reason')})" if record.get("reason") else f" in {record['seconds']} s"),
+            file=sys.stderr,
+            flush=True,
+        )
         failed |= record["status"] in ("failed", "timeout")
         if record["status"] == "failed" and step["name"] == "build":
             break  # nothing else can run on an extension that did not build
@@ -190,10 +425,18 @@ def main(argv: list[str] | None = None) -> int:
         for record in summary["steps"]:
             result = record.get("result")
             # a step cut short by its cap keeps what its bench wrote so far (bench_e2e saves per figure)
-            if record["status"] in ("ok", "timeout") and result and result.endswith(".json") and (args.out / result).is_file():
+            if (
+                record["status"] in ("ok", "timeout")
+                and result
+                and result.endswith(".json")
+                and (args.out / result).is_file()
+            ):
                 shutil.copy(args.out / result, RESULTS / f"{result[:-5]}-gpu-{slug}.json")
         shutil.copy(args.out / "summary.json", RESULTS / f"gpu-check-{slug}.json")
-    print(f"gpu_check: done in {time.perf_counter() - start:.0f} s; {args.out / 'summary.json'}", file=sys.stderr)
+    print(
+        f"gpu_check: done in {time.perf_counter() - start:.0f} s; {args.out / 'summary.json'}",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 

@@ -43,7 +43,10 @@ def launches(device: torch.device, backend: str) -> dict[str, float]:
 
     z, W, b = rand(T, H * D), rand(33, H * D), rand(33)
     out["affine_linear_fwd"] = (
-        (affine_linear(z, rows, M, A, W, b, backend=backend) - affine_linear(z, rows, M, A, W, b, backend="torch"))
+        (
+            affine_linear(z, rows, M, A, W, b, backend=backend)
+            - affine_linear(z, rows, M, A, W, b, backend="torch")
+        )
         .abs()
         .max()
         .item()
@@ -57,7 +60,10 @@ def launches(device: torch.device, backend: str) -> dict[str, float]:
     ref_values, _ = sae.encode_topk(xs, backend="torch")
     out["sae_encode_topk"] = (values.sort(-1).values - ref_values.sort(-1).values).abs().max().item()
     out["sae_decode_sparse"] = (
-        (sae.decode_sparse(indices, values, backend=backend) - sae.decode_sparse(indices, values, backend="torch"))
+        (
+            sae.decode_sparse(indices, values, backend=backend)
+            - sae.decode_sparse(indices, values, backend="torch")
+        )
         .abs()
         .max()
         .item()
@@ -80,7 +86,9 @@ def launches(device: torch.device, backend: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="cuda | triton | torch (default: cuda on a GPU, torch on CPU)")
+    p.add_argument(
+        "--backend", default=None, help="cuda | triton | torch (default: cuda on a GPU, torch on CPU)"
+    )
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.add_argument("--out", default=None, help="JSON file to add this backend's result to")
     args = p.parse_args(argv)

@@ -41,12 +41,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Save ``tensors`` to ``path`` atomically: a reader never sees a half-written file."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata
+        )
     return Path(path)
 
 

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
-    p.add_argument("--no-compile", action="store_true", help="use Hugging Face generate() instead of the fast path")
+    p.add_argument(
+        "--no-compile", action="store_true", help="use Hugging Face generate() instead of the fast path"
+    )
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -63,7 +65,12 @@ def run(args) -> int:
         print(f"steering: {handle}", file=sys.stderr)
     texts = args.prompt
     if not args.no_chat and getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in texts]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in texts
+        ]
     if args.no_compile:
         batch = tok(texts, return_tensors="pt", padding=True).to(model.device)
         if args.seed is not None:
@@ -71,8 +78,12 @@ def run(args) -> int:
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
-                **batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                top_p=args.top_p, pad_token_id=tok.pad_token_id,
+                **batch,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                pad_token_id=tok.pad_token_id,
             )
         seconds = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1] :]
@@ -80,9 +91,15 @@ def run(args) -> int:
         tps = int((new != tok.pad_token_id).sum()) / seconds
     else:
         res = pysteer.generate(
-            model, texts, tokenizer=tok, steering=handle if handle is not None and handle.mode == "dynamic" else None,
-            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed,
+            model,
+            texts,
+            tokenizer=tok,
+            steering=handle if handle is not None and handle.mode == "dynamic" else None,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
         )
         outputs, tps = [t.strip() for t in res.texts], res.tokens_per_second
     for prompt, text in zip(args.prompt, outputs):

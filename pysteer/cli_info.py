@@ -167,7 +167,9 @@ def _format(info: dict[str, Any]) -> str:
     elif tested["inside"]:
         verdict = f"inside the tested range {tested['tested']}"
     else:
-        verdict = f"OUTSIDE the tested range {tested['tested']}: hooks may misread this release's forward arguments"
+        verdict = (
+            f"OUTSIDE the tested range {tested['tested']}: hooks may misread this release's forward arguments"
+        )
     lines.append(f"  {'':<13} transformers {tested['installed']}: {verdict}")
 
     dev = info["device"]

@@ -369,14 +369,20 @@ def _tokenizer_from_gguf(source: Path) -> tuple[PreTrainedTokenizerBase, dict[st
         )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False))
+    backend = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False)
+    )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(
         add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)), use_regex=True
     )
     backend.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type", [])
     backend.add_special_tokens(
-        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _GGUF_CONTROL_TOKEN]
+        [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, t in enumerate(types)
+            if t == _GGUF_CONTROL_TOKEN
+        ]
     )
 
     def token(key: str) -> str | None:
@@ -507,7 +513,9 @@ def _check_fingerprint(model: PreTrainedModel, marker: dict[str, Any], directory
     if not want or marker.get("written_by") == _library_versions():
         return
     got = _fingerprint(model)
-    close = all(abs(a - b) <= _FINGERPRINT_TOL * max(1.0, abs(b)) for a, b in zip(got["logits"], want["logits"]))
+    close = all(
+        abs(a - b) <= _FINGERPRINT_TOL * max(1.0, abs(b)) for a, b in zip(got["logits"], want["logits"])
+    )
     if got["ids"] != want["ids"] or not close:
         raise DefaultModelUnavailable(
             f"the cached model in {directory} computes other logits under these library versions "
@@ -523,7 +531,9 @@ def _load_cache(
 
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **_dtype_kwarg(torch.float32))
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, **_dtype_kwarg(torch.float32)
+        )
     _check_default(model, tokenizer, directory)
     _check_fingerprint(model, marker, directory)
     _prepare_model(model, tokenizer)
@@ -577,7 +587,9 @@ def load_default_model(
             if source is None or writer == _library_versions():
                 raise
             # Written under other library versions that this one cannot read: rebuild from the GGUF file.
-            steps(f"the cache was written by {writer} and does not load here ({type(err).__name__}: {err}); rebuilding it")
+            steps(
+                f"the cache was written by {writer} and does not load here ({type(err).__name__}: {err}); rebuilding it"
+            )
             marker = None
     if loaded is not None:
         model, tokenizer = loaded

@@ -35,18 +35,28 @@ LAYERS = (8, 10, 12)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model directory, or 'default' (embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--alpha", type=float, default=1.5, help="strength in units of the activations' std (default 1.5)")
+    p.add_argument(
+        "--model", default="default", help="model directory, or 'default' (embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=1.5, help="strength in units of the activations' std (default 1.5)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt", action="append", help="prompt(s) to complete (repeatable)")
-    p.add_argument("--save-steering", metavar="FILE", help="also write the positive steering to FILE (safetensors)")
+    p.add_argument(
+        "--save-steering", metavar="FILE", help="also write the positive steering to FILE (safetensors)"
+    )
     p.add_argument("--backend", default=None, help="op backend: auto | torch | triton | cuda")
-    p.add_argument("--no-compile", action="store_true", help="use Hugging Face generate() instead of the fast path")
+    p.add_argument(
+        "--no-compile", action="store_true", help="use Hugging Face generate() instead of the fast path"
+    )
 
 
 def _chat(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -60,7 +70,9 @@ def _run_hf(model, tok, configs, prompts, batch_texts, args):
         batch = tok(texts, return_tensors="pt", padding=True).to(model.device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
         seconds = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1] :]
         n_tokens = int((new != tok.pad_token_id).sum())
@@ -80,8 +92,13 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    layers = [layer for layer in LAYERS if layer < model.config.num_hidden_layers] or [model.config.num_hidden_layers // 2]
-    print(f"deriving a sentiment direction at layers {layers} from {len(POSITIVE)}+{len(NEGATIVE)} sentences ...", file=sys.stderr)
+    layers = [layer for layer in LAYERS if layer < model.config.num_hidden_layers] or [
+        model.config.num_hidden_layers // 2
+    ]
+    print(
+        f"deriving a sentiment direction at layers {layers} from {len(POSITIVE)}+{len(NEGATIVE)} sentences ...",
+        file=sys.stderr,
+    )
     dirs = pysteer.directions.mean_difference(
         model, tok, POSITIVE, NEGATIVE, [f"layers.{i}.resid" for i in layers], position="mean"
     )
@@ -90,7 +107,9 @@ def run(args) -> int:
         "negative": [d.vector_add(alpha=-args.alpha, normalise=True) for d in dirs.values()],
     }
     if args.save_steering:
-        path = pysteer.save({"positive": configs["positive"]}, args.save_steering, metadata={"source": "pysteer demo"})
+        path = pysteer.save(
+            {"positive": configs["positive"]}, args.save_steering, metadata={"source": "pysteer demo"}
+        )
         print(f"wrote {path}", file=sys.stderr)
 
     prompts = args.prompt or PROMPTS
@@ -103,6 +122,7 @@ def run(args) -> int:
     if args.no_compile:
         mixed, mixed_tps, plain_tps = _run_hf(model, tok, configs, prompts, batch_texts, args)
     else:
+
         def run_fast(steering):
             res = pysteer.generate(
                 model, batch_texts, tokenizer=tok, steering=steering, max_new_tokens=args.max_new_tokens

@@ -40,7 +40,9 @@ class Direction:
         if self.site.kind != "attn.heads":
             raise ValueError(f"head_bias needs an attn.heads direction, this one is at {self.site}")
         heads = list(range(self.diff.shape[0])) if heads is None else list(heads)
-        return HeadBias(self.site.layer, head=heads, direction=self.unit[heads], alpha=alpha, sigma=self.std[heads])
+        return HeadBias(
+            self.site.layer, head=heads, direction=self.unit[heads], alpha=alpha, sigma=self.std[heads]
+        )
 
     def vector_add(self, alpha: float = 1.0, normalise: bool = False) -> VectorAdd:
         """CAA intervention: add ``alpha * diff`` (or the unit direction times ``alpha * std``)."""
@@ -99,7 +101,9 @@ def collect(
 def from_activations(site: Site, pos: Tensor, neg: Tensor) -> Direction:
     """Mean difference of ``pos [Np, H, D]`` and ``neg [Nn, H, D]``, with ITI's per-head sigma."""
     if pos.dim() != 3 or neg.dim() != 3 or pos.shape[1:] != neg.shape[1:]:
-        raise ValueError(f"from_activations: expected [N, H, D] tensors of equal H, D, got {tuple(pos.shape)}, {tuple(neg.shape)}")
+        raise ValueError(
+            f"from_activations: expected [N, H, D] tensors of equal H, D, got {tuple(pos.shape)}, {tuple(neg.shape)}"
+        )
     if pos.shape[0] < 1 or neg.shape[0] < 1:
         raise ValueError("from_activations: need at least one positive and one negative sample")
     diff = pos.float().mean(0) - neg.float().mean(0)

@@ -314,7 +314,11 @@ class FastGenerator:
         self._recorder: TapRecorder | None = None  # taps and the abstain gate, kept across calls
         fwd = inspect.signature(model.forward).parameters
         self._logits_kw = (
-            {"logits_to_keep": 1} if "logits_to_keep" in fwd else {"num_logits_to_keep": 1} if "num_logits_to_keep" in fwd else {}
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in fwd
+            else {"num_logits_to_keep": 1}
+            if "num_logits_to_keep" in fwd
+            else {}
         )
         self._pass_cache_position = "cache_position" in fwd
         self._cache_kw = cache_keyword(model)  # "cache" since transformers 5.24, "past_key_values" before
@@ -370,7 +374,9 @@ class FastGenerator:
         return len(_debug_get_cache_entry_list(slot.code)) == 1
 
     # -- the step that gets compiled -------------------------------------------------------------
-    def _decode_step(self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None) -> Tensor:
+    def _decode_step(
+        self, tokens: Tensor, pos: Tensor, mask: Tensor, cache, cache_position: Tensor | None
+    ) -> Tensor:
         kw = dict(self._logits_kw)
         kw[self._cache_kw] = cache
         if cache_position is not None:
@@ -435,7 +441,10 @@ class FastGenerator:
             if not cfg:
                 names.append(None)
                 continue
-            key = next((k for k, v in configs.items() if len(v) == len(cfg) and all(a is b for a, b in zip(v, cfg))), None)
+            key = next(
+                (k for k, v in configs.items() if len(v) == len(cfg) and all(a is b for a, b in zip(v, cfg))),
+                None,
+            )
             if key is None:
                 key = f"request{len(configs)}"
                 configs[key] = list(cfg)
@@ -463,12 +472,16 @@ class FastGenerator:
             raise ValueError("generate: no prompts given")
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
-            raise ValueError(f"generate: prompt {empty[0]} is empty (no tokens); every request needs a prompt")
+            raise ValueError(
+                f"generate: prompt {empty[0]} is empty (no tokens); every request needs a prompt"
+            )
         return rows
 
     def _stop_ids(self, stop, ignore_eos: bool = False) -> list[int]:
         ids: list[int] = []
-        eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(self.model.config, "eos_token_id", None)
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or getattr(
+            self.model.config, "eos_token_id", None
+        )
         if not ignore_eos:
             ids += [eos] if isinstance(eos, int) else list(eos or [])
         for s in [stop] if isinstance(stop, (str, int)) else list(stop or []):
@@ -488,9 +501,21 @@ class FastGenerator:
         return slot
 
     def _start(
-        self, inputs, steering, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-        top_p: float = 1.0, top_k: int = 0, stop=None, seed: int | None = None, ignore_eos: bool = False,
-        num_return_sequences: int = 1, taps=None, abstain=None, threshold: float = 0.5,
+        self,
+        inputs,
+        steering,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop=None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        num_return_sequences: int = 1,
+        taps=None,
+        abstain=None,
+        threshold: float = 0.5,
     ) -> _GenerateCall:
         """Check the arguments, pick the prefill's cache slot and the steering handle of one call
         (the arguments of ``generate``)."""
@@ -512,19 +537,32 @@ class FastGenerator:
         stops = [stop] if isinstance(stop, (str, int)) else list(stop or [])
         # last: a handle steered for this call is removed by _steps, so nothing may raise after it
         handle = self._resolve_steering(steering, n, B)
-        if isinstance(steering, SteeringHandle) and handle is not None and handle.assigned_rows not in (None, n):
-            raise ValueError(f"generate: the handle's rows() cover {handle.assigned_rows} requests, the batch has {n}")
+        if (
+            isinstance(steering, SteeringHandle)
+            and handle is not None
+            and handle.assigned_rows not in (None, n)
+        ):
+            raise ValueError(
+                f"generate: the handle's rows() cover {handle.assigned_rows} requests, the batch has {n}"
+            )
         rng = torch.Generator(device=self.device)
         if seed is not None:
             rng.manual_seed(seed)
         elif do_sample:
             rng.seed()
         return _GenerateCall(
-            prompts=prompts, prompt_width=S, slot=slot, handle=handle, max_new_tokens=max_new_tokens,
-            sampling=(do_sample, temperature, top_p, top_k, rng), stop_ids=stop_ids,
+            prompts=prompts,
+            prompt_width=S,
+            slot=slot,
+            handle=handle,
+            max_new_tokens=max_new_tokens,
+            sampling=(do_sample, temperature, top_p, top_k, rng),
+            stop_ids=stop_ids,
             text_stops=[s for s in stops if isinstance(s, str)],
             pad=int(getattr(self.tokenizer, "pad_token_id", None) or 0),
-            samples=num_return_sequences, taps=sites, abstain=gate,
+            samples=num_return_sequences,
+            taps=sites,
+            abstain=gate,
         )
 
     def _load_prompts(self, call: _GenerateCall) -> tuple[Tensor, Tensor]:
@@ -617,7 +655,9 @@ class FastGenerator:
         slot = call.slot
         slot.pos.copy_(slot.prompt_len[:, None] + (step - 1))
         S = call.prompt_width
-        cache_position = torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
+        cache_position = (
+            torch.full((1,), S + step - 1, device=self.device) if self._pass_cache_position else None
+        )
         args = (slot.tokens, slot.pos, slot.mask, slot.cache, cache_position)
         if slot.compiled or not self.compile_mode:
             return self._run_step(slot, args, trusted=trusted)
@@ -625,7 +665,8 @@ class FastGenerator:
         if self.progress:
             print(
                 f"pysteer: compiling the decode step (batch {slot.batch}, cache {slot.length}, mode {self.compile_mode}) ...",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         tc = time.perf_counter()
         logits = self._run_step(slot, args)
@@ -705,8 +746,17 @@ class FastGenerator:
         With ``num_return_sequences`` N, each step yields N tokens per prompt (grouped per prompt).
         """
         call = self._start(
-            inputs, steering, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, stop=stop, seed=seed, ignore_eos=ignore_eos, num_return_sequences=num_return_sequences,
+            inputs,
+            steering,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            num_return_sequences=num_return_sequences,
         )
         yield from self._steps(call, to_host=True)
 
@@ -741,9 +791,15 @@ class FastGenerator:
                     if s in text:
                         texts[i] = text[: text.index(s)]
         return GenerationResult(
-            tokens=tokens, texts=texts, prompt_tokens=call.prompts, seconds=call.seconds,
-            decode_seconds=call.decode_seconds, steps=call.steps, compile_seconds=call.compile_seconds,
-            logprobs=logprobs, samples_per_prompt=call.samples,
+            tokens=tokens,
+            texts=texts,
+            prompt_tokens=call.prompts,
+            seconds=call.seconds,
+            decode_seconds=call.decode_seconds,
+            steps=call.steps,
+            compile_seconds=call.compile_seconds,
+            logprobs=logprobs,
+            samples_per_prompt=call.samples,
             abstained=[r not in decoded for r in range(n_out)],
             abstain_scores=None if call.scores is None else call.scores.tolist(),
             taps=self._tapped_states(call) if call.taps else None,
@@ -798,8 +854,14 @@ def _chosen_logprob(scores: Tensor, tok: Tensor) -> Tensor:
 def _check_samples(num_return_sequences, do_sample: bool) -> None:
     """``num_return_sequences``: a positive integer; more than one needs sampling (as in HF's ``generate``,
     greedy rows of one prompt would all be equal)."""
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an integer of at least 1, got {num_return_sequences!r}")
+    if (
+        isinstance(num_return_sequences, bool)
+        or not isinstance(num_return_sequences, int)
+        or num_return_sequences < 1
+    ):
+        raise ValueError(
+            f"num_return_sequences must be an integer of at least 1, got {num_return_sequences!r}"
+        )
     if num_return_sequences > 1 and not do_sample:
         raise ValueError(
             f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding gives every sample the same tokens"
@@ -813,7 +875,9 @@ def _check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k) -> Non
     temperature = finite_number(temperature, "temperature")
     top_p = finite_number(top_p, "top_p")
     if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+        raise ValueError(
+            f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)"
+        )
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -855,7 +919,11 @@ _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def get_generator(
-    model: nn.Module, tokenizer=None, compile: str | bool = "auto", progress: bool = True, compile_backend: str = "inductor"
+    model: nn.Module,
+    tokenizer=None,
+    compile: str | bool = "auto",
+    progress: bool = True,
+    compile_backend: str = "inductor",
 ) -> FastGenerator:
     """The model's ``FastGenerator`` for this compile mode (created once, reused across calls)."""
     per_model = _GENERATORS.setdefault(model, {})
@@ -923,8 +991,15 @@ def generate(
     """
     gen = get_generator(model, tokenizer, compile=compile, progress=progress, compile_backend=compile_backend)
     kw = dict(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=stop, seed=seed, ignore_eos=ignore_eos, num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        num_return_sequences=num_return_sequences,
     )
     if stream:
         if taps is not None or abstain is not None:

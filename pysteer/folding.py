@@ -71,7 +71,10 @@ def fold_blocker(terms_per_config: Mapping[str, SiteTerms], has_non_affine: bool
 
 
 def unfoldable_projection(
-    model: nn.Module, spec: ArchSpec, terms_per_config: Mapping[str, SiteTerms], delta_sites: Sequence[Site] = ()
+    model: nn.Module,
+    spec: ArchSpec,
+    terms_per_config: Mapping[str, SiteTerms],
+    delta_sites: Sequence[Site] = (),
 ) -> str | None:
     """Why a projection the steering would fold into cannot take it, or None.
 
@@ -103,7 +106,9 @@ class FoldedProjection:
         self.orig_weight = module.weight.detach().clone()
         bias = getattr(module, "bias", None)
         self.orig_bias = bias.detach().clone() if bias is not None else None
-        self.entries: list[tuple[int, str, Tensor, Tensor]] = []  # (handle id, "in"|"out", m, a) or (.., "delta", U, V)
+        self.entries: list[
+            tuple[int, str, Tensor, Tensor]
+        ] = []  # (handle id, "in"|"out", m, a) or (.., "delta", U, V)
 
     def recompute(self) -> None:
         mod = self.module
@@ -148,7 +153,9 @@ class FoldedProjection:
 FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedProjection] = weakref.WeakKeyDictionary()
 
 
-def fold(owner: int, model: nn.Module, spec: ArchSpec, terms: SiteTerms, deltas: Deltas = ()) -> list[nn.Module]:
+def fold(
+    owner: int, model: nn.Module, spec: ArchSpec, terms: SiteTerms, deltas: Deltas = ()
+) -> list[nn.Module]:
     """Fold one config's terms and weight deltas into their projections as ``owner``'s edits; return
     the projections.
 

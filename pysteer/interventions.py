@@ -136,9 +136,15 @@ def _as_tensor(value, what: str) -> Tensor:
             raise ValueError(f"{what}: contains NaN or inf")
         return value if value.dtype == torch.float64 else value.float()
     try:
-        t = torch.as_tensor(value, dtype=torch.float32) if not isinstance(value, Tensor) else value.detach().float().cpu()
+        t = (
+            torch.as_tensor(value, dtype=torch.float32)
+            if not isinstance(value, Tensor)
+            else value.detach().float().cpu()
+        )
     except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{what}: expected a number or a tensor, got {type(value).__name__} ({err})") from None
+        raise TypeError(
+            f"{what}: expected a number or a tensor, got {type(value).__name__} ({err})"
+        ) from None
     if not torch.isfinite(t).all():
         raise ValueError(f"{what}: contains NaN or inf")
     return t
@@ -297,7 +303,9 @@ class VectorAdd:
         v = _as_tensor(self.vector, f"VectorAdd({site}).vector")
         if v.dim() != 1 or v.shape[0] != H * D:
             raise ValueError(f"VectorAdd({site}): vector must be [{H * D}], got {tuple(v.shape)}")
-        return AffineTerms(site, None, v.reshape(H, D) * finite_number(self.alpha, f"VectorAdd({site}).alpha"))
+        return AffineTerms(
+            site, None, v.reshape(H, D) * finite_number(self.alpha, f"VectorAdd({site}).alpha")
+        )
 
 
 @intervention_kind
@@ -321,7 +329,9 @@ class VectorScale:
         if s.dim() == 0:
             s = s.expand(H * D)
         if s.dim() != 1 or s.shape[0] != H * D:
-            raise ValueError(f"VectorScale({site}): scale must be a scalar or [{H * D}], got {tuple(s.shape)}")
+            raise ValueError(
+                f"VectorScale({site}): scale must be a scalar or [{H * D}], got {tuple(s.shape)}"
+            )
         return AffineTerms(site, s.reshape(H, D).clone(), None)
 
 

@@ -78,7 +78,9 @@ class _Writer:
             stored = self.tensor_keys.get(id(value))
             if stored is None:  # a tensor shared by several fields (both betas of a config) is stored once
                 stored = self.tensor_keys[id(value)] = key
-                self.tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # views of one storage part
+                self.tensors[key] = (
+                    value.detach().to("cpu", copy=True).contiguous()
+                )  # views of one storage part
             return {"tensor": stored}
         if hasattr(value, "to_state") and type(value).__name__ in _object_types():
             entry = self.objects.get(id(value))
@@ -87,7 +89,10 @@ class _Writer:
                 tensors, config = value.to_state()
                 for name, t in tensors.items():
                     self.tensors[f"{obj_key}/{name}"] = t.detach().to("cpu").contiguous()
-                entry = self.objects[id(value)] = (obj_key, {"type": type(value).__name__, "config": config, "tensors": sorted(tensors)})
+                entry = self.objects[id(value)] = (
+                    obj_key,
+                    {"type": type(value).__name__, "config": config, "tensors": sorted(tensors)},
+                )
             return {"object": entry[0]}
         if isinstance(value, tuple):
             return list(value)
@@ -100,7 +105,9 @@ class _Writer:
         if hasattr(iv, "to_fields"):
             fields = iv.to_fields(lambda value, name: self.put(value, f"{key}/{name}"))
         elif dataclasses.is_dataclass(iv):
-            fields = {f.name: self.put(getattr(iv, f.name), f"{key}/{f.name}") for f in dataclasses.fields(iv)}
+            fields = {
+                f.name: self.put(getattr(iv, f.name), f"{key}/{f.name}") for f in dataclasses.fields(iv)
+            }
         else:
             raise TypeError(f"save: {cls} is neither a dataclass nor defines to_fields")
         return {"type": cls, "fields": fields}
@@ -114,11 +121,16 @@ def save(obj, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     _register_builtin_kinds()
     spec = _as_spec(obj)
     writer = _Writer()
-    configs = {name: [writer.encode(iv, f"{name}/{i}") for i, iv in enumerate(ivs)] for name, ivs in spec.configs.items()}
+    configs = {
+        name: [writer.encode(iv, f"{name}/{i}") for i, iv in enumerate(ivs)]
+        for name, ivs in spec.configs.items()
+    }
     doc = {
         "format": FORMAT,
         "configs": configs,
-        "positions": spec.positions if isinstance(spec.positions, str) else [list(p) if not isinstance(p, int) else p for p in spec.positions],
+        "positions": spec.positions
+        if isinstance(spec.positions, str)
+        else [list(p) if not isinstance(p, int) else p for p in spec.positions],
         "metadata": {**spec.metadata, **(metadata or {})},
     }
     if writer.objects:
@@ -156,7 +168,9 @@ class _Reader:
         if missing:
             raise ValueError(f"{where}: stored object {key!r} lacks tensor {missing[0]!r}")
         try:
-            obj = _object_types()[entry["type"]].from_state({n: self.tensors[f"{key}/{n}"] for n in names}, entry.get("config", {}))
+            obj = _object_types()[entry["type"]].from_state(
+                {n: self.tensors[f"{key}/{n}"] for n in names}, entry.get("config", {})
+            )
         except (TypeError, ValueError, KeyError) as err:
             raise ValueError(f"{self.path}: stored {entry['type']} {key!r}: {err}") from None
         self.built[key] = obj
@@ -165,7 +179,11 @@ class _Reader:
 
 def _read_intervention(reader: _Reader, config: str, index: int, item):
     where = f"{reader.path}: configs[{config!r}][{index}]"
-    if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not isinstance(item.get("fields"), dict):
+    if (
+        not isinstance(item, dict)
+        or not isinstance(item.get("type"), str)
+        or not isinstance(item.get("fields"), dict)
+    ):
         raise ValueError(f"{where}: expected {{'type': name, 'fields': {{...}}}}, got {item!r:.80}")
     cls = KINDS.get(item["type"])
     if cls is None:
@@ -184,7 +202,9 @@ def _read_intervention(reader: _Reader, config: str, index: int, item):
         return cls(**{k: get(v, k) for k, v in item["fields"].items()})
     except (TypeError, ValueError, KeyError) as err:
         msg = str(err)
-        raise ValueError(msg if msg.startswith(str(reader.path)) else f"{where}: {item['type']}: {msg}") from None
+        raise ValueError(
+            msg if msg.startswith(str(reader.path)) else f"{where}: {item['type']}: {msg}"
+        ) from None
 
 
 def load(path: str | os.PathLike) -> SteeringSpec:
@@ -204,7 +224,9 @@ def load(path: str | os.PathLike) -> SteeringSpec:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{path}: tensor {key!r} contains NaN or inf")
     if not isinstance(doc.get("configs"), dict) or not doc["configs"]:
-        raise ValueError(f"{path}: field 'configs' must be a non-empty object of config name -> interventions")
+        raise ValueError(
+            f"{path}: field 'configs' must be a non-empty object of config name -> interventions"
+        )
     reader = _Reader(path, tensors, doc.get("objects", {}))
     configs = {}
     for name, items in doc["configs"].items():

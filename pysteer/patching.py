@@ -59,7 +59,9 @@ def _check_values(v: Tensor, n: int, width: int, what: str) -> Tensor:
     if v.dim() == 1:
         v = v.expand(n, -1)
     if v.dim() != 2 or v.shape != (n, width):
-        raise ValueError(f"{what}: values must be [{width}] or [{n}, {width}] for {n} position(s), got {tuple(v.shape)}")
+        raise ValueError(
+            f"{what}: values must be [{width}] or [{n}, {width}] for {n} position(s), got {tuple(v.shape)}"
+        )
     return v
 
 
@@ -91,7 +93,9 @@ class Patch:
         return "Patch"
 
     def values_for(self, n: int, width: int) -> Tensor:
-        return _check_values(_as_tensor(self.value, f"Patch({self.site_name!r}).value"), n, width, f"Patch({self.site_name!r})")
+        return _check_values(
+            _as_tensor(self.value, f"Patch({self.site_name!r}).value"), n, width, f"Patch({self.site_name!r})"
+        )
 
     def make_applier(self, model, resolved: ResolvedSite, num_rows: int, device, group: Sequence[Patch]):
         for iv in group:

@@ -32,14 +32,18 @@ def check_positions(positions: Positions) -> None:
     """Raise unless ``positions`` is a rule name, a list of ints, or one list of ints per batch row."""
     if isinstance(positions, str):
         if positions not in POSITION_RULES:
-            raise ValueError(f"unknown position rule {positions!r}; use one of {POSITION_RULES} or a list of positions")
+            raise ValueError(
+                f"unknown position rule {positions!r}; use one of {POSITION_RULES} or a list of positions"
+            )
         return
     seq = list(positions)
     if not seq:
         raise ValueError("positions: empty list")
     if all(isinstance(p, int) for p in seq):
         return
-    if all(isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(q, int) for q in p) for p in seq):
+    if all(
+        isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(q, int) for q in p) for p in seq
+    ):
         return
     raise ValueError("positions: expected a rule name, a list of ints, or one list of ints per batch row")
 
@@ -85,7 +89,11 @@ class PositionTable:
         if isinstance(positions, str):
             codes, lists = [POSITION_RULES.index(positions)], [[]]
         else:
-            lists = [list(positions)] if all(isinstance(q, int) for q in positions) else [list(q) for q in positions]
+            lists = (
+                [list(positions)]
+                if all(isinstance(q, int) for q in positions)
+                else [list(q) for q in positions]
+            )
             codes = [4] * len(lists)
         width = max(POSITION_SLOTS, max(len(q) for q in lists))
         table = torch.full((len(lists), width), _NO_POSITION, dtype=torch.long)
@@ -104,7 +112,9 @@ class PositionTable:
         B = pos.shape[0]
         code, plist = self.code, self.explicit
         if code.shape[0] not in (1, B):
-            raise ValueError(f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}")
+            raise ValueError(
+                f"pysteer: positions were given for {code.shape[0]} batch rows but the batch has {B}"
+            )
         pl = prompt_len[:, None]
         code = code[:, None]
         target = torch.where(plist < 0, plist + pl, plist)  # [R|B, P]
@@ -209,7 +219,9 @@ class TokenContext:
 
     def with_site_input(self, x: Tensor) -> TokenContext:
         """This context with ``site_input`` set to ``x`` flattened to ``[T, K]``."""
-        return TokenContext(self.rows, self.pos, self.prompt_len, self.backend, x.reshape(self.rows.shape[0], -1))
+        return TokenContext(
+            self.rows, self.pos, self.prompt_len, self.backend, x.reshape(self.rows.shape[0], -1)
+        )
 
     def offsets_from_prompt_end(self) -> Tensor:
         """``[T]`` position relative to the end of the prompt: -1 is the last prompt token, 0 the

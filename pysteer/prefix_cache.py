@@ -125,7 +125,9 @@ class FrozenPrefix:
     # -- lifecycle -----------------------------------------------------------------------------
     def install(self) -> FrozenPrefix:
         if not self._installed:
-            self._forwards = [self._layer_forward(i, layer.forward) for i, layer in enumerate(self.layers[: self.upto])]
+            self._forwards = [
+                self._layer_forward(i, layer.forward) for i, layer in enumerate(self.layers[: self.upto])
+            ]
             for layer, fn in zip(self.layers, self._forwards):
                 layer.forward = fn  # an instance attribute: nothing class-level
             self._installed = True
@@ -200,7 +202,11 @@ class FrozenPrefix:
             if i == 0:
                 self._begin(args, kwargs)
             if self._mode == "replay":
-                hidden = self._entry.output.clone() if i == last else (args[0] if args else kwargs["hidden_states"])
+                hidden = (
+                    self._entry.output.clone()
+                    if i == last
+                    else (args[0] if args else kwargs["hidden_states"])
+                )
                 extras = self._entry.extras[i]
                 return (hidden, *extras) if extras is not None else hidden
             out = forward(*args, **kwargs)
@@ -214,8 +220,11 @@ class FrozenPrefix:
         if isinstance(out, Tensor):
             self._extras.append(None)
             hidden = out
-        elif isinstance(out, tuple) and out and isinstance(out[0], Tensor) and not any(
-            isinstance(x, Tensor) for x in out[1:]
+        elif (
+            isinstance(out, tuple)
+            and out
+            and isinstance(out[0], Tensor)
+            and not any(isinstance(x, Tensor) for x in out[1:])
         ):
             self._extras.append(tuple(out[1:]))
             hidden = out[0]
@@ -233,5 +242,7 @@ class FrozenPrefix:
             self._mode = "run"
 
     def __repr__(self) -> str:
-        return (f"FrozenPrefix(upto={self.upto}, entries={len(self.entries)}, bytes={self.bytes}, "
-                f"stats={self.stats})")
+        return (
+            f"FrozenPrefix(upto={self.upto}, entries={len(self.entries)}, bytes={self.bytes}, "
+            f"stats={self.stats})"
+        )

@@ -36,11 +36,15 @@ def parse_reft_positions(positions: str | Sequence[int]) -> tuple[int, int, list
     if isinstance(positions, str):
         m = _PYREFT.match(positions)
         if not positions or m is None or (m.group(1) is None and m.group(2) is None):
-            raise ValueError(f"LoReFT: positions {positions!r}: use 'f<k>', 'l<k>', 'f<k>+l<m>' or a list of ints")
+            raise ValueError(
+                f"LoReFT: positions {positions!r}: use 'f<k>', 'l<k>', 'f<k>+l<m>' or a list of ints"
+            )
         return int(m.group(1) or 0), int(m.group(2) or 0), []
     out = list(positions)
     if not out or not all(isinstance(p, int) and not isinstance(p, bool) for p in out):
-        raise ValueError(f"LoReFT: positions must be a pyreft string or a non-empty list of ints, got {positions!r}")
+        raise ValueError(
+            f"LoReFT: positions must be a pyreft string or a non-empty list of ints, got {positions!r}"
+        )
     return 0, 0, out
 
 
@@ -123,15 +127,29 @@ class LoReFT:
 
     @classmethod
     def init(
-        cls, site_name: str, d: int, rank: int, positions: str | Sequence[int] = "l1", *, every_step: bool = False,
-        seed: int = 0, device=None,
+        cls,
+        site_name: str,
+        d: int,
+        rank: int,
+        positions: str | Sequence[int] = "l1",
+        *,
+        every_step: bool = False,
+        seed: int = 0,
+        device=None,
     ) -> LoReFT:
         """A fresh edit: random orthonormal ``R``, ``W`` as ``nn.Linear(d, r)`` initialises it, ``b = 0``."""
         g = torch.Generator().manual_seed(seed)
         rotation = orthonormal_rows(torch.randn(rank, d, generator=g))
         bound = 1 / d**0.5
         weight = (torch.rand(rank, d, generator=g) * 2 - 1) * bound
-        return cls(site_name, rotation.to(device), weight.to(device), torch.zeros(rank, device=device), positions, every_step)
+        return cls(
+            site_name,
+            rotation.to(device),
+            weight.to(device),
+            torch.zeros(rank, device=device),
+            positions,
+            every_step,
+        )
 
     @property
     def site(self) -> Site:
@@ -160,9 +178,15 @@ class LoReFT:
             for name, shape in shapes.items():
                 got = tuple(_as_tensor(getattr(iv, name), f"{what}.{name}").shape)
                 if got != shape:
-                    raise ValueError(f"{what}: {name} must be {list(shape)} (rank {iv.rank}, site width {d}), got {got}")
+                    raise ValueError(
+                        f"{what}: {name} must be {list(shape)} (rank {iv.rank}, site width {d}), got {got}"
+                    )
             if not 1 <= iv.rank <= d:
                 raise ValueError(f"{what}: rank must be in [1, {d}], got {iv.rank}")
         slots = max(len(parse_reft_positions(iv.positions)[2]) for iv in group)
-        dtype = torch.float64 if any(_as_tensor(iv.weight, "w").dtype == torch.float64 for iv in group) else torch.float32
+        dtype = (
+            torch.float64
+            if any(_as_tensor(iv.weight, "w").dtype == torch.float64 for iv in group)
+            else torch.float32
+        )
         return _LoReFTApplier(d, self.rank, slots, num_rows, device, dtype)

@@ -36,7 +36,11 @@ def _beta(beta, what: str) -> int:
 
 def _table_dtype(values) -> torch.dtype:
     """float64 tables when a parameter is float64 (gradient checks), float32 otherwise."""
-    return torch.float64 if any(isinstance(v, Tensor) and v.dtype == torch.float64 for v in values) else torch.float32
+    return (
+        torch.float64
+        if any(isinstance(v, Tensor) and v.dtype == torch.float64 for v in values)
+        else torch.float32
+    )
 
 
 def _site_heads(resolved: ResolvedSite) -> tuple[int, int]:
@@ -51,7 +55,9 @@ def _site_heads(resolved: ResolvedSite) -> tuple[int, int]:
 class _WindowApplier:
     """Rows ``1 + (r - 1) * P + k`` of ``M, A`` hold config row ``r`` at window position ``k``."""
 
-    def __init__(self, P: int, num_rows: int, m_shape: tuple[int, int], a_shape: tuple[int, int], device, dtype):
+    def __init__(
+        self, P: int, num_rows: int, m_shape: tuple[int, int], a_shape: tuple[int, int], device, dtype
+    ):
         self.P = P
         R = 1 + (num_rows - 1) * P
         self.M = torch.ones(R, *m_shape, dtype=dtype, device=device)
@@ -112,7 +118,9 @@ class ActivScalar:
         a = self.alpha
         return ("ActivScalar", self.window, tuple(a.shape[1:]) if isinstance(a, Tensor) else ())
 
-    def make_applier(self, model, resolved: ResolvedSite, num_rows: int, device, group: Sequence[ActivScalar]):
+    def make_applier(
+        self, model, resolved: ResolvedSite, num_rows: int, device, group: Sequence[ActivScalar]
+    ):
         H, _ = _site_heads(resolved)
         for iv in group:
             a = _as_tensor(iv.alpha, f"ActivScalar({iv.site_name!r}).alpha")
@@ -191,7 +199,11 @@ class _DynApplier:
         r = ctx.rows.long()
         alpha = (unit @ self.weight.t()).gather(1, r[:, None])[:, 0] + self.bias[r]  # [T]
         scale = 1 + self.sign[r] * alpha
-        M = torch.cat([torch.ones(1, dtype=scale.dtype, device=y.device), scale]).reshape(-1, 1, 1).expand(-1, H, 1)
+        M = (
+            torch.cat([torch.ones(1, dtype=scale.dtype, device=y.device), scale])
+            .reshape(-1, 1, 1)
+            .expand(-1, H, 1)
+        )
         A = torch.zeros(1, 1, 1, device=y.device).expand(M.shape[0], H, 1)
         idx = torch.where(r > 0, torch.arange(1, T + 1, device=y.device), 0).to(torch.int32)
         return affine_steer(y, idx, M, A, ctx.backend)
@@ -231,7 +243,9 @@ class DynScalar:
         for iv in group:
             w = _as_tensor(iv.weight, f"DynScalar({iv.site_name!r}).weight")
             if w.dim() != 1 or w.shape[0] != resolved.width:
-                raise ValueError(f"DynScalar({iv.site_name!r}): weight must be [{resolved.width}], got {tuple(w.shape)}")
+                raise ValueError(
+                    f"DynScalar({iv.site_name!r}): weight must be [{resolved.width}], got {tuple(w.shape)}"
+                )
             if _as_tensor(iv.bias, f"DynScalar({iv.site_name!r}).bias").numel() != 1:
                 raise ValueError(f"DynScalar({iv.site_name!r}): bias must be one number")
         return _DynApplier(resolved.width, num_rows, device, _table_dtype(iv.weight for iv in group))

@@ -73,7 +73,11 @@ class SteeringSpec:
 
 def _normalise_configs(interventions) -> tuple[dict[str, list], Positions | None, dict]:
     if isinstance(interventions, SteeringSpec):
-        return {k: list(v) for k, v in interventions.configs.items()}, interventions.positions, interventions.metadata
+        return (
+            {k: list(v) for k, v in interventions.configs.items()},
+            interventions.positions,
+            interventions.metadata,
+        )
     if isinstance(interventions, Mapping):
         configs = {str(k): list(v) for k, v in interventions.items()}
     elif is_affine(interventions) or hasattr(interventions, "make_applier"):
@@ -124,7 +128,9 @@ class _ModelState:
     def attach(self, handle: SteeringHandle, sites: Sequence[Site]) -> None:
         model = self.model_ref()
         if self.root_hook is None:
-            self.root_hook = self.stack.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True, prepend=True)
+            self.root_hook = self.stack.register_forward_pre_hook(
+                self._root_pre_hook, with_kwargs=True, prepend=True
+            )
         self.handles.append(handle)
         for site in sites:
             self._attach_site(model, handle, site)
@@ -242,7 +248,9 @@ def _check_fusable(model: nn.Module, spec: ArchSpec, sites: Sequence[Site]) -> N
                 "(GPT-2's Conv1D, a LoRA or quantised layer); use projection='separate'"
             )
         if "forward" in proj.__dict__:
-            raise ValueError(f"steer(projection='fused'): {where} already has its forward replaced (e.g. by accelerate)")
+            raise ValueError(
+                f"steer(projection='fused'): {where} already has its forward replaced (e.g. by accelerate)"
+            )
 
 
 def _check_materialised(model: nn.Module) -> None:
@@ -295,11 +303,15 @@ class SteeringHandle:
         if projection not in PROJECTIONS:
             raise ValueError(f"steer: unknown projection {projection!r}; use one of {PROJECTIONS}")
         if trainable and mode == "fold":
-            raise ValueError("steer(trainable=True): a trainable handle needs the dynamic op, not mode='fold'")
+            raise ValueError(
+                "steer(trainable=True): a trainable handle needs the dynamic op, not mode='fold'"
+            )
         model = unwrap_model(model)
         _check_materialised(model)
         configs, spec_positions, metadata = _normalise_configs(interventions)
-        positions = positions if positions is not None else (spec_positions if spec_positions is not None else "all")
+        positions = (
+            positions if positions is not None else (spec_positions if spec_positions is not None else "all")
+        )
         check_positions(positions)
         check_position_range(positions, max_positions(model))
         self.arch = get_spec(model)
@@ -335,7 +347,9 @@ class SteeringHandle:
         self._attach(model)
 
     def _choose_mode(self, mode: str, model: nn.Module, terms, configs, positions) -> str:
-        non_affine = any(not is_affine(iv) and not hasattr(iv, "fold_delta") for ivs in configs.values() for iv in ivs)
+        non_affine = any(
+            not is_affine(iv) and not hasattr(iv, "fold_delta") for ivs in configs.values() for iv in ivs
+        )
         reason = folding.fold_blocker(terms, non_affine, positions)
         if reason is None:
             delta_sites = [site for ivs in configs.values() for site, _, _ in _fold_deltas(ivs)]
@@ -488,7 +502,9 @@ class SteeringHandle:
 
     def _adhoc_terms(self, item):
         if self.trainable:
-            raise TypeError("rows: a trainable handle takes config names (or None) per batch row, not interventions")
+            raise TypeError(
+                "rows: a trainable handle takes config names (or None) per batch row, not interventions"
+            )
         ivs = [item] if is_affine(item) else list(item)
         if any(not is_affine(iv) for iv in ivs):
             raise TypeError("rows: ad-hoc configs may hold affine interventions only")
@@ -565,7 +581,9 @@ class SteeringHandle:
         old_sites = set(self.tables) | set(self.appliers)
         new_sites = set(terms) | {iv.site for iv in ivs if not is_affine(iv)}
         if new_sites - old_sites:
-            raise ValueError(f"update: {sorted(new_sites - old_sites)[0]} is not steered by this handle; steer it in a new handle")
+            raise ValueError(
+                f"update: {sorted(new_sites - old_sites)[0]} is not steered by this handle; steer it in a new handle"
+            )
         self.configs[name] = ivs
         self._terms[name] = terms
         self._build_tables(self.model_ref())
@@ -627,10 +645,14 @@ class SteeringHandle:
 
         self._require_dynamic("frozen_prefix")
         # a layer-output site (resid) is a hook on the layer itself, which runs on a replayed output
-        first_live = {s: s.layer + 1 if s.kind == "resid" else s.layer for s in set(self.tables) | set(self.appliers)}
+        first_live = {
+            s: s.layer + 1 if s.kind == "resid" else s.layer for s in set(self.tables) | set(self.appliers)
+        }
         lowest = min(first_live, key=first_live.get, default=None)
         if lowest is None or first_live[lowest] < 1:
-            raise ValueError(f"frozen_prefix: the handle steers {lowest or 'nothing'}, so no frozen layer lies below it")
+            raise ValueError(
+                f"frozen_prefix: the handle steers {lowest or 'nothing'}, so no frozen layer lies below it"
+            )
         return FrozenPrefix(self.model_ref(), upto=first_live[lowest], max_bytes=max_bytes)
 
     def to_spec(self) -> SteeringSpec:
@@ -657,7 +679,9 @@ class SteeringHandle:
     def _require_dynamic(self, what: str) -> None:
         self._require_live(what)
         if self.mode != "dynamic":
-            raise ValueError(f"{what}: needs mode='dynamic' (this handle folded its steering into the weights)")
+            raise ValueError(
+                f"{what}: needs mode='dynamic' (this handle folded its steering into the weights)"
+            )
 
     def __enter__(self) -> SteeringHandle:
         return self
@@ -718,7 +742,9 @@ def _identity_at(site: Site):
     return HeadScale(site.layer, scale=1.0) if site.kind == "attn.heads" else VectorScale(site.name, 1.0)
 
 
-def reserve_tables(model: nn.Module, sites: Sequence[Site], capacity: int, backend: str | None = None) -> SteeringHandle:
+def reserve_tables(
+    model: nn.Module, sites: Sequence[Site], capacity: int, backend: str | None = None
+) -> SteeringHandle:
     """A dynamic handle with identity tables at ``sites`` and ``capacity`` free rows, steering nothing
     until ``handle.rows([...])`` writes per-request configs into it (the fast path's managed steering)."""
     if not sites:
@@ -768,6 +794,12 @@ def steer(
         model bit-exactly.
     """
     return SteeringHandle(
-        model, interventions, positions=positions, mode=mode, backend=backend, capacity=capacity, projection=projection,
+        model,
+        interventions,
+        positions=positions,
+        mode=mode,
+        backend=backend,
+        capacity=capacity,
+        projection=projection,
         trainable=trainable,
     )

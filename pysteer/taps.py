@@ -42,7 +42,9 @@ def tap_sites(model: nn.Module, taps) -> list[Site]:
         return [Site(i, "resid") for i in range(geometry(model).n_layers)]
     items = [taps] if isinstance(taps, (str, Site)) else list(taps)
     if not items:
-        raise ValueError("taps: an empty list; pass None for no taps, 'all' or site names like 'layers.3.resid'")
+        raise ValueError(
+            "taps: an empty list; pass None for no taps, 'all' or site names like 'layers.3.resid'"
+        )
     sites: list[Site] = []
     for item in items:
         if not isinstance(item, (str, Site)):
@@ -73,10 +75,14 @@ def probe_scores(probe, hidden: list[Tensor], n: int) -> Tensor:
     scores = probe(hidden)
     if not isinstance(scores, Tensor) or scores.shape != (n,):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"abstain: the probe must return a tensor of shape ({n},), one score per prompt, got {got}")
+        raise ValueError(
+            f"abstain: the probe must return a tensor of shape ({n},), one score per prompt, got {got}"
+        )
     scores = scores.detach().float().cpu()
     if not bool(((scores >= 0) & (scores <= 1)).all()):
-        raise ValueError(f"abstain: probe scores must lie in [0, 1], got min {scores.min():.4g}, max {scores.max():.4g}")
+        raise ValueError(
+            f"abstain: probe scores must lie in [0, 1], got min {scores.min():.4g}, max {scores.max():.4g}"
+        )
     return scores
 
 
@@ -94,7 +100,9 @@ class TapRecorder:
         self.prompt_states: list[Tensor | None] = [None] * len(sites)
         self.live: Tensor | None = None  # [B, 1] bool: the row is still generating
         self.latest: list[Tensor] = []  # per site [B, width]: each row's latest recorded state
-        self._hooks = [install_site_hook(resolve_site(model, s), self._recorder(i)) for i, s in enumerate(sites)]
+        self._hooks = [
+            install_site_hook(resolve_site(model, s), self._recorder(i)) for i, s in enumerate(sites)
+        ]
 
     def _recorder(self, index: int):
         def record(x: Tensor) -> None:

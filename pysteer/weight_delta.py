@@ -121,7 +121,9 @@ class WeightDelta:
     def applier_key(self) -> tuple:
         return ("WeightDelta",)
 
-    def make_applier(self, model, resolved: ResolvedSite, num_rows: int, device, group: Sequence[WeightDelta]):
+    def make_applier(
+        self, model, resolved: ResolvedSite, num_rows: int, device, group: Sequence[WeightDelta]
+    ):
         from .models.sites import SITE_TABLE
         from .models.specs import geometry
 
@@ -133,7 +135,11 @@ class WeightDelta:
                     f"{iv._what()}: U must be [{shape[0]}, r] and V [r, {shape[1]}] for this linear "
                     f"(in {shape[0]}, out {shape[1]}), got U {tuple(iv.U.shape)}, V {tuple(iv.V.shape)}"
                 )
-        dtype = torch.float64 if any(_as_tensor(iv.U, "U").dtype == torch.float64 for iv in group) else torch.float32
+        dtype = (
+            torch.float64
+            if any(_as_tensor(iv.U, "U").dtype == torch.float64 for iv in group)
+            else torch.float32
+        )
         return _WeightDeltaApplier(shape, sum(iv.rank for iv in group), num_rows, device, dtype)
 
     def fold_delta(self) -> tuple[Site, Tensor, Tensor]:
@@ -173,11 +179,15 @@ class _WeightDeltaApplier:
         from .ops.lowrank import lowrank_edit
 
         if ctx.site_input is None:
-            raise RuntimeError("WeightDelta: the site did not hand over the linear's input (not a linear's out site)")
+            raise RuntimeError(
+                "WeightDelta: the site did not hand over the linear's input (not a linear's out site)"
+            )
         T = y.shape[0]
         base = y.reshape(T, -1)
         rows = torch.where(self.live[ctx.rows.long()], ctx.rows, 0).to(torch.int32)
-        return lowrank_edit(ctx.site_input, base, rows, self.U, self.c, self.V, backend=ctx.backend).reshape(y.shape)
+        return lowrank_edit(ctx.site_input, base, rows, self.U, self.c, self.V, backend=ctx.backend).reshape(
+            y.shape
+        )
 
 
 def accumulate(old: WeightDelta | None, new: WeightDelta, decay: float = 1.0, lr: float = 1.0) -> WeightDelta:
@@ -193,4 +203,6 @@ def accumulate(old: WeightDelta | None, new: WeightDelta, decay: float = 1.0, lr
             f"accumulate: deltas on different linears ({old.module_site} {old.shape}, {new.module_site} {new.shape})"
         )
     (u1, v1), (u2, v2) = old.factors(), new.factors()
-    return WeightDelta(old.module_site, torch.cat([u1, u2], dim=1), torch.cat([v1 * decay, v2 * lr], dim=0), 1.0)
+    return WeightDelta(
+        old.module_site, torch.cat([u1, u2], dim=1), torch.cat([v1 * decay, v2 * lr], dim=0), 1.0
+    )

@@ -184,7 +184,9 @@ def strip_binding(cu: str, name: str, end: str, drop: tuple[str, ...]) -> str:
 def emulate_launches(cu: str, name: str, pattern: str, replacement: str, expected: int) -> str:
     """Rewrite ``kernel<<<...>>>(`` launches into ``emulate(...)`` calls, checking how many there are."""
     cu, launches = re.subn(pattern, replacement, cu)
-    assert launches == expected, f"csrc/{name} has {launches} launches (expected {expected}); update its host build"
+    assert launches == expected, (
+        f"csrc/{name} has {launches} launches (expected {expected}); update its host build"
+    )
     return cu
 
 
@@ -212,7 +214,9 @@ def c_entry_points(cu: str, namespace: str, prefix: str) -> tuple[str, dict[str,
 # Runs a launch's blocks, and each block's threads, one after another: faithful for kernels without
 # shared memory, warp shuffles or block barriers (csrc/affine.cu, csrc/lowrank.cu). Launches are
 # ``emulate(grid, threads, kernel, args...)``; atomicAdd is a plain add.
-SEQUENTIAL_SHIM = HOST_PRELUDE + r"""
+SEQUENTIAL_SHIM = (
+    HOST_PRELUDE
+    + r"""
 static dim3 blockIdx, threadIdx, blockDim, gridDim;
 inline float atomicAdd(float* p, float v) { const float old = *p; *p += v; return old; }
 template <typename K, typename... Args>
@@ -226,6 +230,7 @@ void emulate(dim3 grid, int threads, K kernel, Args... args) {
     }
 }
 """
+)
 
 
 def sequential_host_source(
@@ -246,7 +251,9 @@ def sequential_host_source(
     points (see :func:`c_entry_points`). Returns the source and the entry points' signatures.
     """
     cu = strip_binding(cu, name, end, drop) + tail
-    cu = emulate_launches(cu, name, r"(\w+<[^<>]*>)<<<(\w+), (\w+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", launches)
+    cu = emulate_launches(
+        cu, name, r"(\w+<[^<>]*>)<<<(\w+), (\w+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", launches
+    )
     api, signatures = c_entry_points(cu, namespace, prefix)
     return SEQUENTIAL_SHIM + cu + api, signatures
 
@@ -278,7 +285,18 @@ def _build_host_extension(
     src, lib = build / f"{name}_host.cpp", build / f"lib{name}_host.so"
     src.write_text(source)
     cxx = shutil.which(os.environ.get("CXX", "g++"))
-    cmd = [cxx, f"-std={std}", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(CUDA_INCLUDE), "-I", str(ROOT / "csrc")]
+    cmd = [
+        cxx,
+        f"-std={std}",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-pthread",
+        "-I",
+        str(CUDA_INCLUDE),
+        "-I",
+        str(ROOT / "csrc"),
+    ]
     proc = subprocess.run([*cmd, str(src), "-o", str(lib)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return HostExtension(ctypes.CDLL(str(lib)), signatures)

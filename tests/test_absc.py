@@ -27,7 +27,11 @@ def test_data_files_have_balanced_splits_and_sentences_with_several_aspects(doma
     for r in rows:
         assert r.domain == domain and r.aspect in r.sentence
         by_sentence.setdefault(r.sentence, []).append(r)
-    several = [exs for exs in by_sentence.values() if len({e.aspect for e in exs}) >= 2 and len({e.polarity for e in exs}) >= 2]
+    several = [
+        exs
+        for exs in by_sentence.values()
+        if len({e.aspect for e in exs}) >= 2 and len({e.polarity for e in exs}) >= 2
+    ]
     assert len(several) >= 0.9 * len(by_sentence)
     # a sentence (and its aspects) stays in one split
     assert all(len({e.split for e in exs}) == 1 for exs in by_sentence.values())
@@ -50,12 +54,20 @@ def test_prompt_is_the_papers_and_goes_in_the_chat_template(real_tokenizer):
     text = absc_mod.absc_text(real_tokenizer, ex)
     assert absc_prompt(ex.sentence, ex.aspect) in text and text != absc_prompt(ex.sentence, ex.aspect)
     # the answer's start follows the question, so the label word is the next token
-    assert text == absc_mod.absc_text(real_tokenizer, ex, answer=False) + "The sentiment polarity of the aspect term fan is"
-    assert absc_mod.absc_text(real_tokenizer, ex, chat=False, answer=False) == absc_prompt(ex.sentence, ex.aspect)
+    assert (
+        text
+        == absc_mod.absc_text(real_tokenizer, ex, answer=False)
+        + "The sentiment polarity of the aspect term fan is"
+    )
+    assert absc_mod.absc_text(real_tokenizer, ex, chat=False, answer=False) == absc_prompt(
+        ex.sentence, ex.aspect
+    )
     # one-token label words: after a space when they follow text, bare right after the assistant turn
     ids = absc_mod.label_token_ids(real_tokenizer)
     assert [real_tokenizer.decode([i]) for i in ids] == [" " + w for w in LABELS]
-    assert [real_tokenizer.decode([i]) for i in absc_mod.label_token_ids(real_tokenizer, answer=False)] == list(LABELS)
+    assert [
+        real_tokenizer.decode([i]) for i in absc_mod.label_token_ids(real_tokenizer, answer=False)
+    ] == list(LABELS)
     # without the answer's start, the aspect's last token sits at one fixed offset from the prompt's end
     rows = load_absc("laptop") + load_absc("restaurant")
     assert len({e.offset for e in absc_mod.encode_examples(real_tokenizer, rows, answer=False)}) == 1
@@ -63,7 +75,7 @@ def test_prompt_is_the_papers_and_goes_in_the_chat_template(real_tokenizer):
     for row, e in zip(rows[:40], absc_mod.encode_examples(real_tokenizer, rows[:40])):
         assert e.offset == e.span[1] - 1 - len(e.ids)
         assert row.aspect.endswith(real_tokenizer.decode(e.ids[e.offset]).strip())
-        assert real_tokenizer.decode(e.ids[e.span[1]:]).startswith(" ?")
+        assert real_tokenizer.decode(e.ids[e.span[1] :]).startswith(" ?")
 
 
 def test_metrics_match_a_hand_count():
@@ -91,8 +103,19 @@ def test_absc_edit_end_to_end_on_a_tiny_model(real_tokenizer, tmp_path):
     n = {"train": 12, "validation": 6, "test": 6}
     data = {"restaurant": _small("restaurant", n), "laptop": _small("laptop", {"test": 6})}
     r = absc_edit(
-        model, real_tokenizer, "restaurant", data=data, trace_examples=2, trace_samples=1, n_layers=(1, 2),
-        lrs=(0.3,), lora_lrs=(0.05,), steps=12, checkpoints=(6, 12), batch_size=4, png=tmp_path / "trace.png",
+        model,
+        real_tokenizer,
+        "restaurant",
+        data=data,
+        trace_examples=2,
+        trace_samples=1,
+        n_layers=(1, 2),
+        lrs=(0.3,),
+        lora_lrs=(0.05,),
+        steps=12,
+        checkpoints=(6, 12),
+        batch_size=4,
+        png=tmp_path / "trace.png",
     )
     assert set(r.test) == {"zero_shot", "loreft_aspect", "loreft_last", "lora"}
     assert r.eval_sets == ["restaurant", "laptop"]
@@ -102,11 +125,18 @@ def test_absc_edit_end_to_end_on_a_tiny_model(real_tokenizer, tmp_path):
             assert m["n"] == 6 and 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
     # tiny llama: 3 layers, d 64; LoReFT rank 4 per layer = 2*4*64 + 4; LoRA r 4 on every o_proj
     k = r.chosen["loreft_aspect"]["n_layers"]
-    assert r.n_params == {"zero_shot": 0, "loreft_aspect": k * 516, "loreft_last": r.chosen["loreft_last"]["n_layers"] * 516, "lora": 3 * 4 * (64 + 64)}
+    assert r.n_params == {
+        "zero_shot": 0,
+        "loreft_aspect": k * 516,
+        "loreft_last": r.chosen["loreft_last"]["n_layers"] * 516,
+        "lora": 3 * 4 * (64 + 64),
+    }
     assert len(r.trace["aspect_last"]) == 3 and sorted(r.trace["ranking"]) == [0, 1]  # never the last layer
     assert r.chosen["loreft_aspect"]["layers"] == sorted(r.trace["ranking"][:k])
     assert {row["method"] for row in r.selection} == set(r.test)
-    assert len([row for row in r.selection if row["method"] == "loreft_aspect"]) == 2 * 2  # 2 layer counts x 2 checkpoints
+    assert (
+        len([row for row in r.selection if row["method"] == "loreft_aspect"]) == 2 * 2
+    )  # 2 layer counts x 2 checkpoints
     for method in ("loreft_aspect", "loreft_last", "lora"):
         losses = r.history[method]
         assert len(losses) == r.chosen[method]["steps"]
@@ -122,7 +152,9 @@ def test_absc_edit_end_to_end_on_a_tiny_model(real_tokenizer, tmp_path):
 
     spec = pysteer.load(r.save(tmp_path / "absc.safetensors"))
     for name in r.interventions:
-        assert [iv.site_name for iv in spec.configs[name]] == [f"layers.{L}.resid" for L in r.chosen["loreft_aspect"]["layers"]]
+        assert [iv.site_name for iv in spec.configs[name]] == [
+            f"layers.{L}.resid" for L in r.chosen["loreft_aspect"]["layers"]
+        ]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     assert all(p.requires_grad for p in model.parameters())  # freezing was undone
@@ -141,8 +173,18 @@ def test_training_lowers_the_loss(real_tokenizer, where, drop):
     edit = absc_mod._ReftEdit(model, [0], where, 4, [e.offset for e in encs], 0, None)
     try:
         losses, _ = absc_mod._fit(
-            model, encs, label_ids, edit, absc_mod._pad_id(real_tokenizer), lr=0.3, steps=15, batch_size=8, seed=0,
-            checkpoints=(), evaluate=dict, log=print,
+            model,
+            encs,
+            label_ids,
+            edit,
+            absc_mod._pad_id(real_tokenizer),
+            lr=0.3,
+            steps=15,
+            batch_size=8,
+            seed=0,
+            checkpoints=(),
+            evaluate=dict,
+            log=print,
         )
     finally:
         edit.close()
@@ -162,11 +204,25 @@ def test_training_replays_the_frozen_layers_with_the_same_losses(real_tokenizer)
         edit = absc_mod._ReftEdit(model, [1], "aspect", 4, [e.offset for e in encs], 0, None)
         made = []
         original = edit.frozen_prefix
-        edit.frozen_prefix = (lambda made=made, original=original: made.append(original()) or made[-1]) if replay else (lambda: None)
+        edit.frozen_prefix = (
+            (lambda made=made, original=original: made.append(original()) or made[-1])
+            if replay
+            else (lambda: None)
+        )
         try:
             runs[replay], _ = absc_mod._fit(
-                model, encs, label_ids, edit, absc_mod._pad_id(real_tokenizer), lr=0.3, steps=6, batch_size=4, seed=0,
-                checkpoints=(), evaluate=dict, log=print,
+                model,
+                encs,
+                label_ids,
+                edit,
+                absc_mod._pad_id(real_tokenizer),
+                lr=0.3,
+                steps=6,
+                batch_size=4,
+                seed=0,
+                checkpoints=(),
+                evaluate=dict,
+                log=print,
             )
         finally:
             edit.close()
@@ -180,9 +236,31 @@ def test_cli_absc_smoke(tiny_dir, tmp_path, capsys):
     js = tmp_path / "absc.json"
     rc = main(
         [
-            "absc", "--model", str(tiny_dir), "--max-examples", "6", "--trace-examples", "1", "--trace-samples", "1",
-            "--n-layers", "1", "--lrs", "0.1", "--lora-lrs", "0.01", "--steps", "2", "--batch-size", "2",
-            "--out", str(tmp_path / "absc.safetensors"), "--png", str(tmp_path / "trace.png"), "--json-out", str(js),
+            "absc",
+            "--model",
+            str(tiny_dir),
+            "--max-examples",
+            "6",
+            "--trace-examples",
+            "1",
+            "--trace-samples",
+            "1",
+            "--n-layers",
+            "1",
+            "--lrs",
+            "0.1",
+            "--lora-lrs",
+            "0.01",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "absc.safetensors"),
+            "--png",
+            str(tmp_path / "trace.png"),
+            "--json-out",
+            str(js),
         ]
     )
     assert rc == 0

@@ -30,7 +30,9 @@ def test_batched_rows_equal_one_forward_per_cell(kind, arch):
     model = tiny_model(arch)
     kw = dict(kind=kind, window=2, samples=3, noise=0.5)
     batched = causal_trace(model, _Tok(), PROMPT, "12 13", "40", batch_size=16, **kw)
-    no_cache = causal_trace(model, _Tok(), PROMPT, "12 13", "40", batch_size=16, prefix_cache=False, skip_unaffected=False, **kw)
+    no_cache = causal_trace(
+        model, _Tok(), PROMPT, "12 13", "40", batch_size=16, prefix_cache=False, skip_unaffected=False, **kw
+    )
     per_cell = causal_trace(model, _Tok(), PROMPT, "12 13", "40", per_cell=True, **kw)
     assert batched.scores.shape == (2, 7) and batched.subject == (1, 3)
     torch.testing.assert_close(batched.scores, per_cell.scores, rtol=1e-5, atol=1e-6)
@@ -44,7 +46,9 @@ def test_restoring_the_last_state_gives_back_the_clean_probability_and_early_tok
     assert r.answer_id == int(r.answer)
     assert float(r.scores[-1, -1]) == pytest.approx(r.clean_prob, rel=1e-5)
     # tokens before the subject are not corrupted: restoring them restores nothing (computed, and skipped)
-    full = causal_trace(model, _Tok(), PROMPT, "14 15", kind="resid", samples=2, noise=1.0, skip_unaffected=False)
+    full = causal_trace(
+        model, _Tok(), PROMPT, "14 15", kind="resid", samples=2, noise=1.0, skip_unaffected=False
+    )
     torch.testing.assert_close(full.scores[:, :3], torch.full((2, 3), r.corrupted_prob), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(full.scores, r.scores, rtol=1e-5, atol=1e-7)
     layer, token = r.best()

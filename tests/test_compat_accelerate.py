@@ -27,7 +27,14 @@ def _fake_repeng(version: str, extra_field: str | None = None) -> types.ModuleTy
 
 
 def _patch_activations_with_normalize(
-    self, model, layer_config=None, operator=None, multiplier=1.0, min_token_index=None, token_indices=None, normalize=False
+    self,
+    model,
+    layer_config=None,
+    operator=None,
+    multiplier=1.0,
+    min_token_index=None,
+    token_indices=None,
+    normalize=False,
 ):
     """A ``patch_activations`` with a parameter steering-vectors 0.12.2 does not have."""
 
@@ -42,21 +49,27 @@ def _fake_steering_vectors(version: str) -> types.ModuleType:
 
 
 def test_a_newer_repeng_field_is_refused_by_name_and_version():
-    with pytest.raises(UnknownLibraryVersion, match=r"repeng 0\.9\.1: ControlVector field 'layer_scales' is unknown"):
+    with pytest.raises(
+        UnknownLibraryVersion, match=r"repeng 0\.9\.1: ControlVector field 'layer_scales' is unknown"
+    ):
         accelerate(_fake_repeng("0.9.1", "layer_scales"))
 
 
 def test_an_older_repeng_without_a_known_field_is_refused():
     module = _fake_repeng("0.1.0")
     module.ControlVector = dataclasses.make_dataclass("ControlVector", [("directions", dict)])
-    with pytest.raises(UnknownLibraryVersion, match=r"repeng 0\.1\.0: ControlVector field 'model_type' is missing"):
+    with pytest.raises(
+        UnknownLibraryVersion, match=r"repeng 0\.1\.0: ControlVector field 'model_type' is missing"
+    ):
         accelerate(module)
 
 
 def test_a_new_patch_activations_parameter_is_refused_before_anything_is_replaced():
     module = _fake_steering_vectors("0.13.0")
     original = module.SteeringVector.patch_activations
-    with pytest.raises(UnknownLibraryVersion, match=r"steering-vectors 0\.13\.0: .*parameter 'normalize' is unknown"):
+    with pytest.raises(
+        UnknownLibraryVersion, match=r"steering-vectors 0\.13\.0: .*parameter 'normalize' is unknown"
+    ):
         accelerate(module)
     assert module.SteeringVector.patch_activations is original
 

@@ -39,7 +39,9 @@ def test_a_control_vector_steers_like_adding_it_after_the_layer():
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 6))
     dirs = _directions(layers=(1,))
-    hook = model.model.layers[1].register_forward_hook(lambda m, a, o: (o[0] + 0.5 * dirs[1],) + tuple(o[1:]) if isinstance(o, tuple) else o + 0.5 * dirs[1])
+    hook = model.model.layers[1].register_forward_hook(
+        lambda m, a, o: (o[0] + 0.5 * dirs[1],) + tuple(o[1:]) if isinstance(o, tuple) else o + 0.5 * dirs[1]
+    )
     try:
         with torch.no_grad():
             ref = model(ids).logits

@@ -40,7 +40,9 @@ def smollm2():
 def _run(model, ids, vocab: int):
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1, :vocab]
-        out = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+        )
     return logits, out[0, ids.shape[1] :]
 
 
@@ -48,7 +50,10 @@ def _check(model, ids, spec_or_ivs, tensors, name, vocab):
     with pysteer.steer(model, spec_or_ivs):
         logits, tokens = _run(model, ids, vocab)
     diff = float((logits - tensors[f"{name}.logits"]).abs().max())
-    assert diff < 2e-4, (name, diff)  # measured <= 4.8e-5 (two transformers releases; the steering moves them 5-8)
+    assert diff < 2e-4, (
+        name,
+        diff,
+    )  # measured <= 4.8e-5 (two transformers releases; the steering moves them 5-8)
     assert tokens.tolist() == tensors[f"{name}.tokens"].tolist(), name
     return diff
 
@@ -67,7 +72,9 @@ def test_repeng_control_vector_and_its_gguf_export(recorded, smollm2):
     model, _ = smollm2
     ids, vocab = tensors["prompt_ids"][None], int(meta["vocab_entries"])
     directions = {k: tensors[f"repeng.direction.{k}"].numpy() for k in (6, 12)}
-    cv = SimpleNamespace(model_type="llama", directions=directions)  # repeng's ControlVector, by its attributes
+    cv = SimpleNamespace(
+        model_type="llama", directions=directions
+    )  # repeng's ControlVector, by its attributes
     _check(model, ids, repeng.to_interventions(cv, coeff=1.5), tensors, "repeng", vocab)
     # repeng's own export_gguf file, read as llama.cpp reads it, steers the same
     from_file, meta_file = llamacpp.read_control_vector(DATA / "repeng.gguf")
@@ -75,7 +82,9 @@ def test_repeng_control_vector_and_its_gguf_export(recorded, smollm2):
     _check(model, ids, llamacpp.to_interventions(from_file, scale=1.5), tensors, "repeng", vocab)
 
 
-@pytest.mark.parametrize(("name", "layer", "layer_type"), [("sv_block", 4, "decoder_block"), ("sv_mlp", 9, "mlp")])
+@pytest.mark.parametrize(
+    ("name", "layer", "layer_type"), [("sv_block", 4, "decoder_block"), ("sv_mlp", 9, "mlp")]
+)
 def test_steering_vectors_apply(recorded, smollm2, name, layer, layer_type):
     tensors, meta = recorded
     model, _ = smollm2
@@ -88,4 +97,6 @@ def test_conversions_refuse_what_they_cannot_express():
     with pytest.raises(TypeError, match="ControlVector"):
         repeng.to_interventions(object())
     with pytest.raises(ValueError, match="layer_type"):
-        steering_vectors.to_spec(SimpleNamespace(layer_activations={1: torch.zeros(4)}, layer_type="input_layernorm"))
+        steering_vectors.to_spec(
+            SimpleNamespace(layer_activations={1: torch.zeros(4)}, layer_type="input_layernorm")
+        )

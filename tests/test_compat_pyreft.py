@@ -68,8 +68,12 @@ def test_same_logits_and_greedy_tokens_as_pyreft(smollm2, recorded):
             with pysteer.steer(model, ivs):
                 steered = model(input_ids=ids).logits[0]
                 gen = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=recorded["new_tokens"],
-                    do_sample=False, eos_token_id=None, pad_token_id=2,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=recorded["new_tokens"],
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=2,
                 )
         want = torch.tensor(rec["steered_logits"])
         diff = (steered[:, sel] - want).abs().max().item()
@@ -78,8 +82,10 @@ def test_same_logits_and_greedy_tokens_as_pyreft(smollm2, recorded):
         assert base_diff < 1e-4  # the two transformers versions agree on the unsteered model
         assert (steered[:, sel] - base[:, sel]).abs().max() > 1.0  # the edit is far from a no-op
         assert steered.argmax(-1).tolist() == rec["steered_argmax"]
-        assert gen[0, ids.shape[1]:].tolist() == rec["steered_greedy"]
-        fast = pysteer.generate(model, ids, steering=[ivs], max_new_tokens=recorded["new_tokens"], compile=False)
+        assert gen[0, ids.shape[1] :].tolist() == rec["steered_greedy"]
+        fast = pysteer.generate(
+            model, ids, steering=[ivs], max_new_tokens=recorded["new_tokens"], compile=False
+        )
         assert fast.tokens[0] == rec["steered_greedy"][: len(fast.tokens[0])]  # the fast path stops at EOS
     assert any(r["steered_greedy"] != r["unsteered_greedy"] for r in recorded["prompts"])
 
@@ -95,7 +101,12 @@ def _two_interventions(tmp_path: Path) -> Path:
     out = tmp_path / "two"
     shutil.copytree(SAVED, out)
     config = json.loads((out / "config.json").read_text())
-    for field in ("representations", "intervention_types", "intervention_dimensions", "intervention_constant_sources"):
+    for field in (
+        "representations",
+        "intervention_types",
+        "intervention_dimensions",
+        "intervention_constant_sources",
+    ):
         config[field] = config[field] * 2
     config["sorted_keys"] = [KEY, KEY[:-1] + "1"]
     (out / "config.json").write_text(json.dumps(config))
@@ -139,8 +150,14 @@ def test_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(PyreftFormatError, match="not valid JSON"):
         load_pyreft(d, positions="l1")
     for change, match in [
-        ({"intervention_types": ["<class 'pyreft.interventions.NoreftIntervention'>"]}, "not pyreft's LoreftIntervention"),
-        ({"representations": [[15, "mlp_activation", "pos", 1, 4]]}, "component 'mlp_activation' has no pysteer site"),
+        (
+            {"intervention_types": ["<class 'pyreft.interventions.NoreftIntervention'>"]},
+            "not pyreft's LoreftIntervention",
+        ),
+        (
+            {"representations": [[15, "mlp_activation", "pos", 1, 4]]},
+            "component 'mlp_activation' has no pysteer site",
+        ),
         ({"representations": [[15, "block_output", "h.pos", 1, 4]]}, "only unit 'pos'"),
         ({"representations": [[15, "block_output", "pos", 1, 8]]}, "low_rank_dimension is 8"),
         ({"representations": []}, "no 'representations'"),

@@ -16,13 +16,22 @@ NEW = 5
 
 def _gen(model, ids):
     out = model.generate(
-        ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        ids,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return out.sequences[:, PROMPT:], torch.stack(out.logits, 1)
 
 
 def _interventions(scale: float, v_head, v_resid):
-    return [HeadBias(0, head=[1, 2], vector=v_head, alpha=scale), HeadScale(1, scale=0.5), VectorAdd("layers.1.resid", v_resid)]
+    return [
+        HeadBias(0, head=[1, 2], vector=v_head, alpha=scale),
+        HeadScale(1, scale=0.5),
+        VectorAdd("layers.1.resid", v_resid),
+    ]
 
 
 def test_steered_forward_has_no_graph_breaks():
@@ -43,8 +52,10 @@ def test_compiled_static_cache_generate_follows_in_place_updates_without_recompi
     ids = torch.randint(3, 128, (2, PROMPT))
     v_head, v_resid = torch.randn(16), 3 * torch.randn(64)
     handle = pysteer.steer(
-        model, {"a": _interventions(1.0, v_head, v_resid), "b": _interventions(-1.0, v_head, -v_resid)},
-        positions="generated", mode="dynamic",
+        model,
+        {"a": _interventions(1.0, v_head, v_resid), "b": _interventions(-1.0, v_head, -v_resid)},
+        positions="generated",
+        mode="dynamic",
     )
     handle.rows(["a", "b"])
     variants = [

@@ -34,11 +34,15 @@ def records():
 
 def _editor(model, inter_attention=True, seed=0):
     torch.manual_seed(seed)
-    editor = DAFNetEditor.for_model(model, DAFNetConfig(SITES, inter_attention=inter_attention, init_edit_lr=1e-2))
+    editor = DAFNetEditor.for_model(
+        model, DAFNetConfig(SITES, inter_attention=inter_attention, init_edit_lr=1e-2)
+    )
     return editor.eval()
 
 
-def test_signals_are_the_linears_input_and_output_gradient_at_the_target_positions(model, real_tokenizer, records):
+def test_signals_are_the_linears_input_and_output_gradient_at_the_target_positions(
+    model, real_tokenizer, records
+):
     flags = [p.requires_grad for p in model.parameters()]
     (sig,) = capture_signals(model, real_tokenizer, records[:1], SITES[1:2])
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -68,7 +72,9 @@ def test_running_norm_keeps_the_exact_mean_and_variance_of_all_rows_seen():
 
 
 @pytest.mark.parametrize("inter_attention", [True, False])
-def test_edits_one_at_a_time_equal_the_same_edits_in_one_causal_pass(model, real_tokenizer, records, inter_attention):
+def test_edits_one_at_a_time_equal_the_same_edits_in_one_causal_pass(
+    model, real_tokenizer, records, inter_attention
+):
     signals = capture_signals(model, real_tokenizer, records, SITES)
     editor = _editor(model, inter_attention)
     with torch.no_grad():
@@ -152,8 +158,14 @@ def test_meta_training_steps_update_the_networks_and_write_a_checkpoint(model, r
     editor = DAFNetEditor.for_model(model, cfg)
     before = {k: v.clone() for k, v in editor.state_dict().items()}
     editor, log = dafnet_train(
-        model, real_tokenizer, load_edits("train")[:6], cfg, TrainConfig(steps=3, max_sequence=4, curriculum_steps=2),
-        editor=editor, checkpoint=str(tmp_path / "ckpt.safetensors"), progress=False,
+        model,
+        real_tokenizer,
+        load_edits("train")[:6],
+        cfg,
+        TrainConfig(steps=3, max_sequence=4, curriculum_steps=2),
+        editor=editor,
+        checkpoint=str(tmp_path / "ckpt.safetensors"),
+        progress=False,
     )
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
     assert any(not torch.equal(before[k], v) for k, v in editor.state_dict().items())
@@ -185,15 +197,44 @@ def test_cli_edit_seq_trains_applies_scores_and_saves(tiny_dir, tmp_path):
     from pysteer.cli import main
     from pysteer.weight_delta import WeightDelta
 
-    editor, out, scores = tmp_path / "editor.safetensors", tmp_path / "edits.safetensors", tmp_path / "scores.json"
-    rc = main([
-        "edit-seq", "--model", str(tiny_dir), "--editor", str(editor), "--train-steps", "2", "--max-sequence", "3",
-        "--layers", "0", "1", "-n", "3", "--out", str(out), "--json-out", str(scores), "--threads", "1",
-    ])
+    editor, out, scores = (
+        tmp_path / "editor.safetensors",
+        tmp_path / "edits.safetensors",
+        tmp_path / "scores.json",
+    )
+    rc = main(
+        [
+            "edit-seq",
+            "--model",
+            str(tiny_dir),
+            "--editor",
+            str(editor),
+            "--train-steps",
+            "2",
+            "--max-sequence",
+            "3",
+            "--layers",
+            "0",
+            "1",
+            "-n",
+            "3",
+            "--out",
+            str(out),
+            "--json-out",
+            str(scores),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     assert editor.is_file()
     saved = pysteer.load(out).configs["default"]
     assert [d.module_site for d in saved] == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
     assert all(isinstance(d, WeightDelta) for d in saved)
-    assert set(json.loads(scores.read_text())["scores"]) == {"n_edits", "reliability", "generality", "locality"}
+    assert set(json.loads(scores.read_text())["scores"]) == {
+        "n_edits",
+        "reliability",
+        "generality",
+        "locality",
+    }
     assert main(["edit-seq", "--model", str(tiny_dir), "--editor", str(editor), "-n", "0"]) == 2

@@ -36,7 +36,9 @@ def test_decode_sdpa_equals_hf_sdpa(groups, per_head_mask):
     # a prefill (several query tokens) is handed to Hugging Face's function unchanged
     q4 = torch.randn(B, H, 4, D, generator=g)
     mask4 = torch.ones(B, 1, 4, L, dtype=torch.bool)
-    assert torch.equal(decode_sdpa(module, q4, k, v, mask4)[0], sdpa_attention_forward(module, q4, k, v, mask4)[0])
+    assert torch.equal(
+        decode_sdpa(module, q4, k, v, mask4)[0], sdpa_attention_forward(module, q4, k, v, mask4)[0]
+    )
 
 
 def test_decode_attention_switches_only_sdpa_models_and_restores():
@@ -64,6 +66,8 @@ def test_fast_path_with_sdpa_gqa_models_equals_hf_generate(arch, compile_mode):
     gen = FastGenerator(model, compile=compile_mode, compile_backend="aot_eager", progress=False)
     got = gen.generate(prompts, max_new_tokens=6).tokens
     for prompt, tokens in zip(prompts, got):
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+        )
         assert tokens == ref[0, len(prompt) :].tolist()
     assert model.config._attn_implementation == "sdpa"

@@ -249,8 +249,13 @@ def test_cached_config_reads_the_same_rope_theta_under_this_transformers(tmp_pat
     from pysteer.default_model import _make_config_portable
 
     written_by_5x = {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100,
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
         "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
     }
     (tmp_path / "config.json").write_text(json.dumps(written_by_5x))

@@ -23,7 +23,9 @@ def test_shipped_set_has_disjoint_subject_splits_and_the_record_shape():
     for r in train + evals:
         assert len(r.paraphrases) >= 2 and len(r.locality) >= 2
         assert r.target_new != r.target_true
-    assert {r.relation for r in evals} == {r.relation for r in train} == {"capital", "language", "city_country"}
+    assert (
+        {r.relation for r in evals} == {r.relation for r in train} == {"capital", "language", "city_country"}
+    )
 
 
 def test_a_bad_record_is_refused_naming_its_line(tmp_path):
@@ -54,7 +56,7 @@ def test_the_models_own_greedy_continuation_scores_one(model, real_tokenizer):
     ids = real_tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    greedy = gen[0, ids.shape[1]:]
+    greedy = gen[0, ids.shape[1] :]
     batch = teacher_forced(real_tokenizer, [prompt], [real_tokenizer.decode(greedy)])
     if not torch.equal(batch.labels[batch.predict_at], greedy):
         pytest.skip("the greedy tokens do not re-tokenise to themselves")

@@ -23,7 +23,9 @@ def _prompts(lengths, seed=0):
 
 
 def _hf_greedy(model, prompt, n=NEW):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -51,7 +53,11 @@ def model(request):
 @pytest.mark.parametrize("compile_mode", [False, "aot_eager"])
 def test_greedy_tokens_equal_hf_generate_unsteered_and_steered(model, compile_mode):
     prompts = _prompts([7, 3, 5])  # different lengths: left padding inside the fast path
-    kw = {"compile": False} if compile_mode is False else {"compile": "default", "compile_backend": compile_mode}
+    kw = (
+        {"compile": False}
+        if compile_mode is False
+        else {"compile": "default", "compile_backend": compile_mode}
+    )
     got = generate(model, prompts, max_new_tokens=NEW, progress=False, **kw).tokens
     assert got == [_hf_greedy(model, p) for p in prompts]
     geo = geometry(model)
@@ -89,7 +95,9 @@ def test_changes_between_calls_never_recompile_and_outputs_follow():
     model = _no_eos(tiny_model("llama"))
     geo = geometry(model)
     prompts = _prompts([6, 6])
-    handle = pysteer.steer(model, {"a": _steering(geo, 1.0), "b": _steering(geo, -1.0, seed=3)}, mode="dynamic")
+    handle = pysteer.steer(
+        model, {"a": _steering(geo, 1.0), "b": _steering(geo, -1.0, seed=3)}, mode="dynamic"
+    )
     handle.rows(["a", "b"])
     gen = FastGenerator(model, compile="default", compile_backend="aot_eager", progress=False)
     changes = [
@@ -117,14 +125,18 @@ def test_changes_between_calls_never_recompile_and_outputs_follow():
 
 
 def _hf_greedy_rows(model, handle, prompts):
-    out = model.generate(torch.tensor(prompts), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        torch.tensor(prompts), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )
     return [row[len(prompts[0]) :] for row in out.tolist()]
 
 
 def test_sampling_with_a_seed_is_reproducible():
     model = _no_eos(tiny_model("llama"))
     prompts = _prompts([4, 4])
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50, compile=False, progress=False)
+    kw = dict(
+        max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50, compile=False, progress=False
+    )
     a = generate(model, prompts, seed=123, **kw).tokens
     b = generate(model, prompts, seed=123, **kw).tokens
     c = generate(model, prompts, seed=7, **kw).tokens
@@ -166,12 +178,16 @@ def test_bad_arguments_raise_clear_errors():
 def test_ignore_eos_generates_every_token():
     model = tiny_model("llama")
     prompt = _prompts([5])[0]
-    free = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True).tokens[0]
+    free = generate(
+        model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True
+    ).tokens[0]
     assert len(free) == NEW
     model.generation_config.eos_token_id = free[1]  # make the second token an EOS
     cut = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False).tokens[0]
     assert cut == free[:2]
-    again = generate(model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True).tokens[0]
+    again = generate(
+        model, [prompt], max_new_tokens=NEW, compile=False, progress=False, ignore_eos=True
+    ).tokens[0]
     assert again == free
 
 
@@ -227,10 +243,15 @@ def test_generators_of_identical_models_never_share_graphs():
     plain, steered = _no_eos(tiny_model("llama")), _no_eos(tiny_model("llama"))
     geo = geometry(steered)
     handle = pysteer.steer(steered, _steering(geo, 1.0), mode="dynamic")
-    gens = [FastGenerator(m, compile="default", compile_backend="aot_eager", progress=False) for m in (plain, steered)]
+    gens = [
+        FastGenerator(m, compile="default", compile_backend="aot_eager", progress=False)
+        for m in (plain, steered)
+    ]
     got = [g.generate(prompts, max_new_tokens=NEW).tokens for g in gens]
     again = [g.generate(prompts, max_new_tokens=NEW).tokens for g in gens]
-    want = [FastGenerator(m, compile=False).generate(prompts, max_new_tokens=NEW).tokens for m in (plain, steered)]
+    want = [
+        FastGenerator(m, compile=False).generate(prompts, max_new_tokens=NEW).tokens for m in (plain, steered)
+    ]
     assert got == again == want
     assert want[0] != want[1]
     handle.remove()  # a new hook set: a fresh graph, and the unsteered tokens again

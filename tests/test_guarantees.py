@@ -77,7 +77,9 @@ def test_alpha_that_is_not_a_number_is_refused_by_name(bad):
 
 
 def test_set_alpha_nan_raises_and_changes_nothing(model, ids):
-    with pysteer.steer(model, VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=2.0), mode="dynamic") as h:
+    with pysteer.steer(
+        model, VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=2.0), mode="dynamic"
+    ) as h:
         steered = _logits(model, ids)
         with pytest.raises(ValueError, match="alpha"):
             h.set_alpha(float("nan"))
@@ -129,16 +131,31 @@ def _bad_calls(rng: random.Random):
     ones = torch.ones(D_MODEL)
     makers = {
         "HeadBias.vector": ("vector", lambda m, v: pysteer.steer(m, HeadBias(0, head=1, vector=v))),
-        "HeadBias.head": ("head", lambda m, v: pysteer.steer(m, HeadBias(0, head=v, vector=torch.ones(HEAD_DIM)))),
-        "HeadBias.layer": ("layer", lambda m, v: pysteer.steer(m, HeadBias(v, head=0, vector=torch.ones(HEAD_DIM)))),
+        "HeadBias.head": (
+            "head",
+            lambda m, v: pysteer.steer(m, HeadBias(0, head=v, vector=torch.ones(HEAD_DIM))),
+        ),
+        "HeadBias.layer": (
+            "layer",
+            lambda m, v: pysteer.steer(m, HeadBias(v, head=0, vector=torch.ones(HEAD_DIM))),
+        ),
         "HeadScale.scale": ("scale", lambda m, v: pysteer.steer(m, HeadScale(1, head=0, scale=v))),
         "VectorAdd.vector": ("vector", lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", v))),
-        "VectorAdd.alpha": ("alpha", lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", ones, alpha=v))),
+        "VectorAdd.alpha": (
+            "alpha",
+            lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", ones, alpha=v)),
+        ),
         "VectorAdd.site": ("site", lambda m, v: pysteer.steer(m, VectorAdd(v, ones))),
         "VectorScale.scale": ("scale", lambda m, v: pysteer.steer(m, VectorScale("layers.0.mlp.out", v))),
-        "positions": ("positions", lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", ones), positions=v)),
+        "positions": (
+            "positions",
+            lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", ones), positions=v),
+        ),
         "mode": ("mode", lambda m, v: pysteer.steer(m, VectorAdd("layers.1.resid", ones), mode=v)),
-        "second of two": ("vector", lambda m, v: pysteer.steer(m, [HeadScale(0, head=1, scale=0.5), VectorAdd("layers.1.resid", v)])),
+        "second of two": (
+            "vector",
+            lambda m, v: pysteer.steer(m, [HeadScale(0, head=1, scale=0.5), VectorAdd("layers.1.resid", v)]),
+        ),
     }
     for what, (kind, make) in makers.items():
         value = rng.choice(_BAD[kind])
@@ -190,7 +207,9 @@ def test_bad_values_on_a_live_handle_raise_and_leave_its_steering_as_it_was(ids)
 @pytest.mark.parametrize("mode", ["fold", "dynamic"])
 def test_a_removed_handle_is_inert(model, ids, mode):
     base = _logits(model, ids)
-    h = pysteer.steer(model, [HeadScale(1, head=2, scale=0.5), HeadBias(0, head=1, vector=torch.ones(HEAD_DIM))], mode=mode)
+    h = pysteer.steer(
+        model, [HeadScale(1, head=2, scale=0.5), HeadBias(0, head=1, vector=torch.ones(HEAD_DIM))], mode=mode
+    )
     assert not torch.equal(_logits(model, ids), base)
     h.remove()
     calls = {
@@ -249,7 +268,14 @@ def test_a_dynamic_patch_that_fails_halfway_leaves_no_hook(model, ids, monkeypat
 
     monkeypatch.setattr(steering, "install_site_hook", fail_on_second)
     with pytest.raises(RuntimeError, match="simulated"):
-        pysteer.steer(model, [VectorAdd("layers.0.resid", torch.ones(D_MODEL)), VectorAdd("layers.1.resid", torch.ones(D_MODEL))], mode="dynamic")
+        pysteer.steer(
+            model,
+            [
+                VectorAdd("layers.0.resid", torch.ones(D_MODEL)),
+                VectorAdd("layers.1.resid", torch.ones(D_MODEL)),
+            ],
+            mode="dynamic",
+        )
     assert _hooks(model) == 0
     assert torch.equal(_logits(model, ids), base)
 
@@ -302,7 +328,10 @@ def test_lora_wrapped_projection_is_never_folded(arch, proj, caplog):
         return x
 
     inner = peft_model.get_base_model()
-    hooks = [install_site_hook(resolve_site(inner, f"layers.{i}.attn.heads"), lambda x, i=i: scale_head(x, i)) for i in (0, 1)]
+    hooks = [
+        install_site_hook(resolve_site(inner, f"layers.{i}.attn.heads"), lambda x, i=i: scale_head(x, i))
+        for i in (0, 1)
+    ]
     try:
         expected = _logits(peft_model, ids)
     finally:
@@ -381,8 +410,12 @@ def test_flat_list_of_one_intervention_per_prompt_is_refused_as_ambiguous(model)
     a = VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=4.0)
     b = VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=-4.0)
     with pytest.raises(ValueError, match="reads two ways"):
-        pysteer.generate(model, [[5, 6], [7, 8]], steering=[a, b], max_new_tokens=2, compile=False, progress=False)
-    per_prompt = pysteer.generate(model, [[5, 6], [7, 8]], steering=[[a], [b]], max_new_tokens=2, compile=False, progress=False)
+        pysteer.generate(
+            model, [[5, 6], [7, 8]], steering=[a, b], max_new_tokens=2, compile=False, progress=False
+        )
+    per_prompt = pysteer.generate(
+        model, [[5, 6], [7, 8]], steering=[[a], [b]], max_new_tokens=2, compile=False, progress=False
+    )
     with pysteer.steer(model, a, mode="dynamic"):
         alone = pysteer.generate(model, [[5, 6]], max_new_tokens=2, compile=False, progress=False)
     assert per_prompt.tokens[0] == alone.tokens[0]
@@ -390,7 +423,10 @@ def test_flat_list_of_one_intervention_per_prompt_is_refused_as_ambiguous(model)
 
 def test_rows_repeat_each_entry_for_consecutive_batch_rows(model):
     ids = torch.randint(3, 100, (4, 5), generator=torch.Generator().manual_seed(3))
-    cfgs = {"a": [VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=3.0)], "b": [VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=-3.0)]}
+    cfgs = {
+        "a": [VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=3.0)],
+        "b": [VectorAdd("layers.1.resid", torch.ones(D_MODEL), alpha=-3.0)],
+    }
     with pysteer.steer(model, cfgs, mode="dynamic") as h:
         h.rows(["a", "b"])
         short = _logits(model, ids)
@@ -435,7 +471,9 @@ def test_untouched_tokens_are_bit_exact_whatever_the_sae_dtype(model, ids, sae_d
     assert not torch.allclose(steered[:, 4:], base[:, 4:])
 
 
-@pytest.mark.parametrize("model_dtype,vec_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize(
+    "model_dtype,vec_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64)]
+)
 def test_untouched_tokens_are_bit_exact_whatever_the_steering_dtype(model_dtype, vec_dtype, ids):
     model = tiny_model("llama", seed=0, dtype=model_dtype)
     base = _logits(model, ids)
@@ -461,7 +499,18 @@ def _steering_file(path: Path, doc, tensors=None) -> Path:
 def _valid_doc():
     return {
         "format": "pysteer.steering/1",
-        "configs": {"default": [{"type": "VectorAdd", "fields": {"site_name": "layers.1.resid", "vector": {"tensor": "default/0/vector"}, "alpha": 1.0}}]},
+        "configs": {
+            "default": [
+                {
+                    "type": "VectorAdd",
+                    "fields": {
+                        "site_name": "layers.1.resid",
+                        "vector": {"tensor": "default/0/vector"},
+                        "alpha": 1.0,
+                    },
+                }
+            ]
+        },
         "positions": "all",
         "metadata": {},
     }
@@ -477,13 +526,52 @@ def test_a_valid_handmade_steering_file_loads(tmp_path):
     [
         (lambda d: "{not json", "not valid JSON"),
         (lambda d: {k: v for k, v in d.items() if k != "configs"}, "'configs'"),
-        (lambda d: {**d, "configs": {"default": [{"type": "VectorAdd", "fields": {**d["configs"]["default"][0]["fields"], "gain": 2}}]}}, "no field 'gain'"),
-        (lambda d: {**d, "configs": {"default": [{"type": "Mystery", "fields": {}}]}}, "unknown intervention type 'Mystery'"),
-        (lambda d: {**d, "configs": {"default": [{"type": "VectorAdd", "fields": {**d["configs"]["default"][0]["fields"], "alpha": "big"}}]}}, "alpha"),
+        (
+            lambda d: {
+                **d,
+                "configs": {
+                    "default": [
+                        {"type": "VectorAdd", "fields": {**d["configs"]["default"][0]["fields"], "gain": 2}}
+                    ]
+                },
+            },
+            "no field 'gain'",
+        ),
+        (
+            lambda d: {**d, "configs": {"default": [{"type": "Mystery", "fields": {}}]}},
+            "unknown intervention type 'Mystery'",
+        ),
+        (
+            lambda d: {
+                **d,
+                "configs": {
+                    "default": [
+                        {
+                            "type": "VectorAdd",
+                            "fields": {**d["configs"]["default"][0]["fields"], "alpha": "big"},
+                        }
+                    ]
+                },
+            },
+            "alpha",
+        ),
         (lambda d: {**d, "configs": {"default": "VectorAdd"}}, "must be a list"),
         (lambda d: {**d, "positions": "sometimes"}, "'positions'"),
         (lambda d: {**d, "metadata": [1]}, "'metadata'"),
-        (lambda d: {**d, "configs": {"default": [{"type": "VectorAdd", "fields": {"site_name": "layers.1.resid", "vector": {"tensor": "gone"}}}]}}, "tensor 'gone'"),
+        (
+            lambda d: {
+                **d,
+                "configs": {
+                    "default": [
+                        {
+                            "type": "VectorAdd",
+                            "fields": {"site_name": "layers.1.resid", "vector": {"tensor": "gone"}},
+                        }
+                    ]
+                },
+            },
+            "tensor 'gone'",
+        ),
     ],
 )
 def test_malformed_steering_files_name_the_file_and_field(tmp_path, mutate, match):
@@ -525,7 +613,9 @@ def test_files_pysteer_writes_are_ordinary_files(tmp_path, model):
         ]
         from pysteer.recipes.locate import LocateResult
 
-        located = LocateResult(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4, 16), torch.ones(2, 4), [0], {})
+        located = LocateResult(
+            torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4, 16), torch.ones(2, 4), [0], {}
+        )
         paths.append(located.save(tmp_path / "located.safetensors"))
     finally:
         os.umask(umask)
@@ -544,7 +634,15 @@ def test_a_directory_of_another_runs_shards_without_manifest_is_refused(tmp_path
 
     docs = [list(range(3, 3 + n)) for n in (5, 7, 4, 9, 6, 8)]
     first = tmp_path / "first"
-    trace_dataset(tiny_model("llama"), docs, ["layers.1.resid"], first, dtype=torch.float32, batch_size=2, shard_tokens=8)
+    trace_dataset(
+        tiny_model("llama"),
+        docs,
+        ["layers.1.resid"],
+        first,
+        dtype=torch.float32,
+        batch_size=2,
+        shard_tokens=8,
+    )
     shards = sorted(p for p in first.iterdir() if p.suffix == ".safetensors")
     assert len(shards) >= 3
     other = tmp_path / "other"
@@ -553,10 +651,18 @@ def test_a_directory_of_another_runs_shards_without_manifest_is_refused(tmp_path
         (other / p.name).write_bytes(p.read_bytes())
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     with pytest.raises(TraceConfigError, match="no manifest.json"):
-        trace_dataset(tiny_model("llama"), docs[:2], ["layers.0.resid"], other, dtype=torch.float32, batch_size=2)
+        trace_dataset(
+            tiny_model("llama"), docs[:2], ["layers.0.resid"], other, dtype=torch.float32, batch_size=2
+        )
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
     summary = trace_dataset(
-        tiny_model("llama"), docs[:2], ["layers.0.resid"], other, dtype=torch.float32, batch_size=2, overwrite=True
+        tiny_model("llama"),
+        docs[:2],
+        ["layers.0.resid"],
+        other,
+        dtype=torch.float32,
+        batch_size=2,
+        overwrite=True,
     )
     assert summary.rows == 12
     assert len(TraceReader(other)) == 12
@@ -569,7 +675,10 @@ def test_a_directory_of_another_runs_shards_without_manifest_is_refused(tmp_path
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pysteer.cli", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pysteer.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, **(env or {})},
     )
 
@@ -587,20 +696,45 @@ def test_cli_missing_model_is_one_line(tmp_path):
 
 def test_cli_checks_the_steering_file_before_the_model(tmp_path):
     # The model path does not exist either: the error names the steering file, so it came first.
-    proc = _cli("generate", "--model", str(tmp_path / "nope"), "--steer", str(tmp_path / "s.safetensors"), "--prompt", "Hi")
+    proc = _cli(
+        "generate",
+        "--model",
+        str(tmp_path / "nope"),
+        "--steer",
+        str(tmp_path / "s.safetensors"),
+        "--prompt",
+        "Hi",
+    )
     _one_line_error(proc, "steering file")
 
 
 def test_cli_empty_prompt_and_bad_alpha_are_one_line(tmp_path):
     _one_line_error(_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", ""), "empty")
-    _one_line_error(_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "Hi", "--alpha", "nan"), "--alpha")
+    _one_line_error(
+        _cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "Hi", "--alpha", "nan"), "--alpha"
+    )
 
 
-@pytest.mark.parametrize("content,needle", [(b'{"text": "ok"}\n{broken\n', "not valid JSON"), (b"\xff\xfe\x00bad\n", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content,needle", [(b'{"text": "ok"}\n{broken\n', "not valid JSON"), (b"\xff\xfe\x00bad\n", "not UTF-8")]
+)
 def test_cli_malformed_trace_data_is_one_line(tmp_path, content, needle):
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
-    _one_line_error(_cli("trace", "--model", str(tmp_path / "nope"), "--data", str(data), "--sites", "layers.0.resid", "--out", str(tmp_path / "o")), needle)
+    _one_line_error(
+        _cli(
+            "trace",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(data),
+            "--sites",
+            "layers.0.resid",
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        needle,
+    )
 
 
 def test_cli_debug_shows_the_traceback(tmp_path):
@@ -612,7 +746,10 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     "damage,match",
     [
         (lambda m: "{not json", "not a readable JSON manifest"),
-        (lambda m: json.dumps({k: v for k, v in json.loads(m).items() if k != "sites"}), "missing field 'sites'"),
+        (
+            lambda m: json.dumps({k: v for k, v in json.loads(m).items() if k != "sites"}),
+            "missing field 'sites'",
+        ),
         (lambda m: json.dumps({**json.loads(m), "world_size": "two"}), "'world_size' must be int"),
     ],
 )

@@ -75,7 +75,11 @@ class ClampTest:
 
 
 def _clamped_reference(model, ids, layer, limit):
-    h = model.model.layers[layer].register_forward_hook(lambda m, a, o: (o[0].clamp(-limit, limit),) + tuple(o[1:]) if isinstance(o, tuple) else o.clamp(-limit, limit))
+    h = model.model.layers[layer].register_forward_hook(
+        lambda m, a, o: (
+            (o[0].clamp(-limit, limit),) + tuple(o[1:]) if isinstance(o, tuple) else o.clamp(-limit, limit)
+        )
+    )
     try:
         return _logits(model, ids)
     finally:
@@ -133,7 +137,9 @@ def test_trainable_handle_gradients_equal_plain_autograd_through_a_hook():
         assert vec is iv.vector and vec.requires_grad and vec.is_leaf
         model(ids).logits.square().mean().backward()
     ref_v = v0.clone().requires_grad_(True)
-    hook = model.model.layers[1].register_forward_hook(lambda m, a, o: (o[0] + 2.0 * ref_v,) + tuple(o[1:]) if isinstance(o, tuple) else o + 2.0 * ref_v)
+    hook = model.model.layers[1].register_forward_hook(
+        lambda m, a, o: (o[0] + 2.0 * ref_v,) + tuple(o[1:]) if isinstance(o, tuple) else o + 2.0 * ref_v
+    )
     try:
         model(ids).logits.square().mean().backward()
     finally:
@@ -144,7 +150,11 @@ def test_trainable_handle_gradients_equal_plain_autograd_through_a_hook():
 def test_parameters_lists_shared_tensors_once_and_needs_trainable():
     model = tiny_model("llama")
     w = torch.zeros(D)
-    with pysteer.steer(model, {"a": [DynScalar("layers.0.attn.out", w, 0.0, 1)], "b": [DynScalar("layers.0.attn.out", w, 0.0, -1)]}, trainable=True) as h:
+    with pysteer.steer(
+        model,
+        {"a": [DynScalar("layers.0.attn.out", w, 0.0, 1)], "b": [DynScalar("layers.0.attn.out", w, 0.0, -1)]},
+        trainable=True,
+    ) as h:
         params = h.parameters()
         assert sum(p is w for p in params) == 1 and len(params) == 3  # w, and each config's bias
     with pysteer.steer(model, [VectorAdd("layers.0.resid", torch.zeros(D))], mode="dynamic") as h:
@@ -168,7 +178,9 @@ def test_dyn_scalar_matches_its_formula_and_is_identity_at_zero():
     w = torch.randn(D, generator=torch.Generator().manual_seed(1))
     x = _resid_in(model, 1, ids)
     scale = 1 - (x / x.norm(dim=-1, keepdim=True) @ w + 0.3)  # beta = -1
-    hook = model.model.layers[1].register_forward_pre_hook(lambda m, a: (a[0] * scale[..., None],) + tuple(a[1:]))
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a: (a[0] * scale[..., None],) + tuple(a[1:])
+    )
     try:
         ref = _logits(model, ids)
     finally:
@@ -188,7 +200,9 @@ def test_activ_scalar_touches_only_its_window_counted_from_the_prompt_end():
         out = _logits(model, ids, mask)
     factor = torch.ones(2, 7)
     factor[:, -2:] = 1 + alpha  # the window is the last two real tokens of each row
-    hook = model.model.layers[1].register_forward_pre_hook(lambda m, a: (a[0] * factor[..., None],) + tuple(a[1:]))
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a: (a[0] * factor[..., None],) + tuple(a[1:])
+    )
     try:
         ref = _logits(model, ids, mask)
     finally:
@@ -243,7 +257,14 @@ def test_scaling_kinds_refuse_bad_shapes_before_patching():
 
 def _sae(seed=0, m=96):
     g = torch.Generator().manual_seed(seed)
-    return SAE(torch.randn(D, m, generator=g) / 8, torch.zeros(m), torch.randn(m, D, generator=g) / 8, torch.zeros(D), activation="topk", k=8)
+    return SAE(
+        torch.randn(D, m, generator=g) / 8,
+        torch.zeros(m),
+        torch.randn(m, D, generator=g) / 8,
+        torch.zeros(D),
+        activation="topk",
+        k=8,
+    )
 
 
 def test_sae_edits_save_once_per_sae_and_reload_to_the_same_steering(tmp_path):
@@ -271,10 +292,25 @@ def test_cli_generate_runs_a_file_of_scaling_kinds(tiny_dir, tmp_path, capsys, f
     from pysteer.cli import main
 
     path = pysteer.save(
-        {"on": [ActivScalar("layers.1.attn.out", torch.tensor([0.5, -0.5])), DynScalar("layers.0.resid", torch.ones(D), 0.1)]},
+        {
+            "on": [
+                ActivScalar("layers.1.attn.out", torch.tensor([0.5, -0.5])),
+                DynScalar("layers.0.resid", torch.ones(D), 0.1),
+            ]
+        },
         tmp_path / "kinds.safetensors",
     )
-    argv = ["generate", "--model", str(tiny_dir), "--steer", str(path), "--prompt", "Hello there", "--max-new-tokens", "3"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--steer",
+        str(path),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main(argv + ([] if fast else ["--no-compile"])) == 0
     out = capsys.readouterr()
     assert "steering: SteeringHandle(dynamic" in out.err and out.out.strip()

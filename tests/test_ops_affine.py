@@ -482,7 +482,9 @@ def test_unsupported_dtype_raises_value_error(backend, which):
     x, rows, M, A = _good()
     args = {"x": x, "M": M, "A": A}
     args[which] = args[which].double()
-    with pytest.raises(ValueError, match=rf"\({backend}\): {which} must be float32, float16 or bfloat16, got torch.float64"):
+    with pytest.raises(
+        ValueError, match=rf"\({backend}\): {which} must be float32, float16 or bfloat16, got torch.float64"
+    ):
         torch.ops.pysteer.affine_steer(args["x"], rows, args["M"], args["A"], backend)
 
 
@@ -573,11 +575,18 @@ def test_cuda_extension_empty_batch_needs_no_device():
 # pysteer._C behind the real wrappers (pysteer/ops/cuda_affine.py). Device code generation is what
 # the GPU tests above check.
 
+
 def _host_source(cu: str) -> tuple[str, dict[str, list]]:
     """csrc/affine.cu with CUDA launches turned into host loops, the binding dropped, C entry points added."""
     drop = ('#include "pysteer.h"', "namespace py = pybind11;", "#include <cuda_runtime.h>")
     source, signatures = sequential_host_source(
-        cu, "affine.cu", drop, "void register_affine(py::module_& m)", "pysteer", "affine_steer_", launches=2,
+        cu,
+        "affine.cu",
+        drop,
+        "void register_affine(py::module_& m)",
+        "pysteer",
+        "affine_steer_",
+        launches=2,
         tail="}  // namespace pysteer\n",
     )
     assert sorted(signatures) == ["affine_steer_bwd", "affine_steer_fwd"], sorted(signatures)

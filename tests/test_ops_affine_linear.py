@@ -466,7 +466,9 @@ def test_cuda_extension_empty_batch_needs_no_device():
 # without a GPU, through the real wrapper (pysteer/ops/cuda_affine_linear.py); device code
 # generation is what the nvcc build and the GPU tests check.
 
-_HOST_SHIM = HOST_PRELUDE + r"""
+_HOST_SHIM = (
+    HOST_PRELUDE
+    + r"""
 #include <ucontext.h>
 #include <climits>
 #include <functional>
@@ -530,6 +532,8 @@ void emulate(unsigned grid, int threads, size_t smem, K kernel, Args... args) {
   }
 }
 """
+)
+
 
 def _host_source(cu: str) -> tuple[str, dict[str, list]]:
     """csrc/affine_linear.cu with the launch turned into an emulated grid, the binding dropped, a C entry point added."""

@@ -339,7 +339,20 @@ def test_steer_topk_k(backend, k):
     r = up(c)
     f, kinds, s = tables
     ref = ops.sae_steer_ref(
-        ops.SteerArgs(r["x"], rows, r["W_enc"], r["b_enc"], r["W_dec"], r["b_dec"], None, f, kinds, s.double(), "topk", k)
+        ops.SteerArgs(
+            r["x"],
+            rows,
+            r["W_enc"],
+            r["b_enc"],
+            r["W_dec"],
+            r["b_dec"],
+            None,
+            f,
+            kinds,
+            s.double(),
+            "topk",
+            k,
+        )
     )
     assert_2x(fast, same, ref, f"sae_steer[{backend}, topk, k={k}]")
 
@@ -696,7 +709,9 @@ def test_cuda_backend_rejects_host_tensors_with_a_clear_error():
 # the same Python wrappers (pysteer/ops/cuda_sae.py) that drive pysteer._C. Device code generation
 # and timing are what a GPU run checks.
 
-_HOST_SHIM = HOST_PRELUDE + r"""
+_HOST_SHIM = (
+    HOST_PRELUDE
+    + r"""
 #include <barrier>
 #include <memory>
 #include <mutex>
@@ -780,6 +795,7 @@ void emulate(dim3 grid, dim3 block, K kernel, Args... args) {
   }
 }
 """
+)
 
 
 def _host_source(cu: str) -> tuple[str, dict[str, list]]:
@@ -791,7 +807,9 @@ def _host_source(cu: str) -> tuple[str, dict[str, list]]:
     select = "constexpr int kSelectThreads = 512;"
     assert select in cu, "csrc/sae.cu's select block size changed; update _host_source"
     cu = cu.replace(select, "constexpr int kSelectThreads = 64;")
-    cu = emulate_launches(cu, "sae.cu", r"(\w+<[^<>]*>)\s*<<<([^,]+), ([^,]+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", 16)
+    cu = emulate_launches(
+        cu, "sae.cu", r"(\w+<[^<>]*>)\s*<<<([^,]+), ([^,]+), 0, \w+>>>\(", r"emulate(\2, \3, \1, ", 16
+    )
     api, signatures = c_entry_points(cu, "pysteer_sae", "sae_")
     assert len(signatures) == 6, sorted(signatures)
     return _HOST_SHIM + cu + api, signatures

@@ -20,7 +20,9 @@ def _run(model, ids, mask=None, capture_layers=()):
     """Logits and the output of each layer in ``capture_layers`` (``[B, S, D]``), by plain hooks."""
     got = {}
     hooks = [
-        _layers(model)[i].register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach()))
+        _layers(model)[i].register_forward_hook(
+            lambda m, a, o, i=i: got.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach())
+        )
         for i in capture_layers
     ]
     try:
@@ -85,7 +87,10 @@ def test_a_batch_of_causal_tracing_cells_equals_each_cell_alone():
     _, clean = _run(model, prompt, capture_layers=[0, 1])
     noise = Noise("embed", 0.3, positions=[0, 1], seed=0)
     cells = [(layer, pos) for layer in (0, 1) for pos in (0, 1, 3, 5)]
-    configs = {f"L{layer}P{pos}": [noise, Patch(f"layers.{layer}.resid", clean[layer][0, pos], [pos])] for layer, pos in cells}
+    configs = {
+        f"L{layer}P{pos}": [noise, Patch(f"layers.{layer}.resid", clean[layer][0, pos], [pos])]
+        for layer, pos in cells
+    }
     configs["corrupted"] = [noise]
     names = list(configs)
     with pysteer.steer(model, configs) as h:
@@ -104,7 +109,11 @@ def test_patch_and_noise_save_load_and_refuse_bad_input(tmp_path):
     n = Noise("embed", 0.1, positions=[1], seed=7)
     spec = pysteer.load(pysteer.save([p, n], tmp_path / "patch.safetensors"))
     lp, ln = spec.configs["default"]
-    assert torch.equal(lp.value, p.value) and lp.positions == [-1, 0] and (ln.std, ln.positions, ln.seed) == (0.1, [1], 7)
+    assert (
+        torch.equal(lp.value, p.value)
+        and lp.positions == [-1, 0]
+        and (ln.std, ln.positions, ln.seed) == (0.1, [1], 7)
+    )
     with pytest.raises(ValueError, match=r"values must be \[64\] or \[2, 64\]"):
         pysteer.steer(model, [Patch("layers.1.resid", torch.zeros(2, 63), positions=[0, 1])])
     with pytest.raises(ValueError, match="repeated position"):

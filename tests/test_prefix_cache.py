@@ -40,7 +40,9 @@ def _train(model, batches, site, epochs=3, prefix=False):
                 for ids in batches:
                     opt.zero_grad()
                     logits = model(input_ids=ids).logits
-                    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                    loss = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+                    )
                     loss.backward()
                     losses.append(loss.item())
                     grads = [p.grad.clone() for p in params]

@@ -341,13 +341,17 @@ def test_scaling_file_reproduces_the_trained_intervention(planted_preference, tm
         assert h.mode == "dynamic"
         with torch.no_grad():
             from_file = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-            out = model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=3, do_sample=False)
+            out = model.generate(
+                input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=3, do_sample=False
+            )
     assert not torch.allclose(trained, base, atol=1e-3)
     torch.testing.assert_close(from_file, trained, rtol=1e-5, atol=1e-5)
     assert out.shape == (2, ids.shape[1] + 3)
     # the same steering on the fast path generates what Hugging Face's generate did under the handle
     prompts_ids = [r[m.bool()].tolist() for r, m in zip(ids[:2], mask[:2])]
-    fast = pysteer.generate(model, prompts_ids, steering=spec.configs["beta+1"], max_new_tokens=3, compile=False)
+    fast = pysteer.generate(
+        model, prompts_ids, steering=spec.configs["beta+1"], max_new_tokens=3, compile=False
+    )
     assert fast.tokens == out[:, ids.shape[1] :].tolist()
 
 

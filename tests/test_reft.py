@@ -43,7 +43,9 @@ def test_orthonormal_rows_keeps_an_orthonormal_matrix_and_fixes_any_other():
     torch.testing.assert_close(orthonormal_rows(r), r, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(("positions", "expect"), [("l1", [6]), ("f1+l1", [0, 6]), ("f2", [0, 1]), ([2, -2], [2, 5])])
+@pytest.mark.parametrize(
+    ("positions", "expect"), [("l1", [6]), ("f1+l1", [0, 6]), ("f2", [0, 1]), ([2, -2], [2, 5])]
+)
 def test_loreft_is_the_formula_at_pyreft_positions(positions, expect):
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 7))
@@ -76,7 +78,9 @@ def test_loreft_rows_differ_per_request_and_prefill_only_leaves_generated_tokens
     # prefill only: a decode step's token is not edited, so the fast path (which feeds the same
     # positions) generates what Hugging Face generate did
     fast = pysteer.generate(model, ids, steering=[[a], None, [b]], max_new_tokens=3, compile=False)
-    hf = [row[: row.index(2) + 1] if 2 in row else row for row in gen[:, ids.shape[1] :].tolist()]  # up to EOS
+    hf = [
+        row[: row.index(2) + 1] if 2 in row else row for row in gen[:, ids.shape[1] :].tolist()
+    ]  # up to EOS
     assert fast.tokens == hf
 
 

@@ -18,7 +18,14 @@ def _random_sae(m=96, activation="relu", seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     W_enc = torch.randn(D, m, generator=g) / D**0.5
     W_dec = torch.randn(m, D, generator=g) / D**0.5
-    return SAE(W_enc, 0.01 * torch.randn(m, generator=g), W_dec, 0.01 * torch.randn(D, generator=g), activation=activation, **kw)
+    return SAE(
+        W_enc,
+        0.01 * torch.randn(m, generator=g),
+        W_dec,
+        0.01 * torch.randn(D, generator=g),
+        activation=activation,
+        **kw,
+    )
 
 
 def _orthonormal_tied_sae():

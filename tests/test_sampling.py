@@ -33,7 +33,9 @@ def _model(arch="llama", layers=3):
 
 
 def _hf_greedy(model, prompt, n=NEW):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -88,7 +90,9 @@ def test_samples_continue_their_own_prompt_from_the_shared_cache():
     # which holds only if each row got its own prompt's keys and values.
     model = _model()
     prompts = _prompts([5, 3, 7], seed=1)
-    out = generate(model, prompts, max_new_tokens=NEW, do_sample=True, top_k=1, num_return_sequences=3, seed=0, **FAST)
+    out = generate(
+        model, prompts, max_new_tokens=NEW, do_sample=True, top_k=1, num_return_sequences=3, seed=0, **FAST
+    )
     for prompt, group in zip(prompts, out.groups()):
         assert group == [_hf_greedy(model, prompt)] * 3
 
@@ -112,8 +116,16 @@ def test_logprobs_equal_hf_transition_scores_of_the_sampled_tokens(temperature, 
     model = _model()
     prompts = _prompts([4, 6], seed=2)
     out = generate(
-        model, prompts, max_new_tokens=NEW, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_return_sequences=3, seed=5, **FAST,
+        model,
+        prompts,
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_return_sequences=3,
+        seed=5,
+        **FAST,
     )
     for row, (tokens, logprobs) in enumerate(zip(out.tokens, out.logprobs)):
         expected = _hf_transition_scores(model, prompts[row // 3], tokens, temperature, top_k, top_p)
@@ -173,10 +185,18 @@ def test_new_samples_temperature_and_seed_never_recompile():
     assert graphs >= 1
     for n_samples, temperature, seed in [(3, 0.5, 1), (4, 1.3, 2), (3, 1.0, 3)]:  # 6 or 8 rows: bucket 8
         out = gen.generate(
-            prompts, max_new_tokens=NEW, do_sample=True, temperature=temperature, num_return_sequences=n_samples,
-            seed=seed, taps="all",
+            prompts,
+            max_new_tokens=NEW,
+            do_sample=True,
+            temperature=temperature,
+            num_return_sequences=n_samples,
+            seed=seed,
+            taps="all",
         )
-        assert len(out.tokens) == 2 * n_samples and out.taps["second_last_generated"]["layers.2.resid"].shape[0] == 2 * n_samples
+        assert (
+            len(out.tokens) == 2 * n_samples
+            and out.taps["second_last_generated"]["layers.2.resid"].shape[0] == 2 * n_samples
+        )
         assert counters["stats"]["unique_graphs"] == graphs, f"N={n_samples}, T={temperature} recompiled"
 
 
@@ -194,7 +214,9 @@ def test_bad_sampling_arguments_raise_before_anything_runs():
     with pytest.raises(TypeError, match="sites"):
         generate(model, prompts, abstain=lambda h: h[0][:, 0], **FAST)
     with pytest.raises(ValueError, match="threshold must be in"):
-        generate(model, prompts, abstain=_LinearProbe(["layers.0.resid"], torch.zeros(64)), threshold=2, **FAST)
+        generate(
+            model, prompts, abstain=_LinearProbe(["layers.0.resid"], torch.zeros(64)), threshold=2, **FAST
+        )
 
 
 # -- 2. taps -----------------------------------------------------------------------------------
@@ -218,10 +240,14 @@ def test_taps_equal_a_teacher_forced_forward_on_ragged_rows(mode):
     assert len(lengths) > 1 and min(lengths) <= 3, "the test needs ragged rows"
     layers = range(geometry(model).n_layers - 1)  # HF's last hidden state is after the final norm
     for row, tokens in enumerate(out.tokens):
-        for i, (last_prompt, second_last) in zip(layers, _teacher_forced_states(model, prompts[row // 3], tokens, layers)):
+        for i, (last_prompt, second_last) in zip(
+            layers, _teacher_forced_states(model, prompts[row // 3], tokens, layers)
+        ):
             name = f"layers.{i}.resid"
             torch.testing.assert_close(out.taps["last_prompt"][name][row], last_prompt, atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.taps["second_last_generated"][name][row], second_last, atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                out.taps["second_last_generated"][name][row], second_last, atol=1e-5, rtol=0
+            )
 
 
 def test_a_single_generated_token_taps_the_last_prompt_token():
@@ -240,12 +266,18 @@ def test_taps_see_steering_and_leave_tokens_unchanged():
     prompts = _prompts([5, 4], seed=9)
     cfg = _steering(geo)
     plain = generate(model, prompts, steering=[cfg, cfg], max_new_tokens=NEW, **FAST)
-    tapped = generate(model, prompts, steering=[cfg, cfg], max_new_tokens=NEW, taps=["layers.2.resid"], **FAST)
+    tapped = generate(
+        model, prompts, steering=[cfg, cfg], max_new_tokens=NEW, taps=["layers.2.resid"], **FAST
+    )
     assert tapped.tokens == plain.tokens
-    assert tapped.tokens != generate(model, prompts, max_new_tokens=NEW, **FAST).tokens, "steering must change tokens"
+    assert tapped.tokens != generate(model, prompts, max_new_tokens=NEW, **FAST).tokens, (
+        "steering must change tokens"
+    )
     with pysteer.steer(model, cfg, mode="dynamic"):
         ref = _teacher_forced_states(model, prompts[0], tapped.tokens[0], [2])[0]
-    torch.testing.assert_close(tapped.taps["second_last_generated"]["layers.2.resid"][0], ref[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tapped.taps["second_last_generated"]["layers.2.resid"][0], ref[1], atol=1e-5, rtol=0
+    )
 
 
 # -- 3. the abstain gate -----------------------------------------------------------------------
@@ -272,7 +304,9 @@ def test_gated_rows_produce_nothing_and_the_others_equal_ungated_generation():
     for i, skipped in enumerate(gated.abstained):
         assert gated.tokens[i] == ([] if skipped else ungated.tokens[i])
     kept = len(prompts) - sum(gated.abstained)
-    assert {c[0] for c in log.calls if c[1] == 1} == {1 << (kept - 1).bit_length()}, "decode runs the kept rows only"
+    assert {c[0] for c in log.calls if c[1] == 1} == {1 << (kept - 1).bit_length()}, (
+        "decode runs the kept rows only"
+    )
 
 
 def test_the_gate_reads_the_prefill_last_prompt_state_and_steers_nothing():
@@ -284,7 +318,9 @@ def test_the_gate_reads_the_prefill_last_prompt_state_and_steers_nothing():
     kw = dict(max_new_tokens=NEW, do_sample=True, top_k=1, num_return_sequences=2, seed=0, **FAST)
     ungated = generate(model, prompts, steering=cfg, taps=probe.sites, **kw)
     gated = generate(model, prompts, steering=cfg, abstain=probe, threshold=threshold, **kw)
-    torch.testing.assert_close(probe.seen[0], ungated.taps["last_prompt"][probe.sites[0]][::2], atol=0, rtol=0)
+    torch.testing.assert_close(
+        probe.seen[0], ungated.taps["last_prompt"][probe.sites[0]][::2], atol=0, rtol=0
+    )
     for row, skipped in enumerate(gated.abstained):
         assert gated.tokens[row] == ([] if skipped else ungated.tokens[row])
 

@@ -36,7 +36,16 @@ def test_demo_and_generate_cli_run_offline(tmp_path, smollm2):
     for tag in ("[unsteered]", "[positive +1.5]", "[negative -1.5]", "tokens/s"):
         assert tag in demo.stdout
     assert steering.exists()
-    gen = _cli("generate", "--steer", str(steering), "--prompt", "Describe the sea.", "--no-compile", "--max-new-tokens", "8")
+    gen = _cli(
+        "generate",
+        "--steer",
+        str(steering),
+        "--prompt",
+        "Describe the sea.",
+        "--no-compile",
+        "--max-new-tokens",
+        "8",
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert "=== Describe the sea." in gen.stdout
     assert "steering: SteeringHandle(dynamic" in gen.stderr
@@ -67,7 +76,9 @@ def test_fast_path_equals_hf_generate_on_smollm2(smollm2):
     fast = pysteer.generate(model, texts, tokenizer=tok, max_new_tokens=12, compile=False, progress=False)
     assert fast.tokens == cut(hf())
     with pysteer.steer(model, ivs, mode="dynamic") as h:
-        steered = pysteer.generate(model, texts, tokenizer=tok, steering=h, max_new_tokens=12, compile=False, progress=False)
+        steered = pysteer.generate(
+            model, texts, tokenizer=tok, steering=h, max_new_tokens=12, compile=False, progress=False
+        )
         expected = cut(hf())
     assert steered.tokens == expected
     assert steered.tokens != fast.tokens

@@ -43,7 +43,9 @@ def _has_site(model, site) -> bool:
         kind = site.split(".", 2)[-1]
         gate_or_up = kind.startswith(("mlp.gate_proj.", "mlp.up_proj."))  # ungated or fused gate/up MLPs
         assert gate_or_up or "fused projection" in str(err), err
-        assert gate_or_up or kind in ("attn.q", "attn.k", "attn.v"), f"only attn.q|k|v, gate and up may be missing, not {site}"
+        assert gate_or_up or kind in ("attn.q", "attn.k", "attn.v"), (
+            f"only attn.q|k|v, gate and up may be missing, not {site}"
+        )
         return False
     return True
 
@@ -186,11 +188,18 @@ def test_fold_matches_dynamic(model):
 def test_kv_cache_decode_matches_full_forward(model):
     ids = _ids(batch=2)
     geo = geometry(model)
-    ivs = [HeadBias(0, vector=torch.randn(geo.head_dim)), VectorAdd("layers.1.resid", torch.randn(geo.d_model))]
+    ivs = [
+        HeadBias(0, vector=torch.randn(geo.head_dim)),
+        VectorAdd("layers.1.resid", torch.randn(geo.d_model)),
+    ]
     for positions in ("all", "generated"):
         with pysteer.steer(model, ivs, positions=positions, mode="dynamic") as h:
             out = model.generate(
-                ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                ids,
+                max_new_tokens=5,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
                 pad_token_id=0,
             )
             seq = out.sequences
@@ -248,8 +257,13 @@ def test_position_rules_select_the_right_tokens(small, rule):
 
 def _greedy(model, ids, mask=None, n=5):
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)
 
@@ -292,7 +306,10 @@ def test_ad_hoc_rows_fill_free_table_rows_in_place(small):
 @pytest.mark.parametrize("positions", ["all", "generated"])
 def test_left_padded_batch_equals_unpadded_single_runs(small, positions):
     geo = geometry(small)
-    ivs = [HeadBias(0, vector=torch.randn(geo.head_dim)), VectorAdd("layers.1.resid", torch.randn(geo.d_model))]
+    ivs = [
+        HeadBias(0, vector=torch.randn(geo.head_dim)),
+        VectorAdd("layers.1.resid", torch.randn(geo.d_model)),
+    ]
     lengths = [6, 3, 4]
     rows = [_ids(batch=1, length=n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
@@ -404,8 +421,19 @@ def test_save_load_round_trip(tmp_path):
     ids = _ids()
     geo = geometry(model)
     configs = {
-        "pos": [HeadBias(1, head=[0, 1], direction=torch.randn(2, geo.head_dim), alpha=2.0, sigma=torch.tensor([0.5, 1.5]))],
-        "neg": [VectorAdd("layers.0.mlp.out", torch.randn(geo.d_model), alpha=-1.0), HeadScale(0, head=2, scale=0.0)],
+        "pos": [
+            HeadBias(
+                1,
+                head=[0, 1],
+                direction=torch.randn(2, geo.head_dim),
+                alpha=2.0,
+                sigma=torch.tensor([0.5, 1.5]),
+            )
+        ],
+        "neg": [
+            VectorAdd("layers.0.mlp.out", torch.randn(geo.d_model), alpha=-1.0),
+            HeadScale(0, head=2, scale=0.0),
+        ],
     }
     path = pysteer.save(configs, tmp_path / "s.safetensors", metadata={"note": "test"})
     spec = pysteer.load(path)
@@ -533,8 +561,16 @@ def test_fused_projection_in_generate_with_kv_cache_and_positions():
         with pysteer.steer(model, steering, positions="generated", mode="dynamic", projection=projection):
             with torch.no_grad():
                 out[projection] = model.generate(ids, **kw)
-            got = pysteer.generate(model, ids, steering=None, max_new_tokens=4, compile="default",
-                                   compile_backend="aot_eager", progress=False, ignore_eos=True)
+            got = pysteer.generate(
+                model,
+                ids,
+                steering=None,
+                max_new_tokens=4,
+                compile="default",
+                compile_backend="aot_eager",
+                progress=False,
+                ignore_eos=True,
+            )
         out[projection + "-fast"] = got.tokens
     assert torch.equal(out["separate"], out["fused"])
     assert out["separate-fast"] == out["fused-fast"]
@@ -553,5 +589,10 @@ def test_a_fused_site_takes_one_handle(model, arch):
         assert torch.equal(_logits(model, ids), steered)
     with pysteer.steer(model, [HeadScale(0, head=0, scale=0.5)], mode="dynamic"):
         with pytest.raises(ValueError, match="one handle per site"):
-            pysteer.steer(model, [HeadBias(0, head=1, vector=torch.ones(geo.head_dim))], mode="dynamic", projection="fused")
+            pysteer.steer(
+                model,
+                [HeadBias(0, head=1, vector=torch.ones(geo.head_dim))],
+                mode="dynamic",
+                projection="fused",
+            )
     assert torch.equal(_logits(model, ids), base)

@@ -40,8 +40,14 @@ def all_kinds_sites(model: nn.Module) -> list[str]:
     less the MLP's gate / up linears where it has none of its own."""
     spec = get_spec(model)
     sites = [s for s in ALL_KINDS_SITES if spec.q_proj is not None or not s.endswith(QKV)]
-    missing = [name for name, path in (("mlp.gate_proj", spec.mlp_gate_proj), ("mlp.up_proj", spec.mlp_up_proj)) if path is None]
+    missing = [
+        name
+        for name, path in (("mlp.gate_proj", spec.mlp_gate_proj), ("mlp.up_proj", spec.mlp_up_proj))
+        if path is None
+    ]
     return [s for s in sites if not any(f".{name}." in s for name in missing)]
+
+
 DOC_LENGTHS = [5, 11, 1, 0, 17, 8, 3, 13]
 
 
@@ -63,7 +69,9 @@ def manual_site_hooks(model: nn.Module, site_names: list[str], store: dict[str, 
             store[name].append(t.detach().clone())
 
         if name == "embed":
-            handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out, keep=keep: keep(out)))
+            handles.append(
+                model.get_input_embeddings().register_forward_hook(lambda m, a, out, keep=keep: keep(out))
+            )
             continue
         _, i, *kind = name.split(".")
         kind = ".".join(kind)
@@ -87,7 +95,8 @@ def manual_site_hooks(model: nn.Module, site_names: list[str], store: dict[str, 
             mod = get_submodule(layer, path)
             handles.append(
                 mod.register_forward_pre_hook(
-                    lambda m, args, kw, keep=keep: keep(args[0] if args else kw["hidden_states"]), with_kwargs=True
+                    lambda m, args, kw, keep=keep: keep(args[0] if args else kw["hidden_states"]),
+                    with_kwargs=True,
                 )
             )
         else:
@@ -225,7 +234,9 @@ def test_prefill_only_keeps_each_generate_calls_last_prompt_token():
     torch.testing.assert_close(first[:, 0], prompt["layers.0.attn.heads"][:, -1], **close)
     torch.testing.assert_close(second[:, 0], prompt["layers.0.attn.heads"][1:, -1], **close)
     assert cache.runs("layers.1.resid")[0].shape == (3, 1, 64)
-    torch.testing.assert_close(cache.runs("layers.1.resid")[0][:, 0], prompt["layers.1.resid"][:, -1], **close)
+    torch.testing.assert_close(
+        cache.runs("layers.1.resid")[0][:, 0], prompt["layers.1.resid"][:, -1], **close
+    )
 
 
 def test_positions_list_and_slice_select_absolute_positions():

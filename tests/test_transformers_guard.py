@@ -50,7 +50,9 @@ def _record_reads(module: torch.nn.Module, calls: list[dict]):
 
 
 def _check_generate_calls(calls: list[dict], where: str, batch_mask: bool) -> None:
-    assert len(calls) == NEW_TOKENS, f"{_release()}: {where} ran {len(calls)} forwards for {NEW_TOKENS} new tokens"
+    assert len(calls) == NEW_TOKENS, (
+        f"{_release()}: {where} ran {len(calls)} forwards for {NEW_TOKENS} new tokens"
+    )
     for step, call in enumerate(calls):
         expected_past = 0 if step == 0 else PROMPT_LEN + step - 1
         expected_seq = PROMPT_LEN if step == 0 else 1
@@ -81,8 +83,12 @@ def test_hooks_read_inputs_mask_and_cache_length_inside_generate(arch):
         mask[1, 0] = 0  # a left-padded row
         with torch.no_grad():
             model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                do_sample=False, pad_token_id=0,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
             )
     finally:
         for h in handles:
@@ -101,8 +107,13 @@ def test_static_cache_length_is_read_inside_generate(arch):
         ids = torch.randint(3, 100, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, cache_implementation="static",
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
             )
     finally:
         handle.remove()

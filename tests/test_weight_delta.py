@@ -11,17 +11,34 @@ from pysteer.models.sites import resolve_site
 from pysteer.models.tiny import tiny_model
 from pysteer.weight_delta import WeightDelta, accumulate
 
-LINEARS = [("mlp.gate_proj", 64, 96), ("mlp.up_proj", 64, 96), ("mlp.down_proj", 96, 64), ("attn.o_proj", 64, 64)]
+LINEARS = [
+    ("mlp.gate_proj", 64, 96),
+    ("mlp.up_proj", 64, 96),
+    ("mlp.down_proj", 96, 64),
+    ("attn.o_proj", 64, 64),
+]
 
 
-def _delta(linear: str, k: int, n: int, rank: int = 3, seed: int = 0, layer: int = 1, scale: float = 0.5) -> WeightDelta:
+def _delta(
+    linear: str, k: int, n: int, rank: int = 3, seed: int = 0, layer: int = 1, scale: float = 0.5
+) -> WeightDelta:
     g = torch.Generator().manual_seed(seed)
-    return WeightDelta(f"layers.{layer}.{linear}", torch.randn(k, rank, generator=g) * 0.3, torch.randn(rank, n, generator=g) * 0.3, scale)
+    return WeightDelta(
+        f"layers.{layer}.{linear}",
+        torch.randn(k, rank, generator=g) * 0.3,
+        torch.randn(rank, n, generator=g) * 0.3,
+        scale,
+    )
 
 
 def _module(model, module_site: str):
     layer, name = module_site.split(".", 2)[1:]
-    path = {"mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj", "attn.o_proj": "self_attn.o_proj"}
+    path = {
+        "mlp.gate_proj": "mlp.gate_proj",
+        "mlp.up_proj": "mlp.up_proj",
+        "mlp.down_proj": "mlp.down_proj",
+        "attn.o_proj": "self_attn.o_proj",
+    }
     return model.model.layers[int(layer)].get_submodule(path[name])
 
 
@@ -132,7 +149,9 @@ def test_compress_is_the_truncated_svd_of_the_dense_delta():
 
 def test_from_dense_keeps_the_delta_at_full_rank():
     dense = _delta("attn.o_proj", 64, 64, rank=5).dense()
-    torch.testing.assert_close(WeightDelta.from_dense("layers.0.attn.o_proj", dense).dense(), dense, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        WeightDelta.from_dense("layers.0.attn.o_proj", dense).dense(), dense, rtol=0, atol=1e-5
+    )
 
 
 def test_two_deltas_on_one_linear_add_up(model, ids):
@@ -194,12 +213,19 @@ def test_a_trainable_delta_gets_gradients_through_the_op(model, ids):
 
 
 def test_fast_generate_with_per_request_deltas_matches_hugging_face_generate(model, ids):
-    a, b = _delta("mlp.down_proj", 96, 64, seed=1, scale=3.0), _delta("attn.o_proj", 64, 64, seed=2, scale=3.0)
+    a, b = (
+        _delta("mlp.down_proj", 96, 64, seed=1, scale=3.0),
+        _delta("attn.o_proj", 64, 64, seed=2, scale=3.0),
+    )
     prompts = ids[:1].expand(3, -1)
     with pysteer.steer(model, {"a": [a], "b": [b]}) as handle:
         handle.rows(["a", None, "b"])
         gen = model.generate(input_ids=prompts, max_new_tokens=4, do_sample=False)
-    fast = pysteer.generate(model, prompts, steering=[[a], None, [b]], max_new_tokens=4, compile=False, progress=False)
-    hf = [row[: row.index(2) + 1] if 2 in row else row for row in gen[:, prompts.shape[1] :].tolist()]  # up to EOS
+    fast = pysteer.generate(
+        model, prompts, steering=[[a], None, [b]], max_new_tokens=4, compile=False, progress=False
+    )
+    hf = [
+        row[: row.index(2) + 1] if 2 in row else row for row in gen[:, prompts.shape[1] :].tolist()
+    ]  # up to EOS
     assert fast.tokens == hf
     assert hf[0] != hf[1] or hf[2] != hf[1]  # the deltas change what is generated

@@ -67,9 +67,13 @@ def batch_ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
 
 def build_reft(model: LlamaForCausalLM) -> pyreft.ReftModel:
     torch.manual_seed(0)
-    iv = pyreft.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=RANK, dtype=torch.float32)
+    iv = pyreft.LoreftIntervention(
+        embed_dim=model.config.hidden_size, low_rank_dimension=RANK, dtype=torch.float32
+    )
     config = pyreft.ReftConfig(
-        representations=[{"layer": LAYER, "component": "block_output", "low_rank_dimension": RANK, "intervention": iv}]
+        representations=[
+            {"layer": LAYER, "component": "block_output", "low_rank_dimension": RANK, "intervention": iv}
+        ]
     )
     return pyreft.get_reft_model(model, config, set_device=False)
 
@@ -89,7 +93,9 @@ def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int
         opt.zero_grad()
         _, out = reft({"input_ids": ids}, unit_locations=locations)
         logits = out.logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
         loss.backward()
         opt.step()
         t1, c1 = time.perf_counter(), time.process_time()
@@ -104,7 +110,11 @@ def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int
 def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup: int) -> dict:
     r = _train_steps(reft, [ids], steps, warmup)
     return {
-        "step_s": {"wall_median": statistics.median(r["wall"]), "cpu_median": statistics.median(r["cpu"]), "wall": r["wall"]},
+        "step_s": {
+            "wall_median": statistics.median(r["wall"]),
+            "cpu_median": statistics.median(r["cpu"]),
+            "wall": r["wall"],
+        },
         "steps_per_s": 1 / statistics.median(r["wall"]),
         "losses": [round(v, 5) for v in r["losses"]],
         "params": r["params"],
@@ -112,7 +122,10 @@ def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup
 
 
 def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
-    return [torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+    return [
+        torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 + i))
+        for i in range(n)
+    ]
 
 
 def bench_epochs(model: LlamaForCausalLM, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
@@ -138,8 +151,9 @@ def bench_generate(reft: pyreft.ReftModel, model: LlamaForCausalLM, new_tokens: 
 
     def steered():
         with torch.no_grad():
-            return reft.generate(base, unit_locations={"sources->base": (None, [[[0, n - 1]]])},
-                                 intervene_on_prompt=True, **kw)[1]
+            return reft.generate(
+                base, unit_locations={"sources->base": (None, [[[0, n - 1]]])}, intervene_on_prompt=True, **kw
+            )[1]
 
     variants = {"unsteered": unsteered, "pyreft": steered}
     times = {k: {"wall": [], "cpu": []} for k in variants}
@@ -147,7 +161,7 @@ def bench_generate(reft: pyreft.ReftModel, model: LlamaForCausalLM, new_tokens: 
         f()
     tokens = {}
     for r in range(rounds):
-        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+        for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
             c0, t0 = time.process_time(), time.perf_counter()
             out = variants[name]()
             times[name]["wall"].append(time.perf_counter() - t0)
@@ -156,12 +170,18 @@ def bench_generate(reft: pyreft.ReftModel, model: LlamaForCausalLM, new_tokens: 
     res = {}
     for name, t in times.items():
         res[name] = {
-            "wall_median_s": statistics.median(t["wall"]), "cpu_median_s": statistics.median(t["cpu"]),
-            "tokens_per_s": new_tokens / statistics.median(t["wall"]), "wall_s": t["wall"], "tokens": tokens[name],
+            "wall_median_s": statistics.median(t["wall"]),
+            "cpu_median_s": statistics.median(t["cpu"]),
+            "tokens_per_s": new_tokens / statistics.median(t["wall"]),
+            "wall_s": t["wall"],
+            "tokens": tokens[name],
         }
     pairs = [s / u for s, u in zip(times["pyreft"]["wall"], times["unsteered"]["wall"])]
     cpu_pairs = [s / u for s, u in zip(times["pyreft"]["cpu"], times["unsteered"]["cpu"])]
-    res["steered_over_unsteered"] = {"wall_median": statistics.median(pairs), "cpu_median": statistics.median(cpu_pairs)}
+    res["steered_over_unsteered"] = {
+        "wall_median": statistics.median(pairs),
+        "cpu_median": statistics.median(cpu_pairs),
+    }
     return res
 
 
@@ -190,14 +210,31 @@ def main() -> None:
     result = {
         "side": "pyreft",
         "versions": {p: importlib.metadata.version(p) for p in ("pyreft", "pyvene", "torch", "transformers")},
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "workload": {"batch": args.batch, "seq": args.seq, "ids_sum": int(ids.sum()), "layer": LAYER, "rank": RANK,
-                     "positions": "f1+l1", "steps": args.steps, "warmup": args.warmup,
-                     "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt_ids": PROMPT_IDS, "attn": "sdpa",
-                     "epoch_batches": args.epoch_batches, "epochs": args.epochs},
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "workload": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "ids_sum": int(ids.sum()),
+            "layer": LAYER,
+            "rank": RANK,
+            "positions": "f1+l1",
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "prompt_ids": PROMPT_IDS,
+            "attn": "sdpa",
+            "epoch_batches": args.epoch_batches,
+            "epochs": args.epochs,
+        },
         "training": bench_training(reft, ids, args.steps, args.warmup),
-        "epochs": bench_epochs(model, epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
-                               args.epochs, args.epoch_rounds),
+        "epochs": bench_epochs(
+            model,
+            epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
+            args.epochs,
+            args.epoch_rounds,
+        ),
         "generate": bench_generate(reft, model, args.new_tokens, args.rounds),
     }
     text = json.dumps(result)

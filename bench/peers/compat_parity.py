@@ -41,7 +41,9 @@ def _direction(seed: int, d: int, norm: float) -> torch.Tensor:
 @torch.no_grad()
 def _run(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(input_ids=ids).logits[0, -1, :VOCAB].clone()
-    out = model.generate(input_ids=ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )
     return logits, out[0, ids.shape[1] :].clone()
 
 
@@ -82,7 +84,11 @@ def main() -> int:
         "prompt": PROMPT,
         "vocab_entries": str(VOCAB),
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / "peers.safetensors"), metadata={"peers": json.dumps(meta)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(OUT / "peers.safetensors"),
+        metadata={"peers": json.dumps(meta)},
+    )
     print(json.dumps(meta, indent=2))
     for name in ("unsteered", "repeng", "sv_block", "sv_mlp"):
         print(name, tensors[f"{name}.tokens"].tolist())

@@ -43,23 +43,40 @@ def first_line(path: Path, test: str) -> str:
 def main(scratch: str, out: str) -> int:
     root = Path(scratch)
     report = {
-        "versions": {n: importlib.metadata.version(n) for n in ("repeng", "steering-vectors", "transformers", "torch")},
+        "versions": {
+            n: importlib.metadata.version(n) for n in ("repeng", "steering-vectors", "transformers", "torch")
+        },
         "suites": {},
     }
     for name in ("repeng", "steering-vectors"):
         plain, accel = outcomes(root / f"{name}-0.xml"), outcomes(root / f"{name}-1.xml")
-        count = lambda d: {k: sum(v == k for v in d.values()) for k in ("passed", "failed", "error", "skipped")}  # noqa: E731
+        count = lambda d: {
+            k: sum(v == k for v in d.values()) for k in ("passed", "failed", "error", "skipped")
+        }  # noqa: E731
         report["suites"][name] = {
             "plain": count(plain),
             "accelerated": count(accel),
-            "differ": {t: [plain.get(t), accel.get(t)] for t in sorted(set(plain) | set(accel)) if plain.get(t) != accel.get(t)},
-            "not_passing": {t: first_line(root / f"{name}-0.xml", t) for t, v in sorted(plain.items()) if v != "passed"},
-            "printed_differently": sorted(t for t, text in printed(root / f"{name}-0.xml").items()
-                                          if text != printed(root / f"{name}-1.xml").get(t)),
+            "differ": {
+                t: [plain.get(t), accel.get(t)]
+                for t in sorted(set(plain) | set(accel))
+                if plain.get(t) != accel.get(t)
+            },
+            "not_passing": {
+                t: first_line(root / f"{name}-0.xml", t) for t, v in sorted(plain.items()) if v != "passed"
+            },
+            "printed_differently": sorted(
+                t
+                for t, text in printed(root / f"{name}-0.xml").items()
+                if text != printed(root / f"{name}-1.xml").get(t)
+            ),
             "printed_output": {t: text for t, text in printed(root / f"{name}-1.xml").items() if text},
         }
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: {r: v[r] for r in ("plain", "accelerated")} for k, v in report["suites"].items()}, indent=1))
+    print(
+        json.dumps(
+            {k: {r: v[r] for r in ("plain", "accelerated")} for k, v in report["suites"].items()}, indent=1
+        )
+    )
     return 0
 
 

@@ -117,7 +117,12 @@ def build_reft(model: LlamaForCausalLM, seed: int) -> pyreft.ReftModel:
         intervention.learned_source.bias.copy_(torch.randn(RANK, generator=g) * 4.0)
     config = pyreft.ReftConfig(
         representations=[
-            {"layer": LAYER, "component": "block_output", "low_rank_dimension": RANK, "intervention": intervention}
+            {
+                "layer": LAYER,
+                "component": "block_output",
+                "low_rank_dimension": RANK,
+                "intervention": intervention,
+            }
         ]
     )
     reft = pyreft.get_reft_model(model, config, set_device=False)
@@ -134,7 +139,11 @@ def check_saved(reft: pyreft.ReftModel, save_dir: Path) -> None:
     """The saved ``intkey_*.bin`` holds the in-memory weights exactly (rotation: the parametrized one)."""
     ((key, iv),) = reft.interventions.items()
     saved = torch.load(save_dir / f"intkey_{key}.bin", weights_only=True)
-    expect = {"weight": iv.learned_source.weight, "bias": iv.learned_source.bias, "rotate_layer": iv.rotate_layer.weight}
+    expect = {
+        "weight": iv.learned_source.weight,
+        "bias": iv.learned_source.bias,
+        "rotate_layer": iv.rotate_layer.weight,
+    }
     if set(saved) != set(expect) or not all(torch.equal(saved[k], expect[k].detach()) for k in expect):
         raise RuntimeError(f"{key}: the saved state differs from the intervention's weights")
 
@@ -178,45 +187,66 @@ def main() -> None:
         steered = steered_logits(reft, ids)
         again = steered_logits(reloaded, ids)
         reload_diff = (again - steered).abs().max().item()
-        vocab_ids = sorted(set(fixed_ids.tolist()) | set(steered.argmax(-1).tolist()) | set(base.argmax(-1).tolist()))
+        vocab_ids = sorted(
+            set(fixed_ids.tolist()) | set(steered.argmax(-1).tolist()) | set(base.argmax(-1).tolist())
+        )
         _, gen = reft.generate(
             {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-            unit_locations=locations(n), intervene_on_prompt=True,
-            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id,
+            unit_locations=locations(n),
+            intervene_on_prompt=True,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
         )
         with torch.no_grad():
             plain = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=None, pad_token_id=tok.pad_token_id,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tok.pad_token_id,
             )
         sel = torch.tensor(vocab_ids)
-        records.append({
-            "prompt": prompt,
-            "input_ids": ids[0].tolist(),
-            "intervened_positions": [0, n - 1],
-            "vocab_ids": vocab_ids,
-            "steered_logits": [[float(f"{v:.7g}") for v in row] for row in steered[:, sel].tolist()],
-            "unsteered_logits": [[float(f"{v:.7g}") for v in row] for row in base[:, sel].tolist()],
-            "steered_argmax": steered.argmax(-1).tolist(),
-            "unsteered_argmax": base.argmax(-1).tolist(),
-            "steered_max_abs_change": (steered - base).abs().max().item(),
-            "pyreft_load_max_abs_diff": reload_diff,
-            "steered_greedy": gen[0, n:].tolist(),
-            "unsteered_greedy": plain[0, n:].tolist(),
-            "steered_text": tok.decode(gen[0, n:]),
-        })
-        print(f"{n:3d} tokens  change {records[-1]['steered_max_abs_change']:.3f}  "
-              f"greedy {'differs' if records[-1]['steered_greedy'] != records[-1]['unsteered_greedy'] else 'same'}: "
-              f"{records[-1]['steered_text']!r}")
+        records.append(
+            {
+                "prompt": prompt,
+                "input_ids": ids[0].tolist(),
+                "intervened_positions": [0, n - 1],
+                "vocab_ids": vocab_ids,
+                "steered_logits": [[float(f"{v:.7g}") for v in row] for row in steered[:, sel].tolist()],
+                "unsteered_logits": [[float(f"{v:.7g}") for v in row] for row in base[:, sel].tolist()],
+                "steered_argmax": steered.argmax(-1).tolist(),
+                "unsteered_argmax": base.argmax(-1).tolist(),
+                "steered_max_abs_change": (steered - base).abs().max().item(),
+                "pyreft_load_max_abs_diff": reload_diff,
+                "steered_greedy": gen[0, n:].tolist(),
+                "unsteered_greedy": plain[0, n:].tolist(),
+                "steered_text": tok.decode(gen[0, n:]),
+            }
+        )
+        print(
+            f"{n:3d} tokens  change {records[-1]['steered_max_abs_change']:.3f}  "
+            f"greedy {'differs' if records[-1]['steered_greedy'] != records[-1]['unsteered_greedy'] else 'same'}: "
+            f"{records[-1]['steered_text']!r}"
+        )
 
     versions = {p: importlib.metadata.version(p) for p in ("pyreft", "pyvene", "torch", "transformers")}
     result = {
         "what": "pyreft's outputs for one LoReFT (rank 4, layer 15 block_output, f1+l1 shared) on SmolLM2-135M-Instruct",
         "script": "bench/peers/reft_parity.py",
         "saved_directory": save_dir.name,
-        "layer": LAYER, "rank": RANK, "positions": POSITIONS, "seed": args.seed,
-        "new_tokens": NEW_TOKENS, "attn_implementation": "eager", "dtype": "float32",
-        "versions": versions, "python": platform.python_version(), "threads": args.threads,
+        "layer": LAYER,
+        "rank": RANK,
+        "positions": POSITIONS,
+        "seed": args.seed,
+        "new_tokens": NEW_TOKENS,
+        "attn_implementation": "eager",
+        "dtype": "float32",
+        "versions": versions,
+        "python": platform.python_version(),
+        "threads": args.threads,
         "prompts": records,
     }
     out = args.out / "pyreft-outputs.json"

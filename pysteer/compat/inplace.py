@@ -185,9 +185,13 @@ def _library_module(lib) -> types.ModuleType:
     if isinstance(lib, str):
         name = lib.replace("-", "_")
         if name not in ADAPTERS:
-            raise ValueError(f"pysteer.compat.accelerate: no in-place accelerator for {lib!r}; known: {', '.join(ADAPTERS)}")
+            raise ValueError(
+                f"pysteer.compat.accelerate: no in-place accelerator for {lib!r}; known: {', '.join(ADAPTERS)}"
+            )
         return importlib.import_module(name)
-    raise TypeError(f"pysteer.compat.accelerate: expected a library module or its name, got {type(lib).__name__}")
+    raise TypeError(
+        f"pysteer.compat.accelerate: expected a library module or its name, got {type(lib).__name__}"
+    )
 
 
 def accelerate(lib) -> Acceleration:
@@ -208,9 +212,13 @@ def accelerate(lib) -> Acceleration:
     module = _library_module(lib)
     name = module.__name__.split(".")[0]
     if name not in ADAPTERS:
-        raise ValueError(f"pysteer.compat.accelerate: no in-place accelerator for {name!r}; known: {', '.join(ADAPTERS)}")
+        raise ValueError(
+            f"pysteer.compat.accelerate: no in-place accelerator for {name!r}; known: {', '.join(ADAPTERS)}"
+        )
     if name in _ACTIVE:
-        raise ValueError(f"pysteer.compat.accelerate: {name} is already accelerated ({_ACTIVE[name]!r}); remove that first")
+        raise ValueError(
+            f"pysteer.compat.accelerate: {name} is already accelerated ({_ACTIVE[name]!r}); remove that first"
+        )
     version = library_version(module)
     accelerator = importlib.import_module(ADAPTERS[name]).Accelerator(module, version)  # checks fields first
     handle = Acceleration(name, version, accelerator, accelerator.replacements())
@@ -271,4 +279,7 @@ def identity_of(interventions: list) -> list:
     """``VectorAdd`` interventions at the same sites adding nothing (``x * 1 + 0``): a parked handle's rows."""
     from ..interventions import VectorAdd
 
-    return [VectorAdd(iv.site_name, torch.zeros_like(torch.as_tensor(iv.vector)), alpha=0.0) for iv in interventions]
+    return [
+        VectorAdd(iv.site_name, torch.zeros_like(torch.as_tensor(iv.vector)), alpha=0.0)
+        for iv in interventions
+    ]

@@ -30,7 +30,9 @@ def _gguf():
     try:
         import gguf
     except ImportError as err:  # pragma: no cover - gguf ships with the demo extra
-        raise ImportError("reading and writing llama.cpp control vectors needs the 'gguf' package (pip install gguf)") from err
+        raise ImportError(
+            "reading and writing llama.cpp control vectors needs the 'gguf' package (pip install gguf)"
+        ) from err
     return gguf
 
 
@@ -56,7 +58,9 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, Tensor], dic
             except Exception:  # noqa: BLE001 - metadata we cannot decode is skipped, not fatal
                 continue
     if meta.get("general.architecture") != ARCH:
-        raise ValueError(f"{path}: general.architecture is {meta.get('general.architecture')!r}, not {ARCH!r}")
+        raise ValueError(
+            f"{path}: general.architecture is {meta.get('general.architecture')!r}, not {ARCH!r}"
+        )
     directions: dict[int, Tensor] = {}
     for t in reader.tensors:
         m = _DIRECTION.match(t.name)
@@ -67,7 +71,9 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, Tensor], dic
             raise ValueError(f"{path}: {t.name}: llama.cpp never applies a direction to layer 0")
         data = np.asarray(t.data)
         if t.tensor_type != _gguf().GGMLQuantizationType.F32 or data.ndim != 1:
-            raise ValueError(f"{path}: {t.name} must be a 1-D f32 tensor, got {t.tensor_type.name} of shape {data.shape}")
+            raise ValueError(
+                f"{path}: {t.name} must be a 1-D f32 tensor, got {t.tensor_type.name} of shape {data.shape}"
+            )
         vec = torch.from_numpy(data.astype(np.float32, copy=True))
         if not torch.isfinite(vec).all():
             raise ValueError(f"{path}: {t.name} contains NaN or inf")
@@ -93,7 +99,9 @@ def write_control_vector(
     rows = {}
     for layer, vec in directions.items():
         if not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"write_control_vector: layer {layer!r}: llama.cpp applies directions to layers >= 1 only")
+            raise ValueError(
+                f"write_control_vector: layer {layer!r}: llama.cpp applies directions to layers >= 1 only"
+            )
         arr = np.asarray(vec.detach().cpu() if isinstance(vec, Tensor) else vec, dtype=np.float32).reshape(-1)
         if not np.isfinite(arr).all():
             raise ValueError(f"write_control_vector: direction of layer {layer} contains NaN or inf")
@@ -119,7 +127,10 @@ def to_interventions(source: str | os.PathLike | Mapping[int, Tensor], scale: fl
     """A control vector (a file or ``{layer: direction}``) as pysteer interventions: ``scale *
     direction.{k}`` added to ``layers.{k}.resid`` at every token, as llama.cpp applies it."""
     directions = read_control_vector(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
-    return [VectorAdd(f"layers.{k}.resid", torch.as_tensor(v, dtype=torch.float32), alpha=scale) for k, v in sorted(directions.items())]
+    return [
+        VectorAdd(f"layers.{k}.resid", torch.as_tensor(v, dtype=torch.float32), alpha=scale)
+        for k, v in sorted(directions.items())
+    ]
 
 
 def from_interventions(interventions: Sequence[VectorAdd]) -> dict[int, Tensor]:
@@ -129,7 +140,9 @@ def from_interventions(interventions: Sequence[VectorAdd]) -> dict[int, Tensor]:
     for iv in interventions:
         site = parse_site(iv.site_name) if isinstance(iv, VectorAdd) else None
         if site is None or site.kind != "resid":
-            raise ValueError(f"from_interventions: {iv!r:.60} is not a VectorAdd at a layer's resid (the only control-vector form)")
+            raise ValueError(
+                f"from_interventions: {iv!r:.60} is not a VectorAdd at a layer's resid (the only control-vector form)"
+            )
         vec = torch.as_tensor(iv.vector, dtype=torch.float32) * float(iv.alpha)
         out[site.layer] = out[site.layer] + vec if site.layer in out else vec
     return out

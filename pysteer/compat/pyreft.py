@@ -56,9 +56,20 @@ COMPONENT_SITES = {
 }
 # pyvene's RepresentationConfig field order (pyvene 0.1.x); a saved config lists its values in it
 REPRESENTATION_FIELDS = (
-    "layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
-    "intervention", "subspace_partition", "group_key", "intervention_link_key", "moe_key",
-    "source_representation", "hidden_source_representation", "latent_dim",
+    "layer",
+    "component",
+    "unit",
+    "max_number_of_units",
+    "low_rank_dimension",
+    "intervention_type",
+    "intervention",
+    "subspace_partition",
+    "group_key",
+    "intervention_link_key",
+    "moe_key",
+    "source_representation",
+    "hidden_source_representation",
+    "latent_dim",
 )
 _DEFAULTS = {"layer": 0, "component": "block_output", "unit": "pos", "max_number_of_units": 1}
 LOREFT_TYPE = "LoreftIntervention"
@@ -109,10 +120,14 @@ def load_pyreft(
         )
     keys = config.get("sorted_keys") or _keys(reprs)
     if not isinstance(keys, list) or len(keys) != n or not all(isinstance(k, str) for k in keys):
-        raise PyreftFormatError(f"{root / 'config.json'}: sorted_keys must list {n} intervention keys, got {keys!r:.200}")
+        raise PyreftFormatError(
+            f"{root / 'config.json'}: sorted_keys must list {n} intervention keys, got {keys!r:.200}"
+        )
     dims = config.get("intervention_dimensions") or [None] * n
     if not isinstance(dims, list) or len(dims) != n:
-        raise PyreftFormatError(f"{root / 'config.json'}: intervention_dimensions must have {n} entries, got {dims!r:.200}")
+        raise PyreftFormatError(
+            f"{root / 'config.json'}: intervention_dimensions must have {n} entries, got {dims!r:.200}"
+        )
     per_iv = _positions_per_intervention(positions, n)
 
     out = []
@@ -160,7 +175,9 @@ def _representation(raw: Any, i: int, root: Path) -> dict[str, Any]:
     where = f"{root / 'config.json'}: representations[{i}]"
     if isinstance(raw, list):
         if len(raw) > len(REPRESENTATION_FIELDS):
-            raise PyreftFormatError(f"{where}: {len(raw)} fields, pyvene's RepresentationConfig has {len(REPRESENTATION_FIELDS)}")
+            raise PyreftFormatError(
+                f"{where}: {len(raw)} fields, pyvene's RepresentationConfig has {len(REPRESENTATION_FIELDS)}"
+            )
         rep = dict(zip(REPRESENTATION_FIELDS, raw))
     elif isinstance(raw, dict):
         unknown = set(raw) - set(REPRESENTATION_FIELDS)
@@ -183,7 +200,9 @@ def _representation(raw: Any, i: int, root: Path) -> dict[str, Any]:
         )
     for field in ("subspace_partition", "moe_key"):
         if field in rep:
-            raise PyreftFormatError(f"{where}: {field} is set ({rep[field]!r:.80}); LoReFT over subspaces is not supported")
+            raise PyreftFormatError(
+                f"{where}: {field} is set ({rep[field]!r:.80}); LoReFT over subspaces is not supported"
+            )
     return rep
 
 
@@ -225,7 +244,9 @@ def _read_state(root: Path, key: str, what: str) -> dict[str, Tensor]:
         try:
             return load_file(str(st_path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise PyreftFormatError(f"{what}: {st_path.name} is not a readable safetensors file ({err})") from None
+            raise PyreftFormatError(
+                f"{what}: {st_path.name} is not a readable safetensors file ({err})"
+            ) from None
     if not bin_path.is_file():
         raise FileNotFoundError(f"{what}: weights file {bin_path} is missing")
     try:
@@ -240,7 +261,9 @@ def _read_state(root: Path, key: str, what: str) -> dict[str, Tensor]:
     return state
 
 
-def _loreft_tensors(state: dict[str, Tensor], what: str, rank: Any, dim: Any) -> tuple[Tensor, Tensor, Tensor]:
+def _loreft_tensors(
+    state: dict[str, Tensor], what: str, rank: Any, dim: Any
+) -> tuple[Tensor, Tensor, Tensor]:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise PyreftFormatError(
@@ -251,9 +274,13 @@ def _loreft_tensors(state: dict[str, Tensor], what: str, rank: Any, dim: Any) ->
         raise PyreftFormatError(f"{what}: rotate_layer must be [d, r] with r <= d, got {list(P.shape)}")
     d, r = P.shape
     if rank is not None and r != rank:
-        raise PyreftFormatError(f"{what}: rotate_layer has rank {r}, the config's low_rank_dimension is {rank}")
+        raise PyreftFormatError(
+            f"{what}: rotate_layer has rank {r}, the config's low_rank_dimension is {rank}"
+        )
     if dim is not None and d != dim:
-        raise PyreftFormatError(f"{what}: rotate_layer has width {d}, the config's intervention dimension is {dim}")
+        raise PyreftFormatError(
+            f"{what}: rotate_layer has width {d}, the config's intervention dimension is {dim}"
+        )
     if tuple(W.shape) != (r, d) or tuple(b.shape) != (r,):
         raise PyreftFormatError(
             f"{what}: weight must be [{r}, {d}] and bias [{r}] (rank {r}, width {d}), got {list(W.shape)} and {list(b.shape)}"
@@ -265,5 +292,7 @@ def _loreft_tensors(state: dict[str, Tensor], what: str, rank: Any, dim: Any) ->
     tol = 1e-3 if state["rotate_layer"].dtype in (torch.float32, torch.float64) else 5e-2
     err = (P.T @ P - torch.eye(r, dtype=P.dtype)).abs().max().item()
     if err > tol:
-        raise PyreftFormatError(f"{what}: rotate_layer's columns are not orthonormal (max |P^T P - I| = {err:.3g})")
+        raise PyreftFormatError(
+            f"{what}: rotate_layer's columns are not orthonormal (max |P^T P - I| = {err:.3g})"
+        )
     return P.T.contiguous(), W, b

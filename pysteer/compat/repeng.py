@@ -27,9 +27,13 @@ def to_interventions(control_vector, coeff: float = 1.0) -> list[VectorAdd]:
         TypeError: no ``directions`` mapping; ValueError: a negative layer (repeng stores them
             normalised to non-negative indices) or a vector that is not 1-D.
     """
-    directions = control_vector if isinstance(control_vector, Mapping) else getattr(control_vector, "directions", None)
+    directions = (
+        control_vector if isinstance(control_vector, Mapping) else getattr(control_vector, "directions", None)
+    )
     if not isinstance(directions, Mapping) or not directions:
-        raise TypeError(f"repeng.to_interventions: expected a ControlVector (a non-empty .directions mapping), got {type(control_vector).__name__}")
+        raise TypeError(
+            f"repeng.to_interventions: expected a ControlVector (a non-empty .directions mapping), got {type(control_vector).__name__}"
+        )
     coeff = finite_number(coeff, "repeng.to_interventions: coeff")
     out = []
     for layer, vec in sorted(directions.items()):
@@ -37,7 +41,9 @@ def to_interventions(control_vector, coeff: float = 1.0) -> list[VectorAdd]:
             raise ValueError(f"repeng.to_interventions: layer {layer!r} is not a non-negative index")
         v = torch.as_tensor(np.asarray(vec), dtype=torch.float32)
         if v.dim() != 1:
-            raise ValueError(f"repeng.to_interventions: direction of layer {layer} must be 1-D, got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"repeng.to_interventions: direction of layer {layer} must be 1-D, got shape {tuple(v.shape)}"
+            )
         out.append(VectorAdd(f"layers.{int(layer)}.resid", v, alpha=coeff))
     return out
 
@@ -92,7 +98,9 @@ class Accelerator:
         for name, params in KNOWN_PARAMETERS.items():
             check_parameters(LIBRARY, version, getattr(control.ControlModel, name), params)
         self.library = control
-        self.default_operator = {f.name: f for f in dataclasses.fields(control.BlockControlParams)}["operator"].default
+        self.default_operator = {f.name: f for f in dataclasses.fields(control.BlockControlParams)}[
+            "operator"
+        ].default
         self.live: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ControlModel -> _Live
         self.originals: dict = {}
 
@@ -142,7 +150,10 @@ class Accelerator:
                 live.handle.update(_identity(live.handle))
                 live.control, live.kwargs = None, {}
             return None
-        ivs = [VectorAdd(f"layers.{k}.resid", control[k].detach().reshape(-1), alpha=1.0) for k in control_model.layer_ids]
+        ivs = [
+            VectorAdd(f"layers.{k}.resid", control[k].detach().reshape(-1), alpha=1.0)
+            for k in control_model.layer_ids
+        ]
         if live is None:
             from ..steering import steer
 
@@ -192,7 +203,9 @@ class Accelerator:
         try:
             spec = get_spec(model)
         except UnsupportedArchitecture:
-            return f"model_type {getattr(model.config, 'model_type', None)!r} has no pysteer architecture spec"
+            return (
+                f"model_type {getattr(model.config, 'model_type', None)!r} has no pysteer architecture spec"
+            )
         if get_submodule(model, spec.layers) is not self.library.model_layer_list(control_model):
             return f"repeng's layer list is not the model's {spec.layers}"
         if control is None:

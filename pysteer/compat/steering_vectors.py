@@ -23,7 +23,9 @@ from ..steering import SteeringSpec
 LAYER_TYPES = {"decoder_block": "resid", "self_attn": "attn.out", "mlp": "mlp.out"}
 
 
-def to_spec(steering_vector, multiplier: float = 1.0, token_indices: Sequence[int] | None = None) -> SteeringSpec:
+def to_spec(
+    steering_vector, multiplier: float = 1.0, token_indices: Sequence[int] | None = None
+) -> SteeringSpec:
     """A ``SteeringSpec`` (interventions + positions) equal to ``steering_vector.apply(model,
     multiplier, token_indices=...)``; pass it to ``pysteer.steer``.
 
@@ -35,10 +37,14 @@ def to_spec(steering_vector, multiplier: float = 1.0, token_indices: Sequence[in
     """
     acts = getattr(steering_vector, "layer_activations", None)
     if not isinstance(acts, dict) or not acts:
-        raise TypeError(f"steering_vectors.to_spec: expected a SteeringVector, got {type(steering_vector).__name__}")
+        raise TypeError(
+            f"steering_vectors.to_spec: expected a SteeringVector, got {type(steering_vector).__name__}"
+        )
     layer_type = getattr(steering_vector, "layer_type", "decoder_block")
     if layer_type not in LAYER_TYPES:
-        raise ValueError(f"steering_vectors.to_spec: layer_type {layer_type!r} has no pysteer site (supported: {sorted(LAYER_TYPES)})")
+        raise ValueError(
+            f"steering_vectors.to_spec: layer_type {layer_type!r} has no pysteer site (supported: {sorted(LAYER_TYPES)})"
+        )
     multiplier = finite_number(multiplier, "steering_vectors.to_spec: multiplier")
     ivs = []
     for layer, act in sorted(acts.items()):
@@ -47,7 +53,9 @@ def to_spec(steering_vector, multiplier: float = 1.0, token_indices: Sequence[in
         v = torch.as_tensor(act).detach().float().reshape(-1)
         ivs.append(VectorAdd(f"layers.{int(layer)}.{LAYER_TYPES[layer_type]}", v, alpha=multiplier))
     positions = "all" if token_indices is None else [int(i) for i in token_indices]
-    return SteeringSpec({"default": ivs}, positions, {"converted_from": "steering-vectors", "layer_type": layer_type})
+    return SteeringSpec(
+        {"default": ivs}, positions, {"converted_from": "steering-vectors", "layer_type": layer_type}
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,7 +64,15 @@ def to_spec(steering_vector, multiplier: float = 1.0, token_indices: Sequence[in
 
 LIBRARY = "steering-vectors"
 KNOWN_FIELDS = ("layer_activations", "layer_type")  # steering-vectors 0.12.2's SteeringVector
-KNOWN_PARAMETERS = ("self", "model", "layer_config", "operator", "multiplier", "min_token_index", "token_indices")
+KNOWN_PARAMETERS = (
+    "self",
+    "model",
+    "layer_config",
+    "operator",
+    "multiplier",
+    "min_token_index",
+    "token_indices",
+)
 ADDITION_OPERATOR = "addition_operator.<locals>._addition_operator"
 
 
@@ -123,12 +139,21 @@ class Accelerator:
 
     def _replacement(self):
         def patch_activations(
-            steering_vector, model, layer_config=None, operator=None, multiplier=1.0, min_token_index=None, token_indices=None
+            steering_vector,
+            model,
+            layer_config=None,
+            operator=None,
+            multiplier=1.0,
+            min_token_index=None,
+            token_indices=None,
         ):
             """steering-vectors' ``SteeringVector.patch_activations``, through pysteer's tables where it can."""
             call = dict(
-                layer_config=layer_config, operator=operator, multiplier=multiplier,
-                min_token_index=min_token_index, token_indices=token_indices,
+                layer_config=layer_config,
+                operator=operator,
+                multiplier=multiplier,
+                min_token_index=min_token_index,
+                token_indices=token_indices,
             )
             return self.patch_activations(steering_vector, model, call)
 
@@ -141,7 +166,11 @@ class Accelerator:
         if isinstance(ivs_or_reason, str):
             warn_fallback(LIBRARY, ivs_or_reason)
             return self.originals["patch_activations"](steering_vector, model, **call)
-        patch = _PatchHandle(self, self.pool.acquire(unwrap_model(model), ivs_or_reason), dict(call, steering_vector=steering_vector, model=model))
+        patch = _PatchHandle(
+            self,
+            self.pool.acquire(unwrap_model(model), ivs_or_reason),
+            dict(call, steering_vector=steering_vector, model=model),
+        )
         self.open.add(patch)
         return self.library.SteeringPatchHandle([patch])
 
@@ -182,7 +211,9 @@ class Accelerator:
         """Patches still applied move to the library's own hooks; pysteer's handles are removed."""
         for patch in list(self.open):
             call = dict(patch.call)
-            patch.library_handle = self.originals["patch_activations"](call.pop("steering_vector"), call.pop("model"), **call)
+            patch.library_handle = self.originals["patch_activations"](
+                call.pop("steering_vector"), call.pop("model"), **call
+            )
             patch.handle = None
         self.open = set()
         self.pool.clear()

@@ -43,14 +43,24 @@ def decode_sdpa(
     special = any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache", "s_aux"))
     if q_len != 1 or groups <= 1 or dropout or special or kwargs.get("output_attentions"):
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     # [B, H, 1, D] -> [B, H_kv, groups, D]: the query heads sharing a key/value head become its queries
     q = query.reshape(B, H // groups, groups, D)
     mask = attention_mask
     if mask is not None and mask.shape[1] != 1:  # a per-head mask follows its heads
         mask = mask.reshape(B, H // groups, groups, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=False)
+    out = F.scaled_dot_product_attention(
+        q, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=False
+    )
     return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 

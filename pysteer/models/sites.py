@@ -41,6 +41,7 @@ from .specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule
 
 log = logging.getLogger("pysteer")
 
+
 @dataclass(frozen=True)
 class SiteKind:
     """One kind of site, as data.
@@ -102,17 +103,27 @@ def _linear_sites() -> dict[str, SiteKind]:
     out = {}
     for name, lin in LINEARS.items():
         out[f"{name}.in"] = SiteKind(lin.module, pre=True, shape=lin.in_shape, fused=lin.fused)
-        out[f"{name}.out"] = SiteKind(lin.module, pre=False, shape=lin.out_shape, fused=lin.fused, with_input=True)
+        out[f"{name}.out"] = SiteKind(
+            lin.module, pre=False, shape=lin.out_shape, fused=lin.fused, with_input=True
+        )
     return out
 
 
 SITE_TABLE: dict[str, SiteKind] = {
     "embed": SiteKind(lambda spec: EMBEDDING, pre=False, shape=_model_width),
     "resid_pre": SiteKind(lambda spec: "", pre=True, shape=_model_width),
-    "attn.q": SiteKind(lambda spec: spec.q_proj, pre=False, shape=lambda g: (g.n_heads, g.head_dim), fused=_qkv_fused),
-    "attn.k": SiteKind(lambda spec: spec.k_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim), fused=_qkv_fused),
-    "attn.v": SiteKind(lambda spec: spec.v_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim), fused=_qkv_fused),
-    "attn.heads": SiteKind(lambda spec: spec.attn_out_proj, pre=True, shape=lambda g: (g.n_heads, g.head_dim)),
+    "attn.q": SiteKind(
+        lambda spec: spec.q_proj, pre=False, shape=lambda g: (g.n_heads, g.head_dim), fused=_qkv_fused
+    ),
+    "attn.k": SiteKind(
+        lambda spec: spec.k_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim), fused=_qkv_fused
+    ),
+    "attn.v": SiteKind(
+        lambda spec: spec.v_proj, pre=False, shape=lambda g: (g.n_kv_heads, g.head_dim), fused=_qkv_fused
+    ),
+    "attn.heads": SiteKind(
+        lambda spec: spec.attn_out_proj, pre=True, shape=lambda g: (g.n_heads, g.head_dim)
+    ),
     "attn.out": SiteKind(lambda spec: spec.attn_out_proj, pre=False, shape=_model_width),
     "mlp.hidden": SiteKind(lambda spec: spec.mlp_out_proj, pre=True, shape=lambda g: (1, g.d_mlp)),
     "mlp.out": SiteKind(lambda spec: spec.mlp, pre=False, shape=_model_width),
@@ -220,7 +231,11 @@ def guard_hooks_in_compiled_graphs() -> None:
 
 
 def install_site_hook(
-    resolved: ResolvedSite, fn: Callable[..., Tensor | None], *, prepend: bool = False, with_input: bool = False
+    resolved: ResolvedSite,
+    fn: Callable[..., Tensor | None],
+    *,
+    prepend: bool = False,
+    with_input: bool = False,
 ) -> RemovableHandle:
     """Run ``fn`` on the site tensor ``[B, S, width]``; a returned tensor replaces it.
 

@@ -199,12 +199,20 @@ def geometry(model: nn.Module, spec: ArchSpec | None = None) -> ModelGeometry:
             f"attention output projection input {in_f} is not divisible by {n_heads} heads"
         )
     n_kv = next(
-        (getattr(config, a) for a in ("num_key_value_heads", "multi_query_group_num") if getattr(config, a, None)),
+        (
+            getattr(config, a)
+            for a in ("num_key_value_heads", "multi_query_group_num")
+            if getattr(config, a, None)
+        ),
         n_heads,
     )
     d_mlp, _ = proj_weight_in_out(get_submodule(layers[0], spec.mlp_out_proj), spec.proj_layout)
     return ModelGeometry(
-        n_layers=len(layers), n_heads=int(n_heads), head_dim=in_f // n_heads, d_model=out_f, n_kv_heads=int(n_kv),
+        n_layers=len(layers),
+        n_heads=int(n_heads),
+        head_dim=in_f // n_heads,
+        d_model=out_f,
+        n_kv_heads=int(n_kv),
         d_mlp=int(d_mlp),
     )
 

@@ -96,7 +96,11 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype: torch.dtype = to
     cfg = tiny_config(model_type, **overrides)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype) if dtype != torch.float32 else T.AutoModelForCausalLM.from_config(cfg)
+    model = (
+        T.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        if dtype != torch.float32
+        else T.AutoModelForCausalLM.from_config(cfg)
+    )
     # Random-init biases are often zero; give every bias a value so bias-folding is exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -64,7 +64,9 @@ class OpFamily:
         for op in self.ops:
             if op.name == name:
                 return op
-        raise KeyError(f"op family {self.name!r} has no op {name!r}; it has {', '.join(o.name for o in self.ops)}")
+        raise KeyError(
+            f"op family {self.name!r} has no op {name!r}; it has {', '.join(o.name for o in self.ops)}"
+        )
 
 
 FAMILIES: dict[str, OpFamily] = {
@@ -186,7 +188,9 @@ def resolve(target: str) -> object:
     try:
         return getattr(mod, attr)
     except AttributeError:
-        raise AttributeError(f"{module} has no attribute {attr!r} (named in pysteer/ops/_registry.py)") from None
+        raise AttributeError(
+            f"{module} has no attribute {attr!r} (named in pysteer/ops/_registry.py)"
+        ) from None
 
 
 @functools.cache

@@ -93,7 +93,6 @@ MAX_TOPK_K = 1024
 _REF_DTYPES = (*KERNEL_DTYPES, torch.float64)
 
 
-
 class SteerArgs(NamedTuple):
     """``sae_steer``'s arguments in the op schema's order (``backend`` aside).
 

@@ -81,7 +81,9 @@ class AspectExample:
     domain: str = ""
 
 
-def load_absc(domain: str = "restaurant", split: str | None = None, path: str | os.PathLike | None = None) -> list[AspectExample]:
+def load_absc(
+    domain: str = "restaurant", split: str | None = None, path: str | os.PathLike | None = None
+) -> list[AspectExample]:
     """The shipped aspect-sentiment set of ``domain`` (``"restaurant"`` or ``"laptop"``), or a JSON
     lines file with ``sentence``, ``aspect``, ``polarity`` and ``split``; ``split`` filters."""
     if path is None:
@@ -96,7 +98,9 @@ def load_absc(domain: str = "restaurant", split: str | None = None, path: str | 
             raise ValueError(f"{path}:{n}: polarity must be one of {LABELS}, got {row['polarity']!r}")
         if row["aspect"] not in row["sentence"]:
             raise ValueError(f"{path}:{n}: aspect {row['aspect']!r} does not occur in the sentence")
-        ex = AspectExample(row["sentence"], row["aspect"], row["polarity"], row["split"], row.get("domain", domain))
+        ex = AspectExample(
+            row["sentence"], row["aspect"], row["polarity"], row["split"], row.get("domain", domain)
+        )
         if split is None or ex.split == split:
             out.append(ex)
     return out
@@ -154,7 +158,9 @@ def _question_span(tokenizer, ex: AspectExample, ids: Sequence[int], chat: bool)
     return subject_span(tokenizer, q, ex.aspect)
 
 
-def encode_examples(tokenizer, examples: Sequence[AspectExample], chat: bool = True, answer: bool = True) -> list[_Encoded]:
+def encode_examples(
+    tokenizer, examples: Sequence[AspectExample], chat: bool = True, answer: bool = True
+) -> list[_Encoded]:
     """Token ids of every prompt (as ``causal_trace`` tokenises it) and the offset of the last token
     of the question's aspect term."""
     out = []
@@ -185,7 +191,9 @@ def _pad_id(tokenizer) -> int:
 
 
 def _last_logits(model: nn.Module, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-    return last_token_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).float()
+    return last_token_logits(
+        model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
+    ).float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +213,9 @@ def absc_metrics(gold: Sequence[int], pred: Sequence[int]) -> dict:
         fp = sum(1 for g, p in zip(gold, pred) if g != k and p == k)
         fn = sum(1 for g, p in zip(gold, pred) if g == k and p != k)
         f1[lab] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    confusion = [[sum(1 for g, p in zip(gold, pred) if g == a and p == b) for b in range(3)] for a in range(3)]
+    confusion = [
+        [sum(1 for g, p in zip(gold, pred) if g == a and p == b) for b in range(3)] for a in range(3)
+    ]
     return {
         "accuracy": sum(int(g == p) for g, p in zip(gold, pred)) / n,
         "macro_f1": sum(f1.values()) / len(LABELS),
@@ -256,14 +266,20 @@ class _ReftEdit(_Edit):
     """LoReFT (one per layer, ``layers.L.resid``) at the aspect's last token (``where="aspect"``, an
     explicit negative position per distinct offset) or the last prompt token (``where="last"``)."""
 
-    def __init__(self, model, layers: Sequence[int], where: str, rank: int, offsets: Sequence[int], seed: int, backend):
+    def __init__(
+        self, model, layers: Sequence[int], where: str, rank: int, offsets: Sequence[int], seed: int, backend
+    ):
         d = geometry(model).d_model
         dev = model_device(model)
         self.name = f"loreft_{where}"
-        self.base = [LoReFT.init(f"layers.{L}.resid", d, rank, "l1", seed=seed + L, device=dev) for L in layers]
+        self.base = [
+            LoReFT.init(f"layers.{L}.resid", d, rank, "l1", seed=seed + L, device=dev) for L in layers
+        ]
         if where == "aspect":
             self.configs = {
-                f"at{o}": [LoReFT(iv.site_name, iv.rotation, iv.weight, iv.bias, [int(o)]) for iv in self.base]
+                f"at{o}": [
+                    LoReFT(iv.site_name, iv.rotation, iv.weight, iv.bias, [int(o)]) for iv in self.base
+                ]
                 for o in sorted(set(offsets))
             }
         elif where == "last":
@@ -287,7 +303,13 @@ class _ReftEdit(_Edit):
         """The trained edit as steering configs (detached copies)."""
         return {
             name: [
-                LoReFT(iv.site_name, iv.rotation.detach().clone(), iv.weight.detach().clone(), iv.bias.detach().clone(), iv.positions)
+                LoReFT(
+                    iv.site_name,
+                    iv.rotation.detach().clone(),
+                    iv.weight.detach().clone(),
+                    iv.bias.detach().clone(),
+                    iv.positions,
+                )
                 for iv in ivs
             ]
             for name, ivs in self.configs.items()
@@ -307,8 +329,12 @@ class _LoraEdit(_Edit):
 
         torch.manual_seed(seed)
         cfg = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["o_proj"],
-            layers_to_transform=list(layers) if layers is not None else None, bias="none",
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules=["o_proj"],
+            layers_to_transform=list(layers) if layers is not None else None,
+            bias="none",
         )
         self.peft = get_peft_model(model, cfg)  # injects into ``model`` in place
         self.params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
@@ -328,7 +354,9 @@ class _LoraEdit(_Edit):
 
 
 @torch.no_grad()
-def _predict(model, encs: Sequence[_Encoded], label_ids: Tensor, edit: _Edit, pad_id: int, batch_size: int) -> dict:
+def _predict(
+    model, encs: Sequence[_Encoded], label_ids: Tensor, edit: _Edit, pad_id: int, batch_size: int
+) -> dict:
     device = model_device(model)
     preds, ces = [], []
     for s in range(0, len(encs), batch_size):
@@ -344,8 +372,19 @@ def _predict(model, encs: Sequence[_Encoded], label_ids: Tensor, edit: _Edit, pa
 
 
 def _fit(
-    model, encs: Sequence[_Encoded], label_ids: Tensor, edit: _Edit, pad_id: int, *, lr: float, steps: int,
-    batch_size: int, seed: int, checkpoints: Sequence[int], evaluate: Callable[[], dict], log: Callable[[str], None],
+    model,
+    encs: Sequence[_Encoded],
+    label_ids: Tensor,
+    edit: _Edit,
+    pad_id: int,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    checkpoints: Sequence[int],
+    evaluate: Callable[[], dict],
+    log: Callable[[str], None],
 ) -> tuple[list[float], dict[int, tuple[dict, list[Tensor]]]]:
     """Adam on the label word's cross-entropy (full vocabulary, last prompt position). The batches
     are drawn once (shuffled) and visited in a fresh order every epoch, so a LoReFT edit replays the
@@ -374,7 +413,9 @@ def _fit(
             if step in checkpoints:
                 metrics = evaluate()
                 at[step] = (metrics, edit.snapshot())
-                log(f"  step {step:4d}  train loss {loss.item():.4f}  val acc {metrics['accuracy']:.3f}  val macro-F1 {metrics['macro_f1']:.3f}")
+                log(
+                    f"  step {step:4d}  train loss {loss.item():.4f}  val acc {metrics['accuracy']:.3f}  val macro-F1 {metrics['macro_f1']:.3f}"
+                )
     finally:
         if prefix is not None:
             prefix.remove()
@@ -387,8 +428,14 @@ def _fit(
 
 
 def trace_layers(
-    model: nn.Module, tokenizer, examples: Sequence[AspectExample], *, chat: bool = True, answer: bool = True,
-    samples: int = 3, seed: int = 0,
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[AspectExample],
+    *,
+    chat: bool = True,
+    answer: bool = True,
+    samples: int = 3,
+    seed: int = 0,
 ) -> dict:
     """Causal traces (``kind="resid"``) of ``examples`` with the aspect term as the subject and the
     gold label word as the answer.
@@ -405,14 +452,27 @@ def trace_layers(
     results, aspect_eff, last_eff, per_example = [], [], [], []
     for i, (ex, enc) in enumerate(zip(examples, encode_examples(tokenizer, examples, chat, answer))):
         r = causal_trace(
-            model, tokenizer, absc_text(tokenizer, ex, chat, answer), enc.span, words[LABELS.index(ex.polarity)],
-            kind="resid", samples=samples, seed=seed + 1000 * i,
+            model,
+            tokenizer,
+            absc_text(tokenizer, ex, chat, answer),
+            enc.span,
+            words[LABELS.index(ex.polarity)],
+            kind="resid",
+            samples=samples,
+            seed=seed + 1000 * i,
         )
         eff = r.indirect_effect
         aspect_eff.append(eff[:, r.subject[1] - 1])
         last_eff.append(eff[:, -1])
         results.append(r)
-        per_example.append({"aspect": ex.aspect, "polarity": ex.polarity, "clean_prob": r.clean_prob, "corrupted_prob": r.corrupted_prob})
+        per_example.append(
+            {
+                "aspect": ex.aspect,
+                "polarity": ex.polarity,
+                "clean_prob": r.clean_prob,
+                "corrupted_prob": r.corrupted_prob,
+            }
+        )
     a = torch.stack(aspect_eff).mean(0)
     b = torch.stack(last_eff).mean(0)
     n = a.shape[0]
@@ -463,7 +523,13 @@ class AbscResult:
     def table(self) -> list[dict]:
         """One row per (method, eval set): accuracy, macro-F1 and trained parameters."""
         return [
-            {"method": m, "eval": e, "accuracy": self.test[m][e]["accuracy"], "macro_f1": self.test[m][e]["macro_f1"], "trained_params": self.n_params[m]}
+            {
+                "method": m,
+                "eval": e,
+                "accuracy": self.test[m][e]["accuracy"],
+                "macro_f1": self.test[m][e]["macro_f1"],
+                "trained_params": self.n_params[m],
+            }
             for m in self.test
             for e in self.test[m]
         ]
@@ -490,7 +556,11 @@ class AbscResult:
 
         if not self.interventions:
             raise ValueError("absc: no LoReFT edit was trained")
-        return save(self.interventions, path, metadata={"recipe": "absc", "domain": self.domain, "chosen": self.chosen.get("loreft_aspect")})
+        return save(
+            self.interventions,
+            path,
+            metadata={"recipe": "absc", "domain": self.domain, "chosen": self.chosen.get("loreft_aspect")},
+        )
 
     def draw(self, path: str | os.PathLike) -> Path:
         """The first traced example's heatmap at ``path`` and the per-layer mean indirect effects
@@ -563,9 +633,13 @@ def absc_edit(
         raise ValueError(f"absc: unknown methods {sorted(unknown)}; use {METHODS}")
     if steps < 1 or batch_size < 1 or not n_layers or not lrs:
         raise ValueError("absc: steps and batch_size must be >= 1, n_layers and lrs non-empty")
-    checkpoints = sorted({int(c) for c in (checkpoints or (max(1, steps // 2), steps)) if 1 <= int(c) <= steps})
+    checkpoints = sorted(
+        {int(c) for c in (checkpoints or (max(1, steps // 2), steps)) if 1 <= int(c) <= steps}
+    )
     if cross_domains is None:
-        cross_domains = [d for d in DOMAINS if d != domain] if data is None else [d for d in data if d != domain]
+        cross_domains = (
+            [d for d in DOMAINS if d != domain] if data is None else [d for d in data if d != domain]
+        )
     if data is None:
         data = {d: load_absc(d) for d in {domain, *cross_domains}}
     split = {s: [e for e in data[domain] if e.split == s] for s in SPLITS}
@@ -582,26 +656,40 @@ def absc_edit(
             methods.remove("lora")
     geo = geometry(model)
     if max(n_layers) > max(1, geo.n_layers - 1):
-        raise ValueError(f"absc: n_layers up to {max(n_layers)} but the model has {geo.n_layers} layers (the last is never edited)")
+        raise ValueError(
+            f"absc: n_layers up to {max(n_layers)} but the model has {geo.n_layers} layers (the last is never edited)"
+        )
     device = model_device(model)
     pad_id = _pad_id(tokenizer)
     label_ids = torch.tensor(label_token_ids(tokenizer, chat, answer), device=device)
     enc = {s: encode_examples(tokenizer, exs, chat, answer) for s, exs in split.items()}
     enc_tests = {d: encode_examples(tokenizer, exs, chat, answer) for d, exs in tests.items()}
     offsets = sorted({e.offset for encs in (*enc.values(), *enc_tests.values()) for e in encs})
-    say(f"aspect's last token back from the prompt end: {offsets} ({'one constant' if len(offsets) == 1 else 'varies'})")
+    say(
+        f"aspect's last token back from the prompt end: {offsets} ({'one constant' if len(offsets) == 1 else 'varies'})"
+    )
 
     # 1. which layers: causal tracing on training examples, spread over the labels
     by_label = {lab: [e for e in split["train"] if e.polarity == lab] for lab in LABELS}
-    picked = [by_label[LABELS[i % 3]][i // 3] for i in range(trace_examples) if i // 3 < len(by_label[LABELS[i % 3]])]
+    picked = [
+        by_label[LABELS[i % 3]][i // 3]
+        for i in range(trace_examples)
+        if i // 3 < len(by_label[LABELS[i % 3]])
+    ]
     if ranking is None:
         say(f"causal tracing {len(picked)} training examples ({trace_samples} noise draws per cell)")
-        trace = trace_layers(model, tokenizer, picked, chat=chat, answer=answer, samples=trace_samples, seed=seed)
+        trace = trace_layers(
+            model, tokenizer, picked, chat=chat, answer=answer, samples=trace_samples, seed=seed
+        )
         ranking = trace["ranking"]
     else:
         ranking = [int(x) for x in ranking]
-        if sorted(ranking[: max(n_layers)]) != sorted(set(ranking[: max(n_layers)])) or not all(0 <= x < geo.n_layers for x in ranking):
-            raise ValueError(f"absc: ranking must list distinct layers of the model's {geo.n_layers}, got {ranking}")
+        if sorted(ranking[: max(n_layers)]) != sorted(set(ranking[: max(n_layers)])) or not all(
+            0 <= x < geo.n_layers for x in ranking
+        ):
+            raise ValueError(
+                f"absc: ranking must list distinct layers of the model's {geo.n_layers}, got {ranking}"
+            )
         trace = {"ranking": ranking, "given": True}
     say(f"layers by mean indirect effect at the aspect's last token: {ranking[: max(n_layers)]}")
 
@@ -618,9 +706,13 @@ def absc_edit(
             val = _predict(model, enc["validation"], label_ids, zero, pad_id, eval_batch_size)
             selection.append({"method": "zero_shot", "validation": _short(val)})
             chosen["zero_shot"] = {}
-            test["zero_shot"] = {d: _predict(model, e, label_ids, zero, pad_id, eval_batch_size) for d, e in enc_tests.items()}
+            test["zero_shot"] = {
+                d: _predict(model, e, label_ids, zero, pad_id, eval_batch_size) for d, e in enc_tests.items()
+            }
             n_params["zero_shot"] = 0
-            say(f"zero-shot: test acc {test['zero_shot'][domain]['accuracy']:.3f}, macro-F1 {test['zero_shot'][domain]['macro_f1']:.3f}")
+            say(
+                f"zero-shot: test acc {test['zero_shot'][domain]['accuracy']:.3f}, macro-F1 {test['zero_shot'][domain]['macro_f1']:.3f}"
+            )
 
         def run(method: str, grid: list[dict], make: Callable[[dict], _Edit]) -> None:
             best = None
@@ -629,9 +721,19 @@ def absc_edit(
                 edit = make(hp)
                 try:
                     losses, at = _fit(
-                        model, enc["train"], label_ids, edit, pad_id, lr=hp["lr"], steps=steps, batch_size=batch_size,
-                        seed=seed, checkpoints=checkpoints,
-                        evaluate=lambda edit=edit: _predict(model, enc["validation"], label_ids, edit, pad_id, eval_batch_size),
+                        model,
+                        enc["train"],
+                        label_ids,
+                        edit,
+                        pad_id,
+                        lr=hp["lr"],
+                        steps=steps,
+                        batch_size=batch_size,
+                        seed=seed,
+                        checkpoints=checkpoints,
+                        evaluate=lambda edit=edit: _predict(
+                            model, enc["validation"], label_ids, edit, pad_id, eval_batch_size
+                        ),
                         log=say,
                     )
                     for step, (val, snap) in at.items():
@@ -646,7 +748,10 @@ def absc_edit(
             edit = make(hp)
             try:
                 edit.restore(snap)
-                test[method] = {d: _predict(model, e, label_ids, edit, pad_id, eval_batch_size) for d, e in enc_tests.items()}
+                test[method] = {
+                    d: _predict(model, e, label_ids, edit, pad_id, eval_batch_size)
+                    for d, e in enc_tests.items()
+                }
                 n_params[method] = edit.n_params()
                 chosen[method] = hp
                 history[method] = losses
@@ -654,15 +759,29 @@ def absc_edit(
                     interventions.update(edit.interventions())
             finally:
                 edit.close()
-            say(f"{method}: chose {hp}; test acc {test[method][domain]['accuracy']:.3f}, macro-F1 {test[method][domain]['macro_f1']:.3f}")
+            say(
+                f"{method}: chose {hp}; test acc {test[method][domain]['accuracy']:.3f}, macro-F1 {test[method][domain]['macro_f1']:.3f}"
+            )
 
-        reft_grid = [{"lr": float(lr), "n_layers": int(k), "layers": sorted(ranking[:k])} for k in n_layers for lr in lrs]
+        reft_grid = [
+            {"lr": float(lr), "n_layers": int(k), "layers": sorted(ranking[:k])}
+            for k in n_layers
+            for lr in lrs
+        ]
         for where in ("aspect", "last"):
             method = f"loreft_{where}"
             if method in methods:
-                run(method, reft_grid, lambda hp, where=where: _ReftEdit(model, hp["layers"], where, rank, offsets, seed, backend))
+                run(
+                    method,
+                    reft_grid,
+                    lambda hp, where=where: _ReftEdit(
+                        model, hp["layers"], where, rank, offsets, seed, backend
+                    ),
+                )
         if "lora" in methods:
-            lora_grid = [{"lr": float(lr), "r": lora_r, "alpha": lora_alpha, "layers": "all"} for lr in lora_lrs]
+            lora_grid = [
+                {"lr": float(lr), "r": lora_r, "alpha": lora_alpha, "layers": "all"} for lr in lora_lrs
+            ]
             run("lora", lora_grid, lambda hp: _LoraEdit(model, lora_r, lora_alpha, None, seed))
     finally:
         unfreeze(saved)

@@ -85,7 +85,11 @@ class CausalTraceResult:
         """Heatmap: layers (rows) x tokens (columns, subject marked with ``*``)."""
         s0, s1 = self.subject
         labels = [f"{t}*" if s0 <= i < s1 else t for i, t in enumerate(self.tokens)]
-        what = {"resid": "hidden state", "mlp": f"MLP ({self.window} layers)", "attn": f"attention ({self.window} layers)"}
+        what = {
+            "resid": "hidden state",
+            "mlp": f"MLP ({self.window} layers)",
+            "attn": f"attention ({self.window} layers)",
+        }
         return heatmap_png(
             self.scores,
             path,
@@ -143,7 +147,9 @@ def _cells_sites(kind: str, layer: int, n_layers: int, window: int) -> list[str]
 
 
 @torch.no_grad()
-def _clean_states(model: nn.Module, ids: Tensor, kind: str, n_layers: int) -> tuple[Tensor, dict[str, Tensor]]:
+def _clean_states(
+    model: nn.Module, ids: Tensor, kind: str, n_layers: int
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clean logits of the last token and each layer's state at every position (``[S, W]`` per site)."""
     spec = get_spec(model)
     states: dict[str, Tensor] = {}
@@ -323,7 +329,9 @@ def causal_trace(
     span = tuple(subject) if not isinstance(subject, str) else subject_span(tokenizer, ids_list, subject)
     s0, s1 = int(span[0]), int(span[1])
     if not 0 <= s0 < s1 <= len(ids_list):
-        raise ValueError(f"causal_trace: subject span {span} is not inside the prompt's {len(ids_list)} tokens")
+        raise ValueError(
+            f"causal_trace: subject span {span} is not inside the prompt's {len(ids_list)} tokens"
+        )
     layer_list = list(range(geo.n_layers)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layer_list if not 0 <= x < geo.n_layers]
     if bad:
@@ -351,7 +359,9 @@ def causal_trace(
     else:
         # A token before the subject sees no noise (attention is causal), so its clean and corrupted
         # states are the same and restoring it is the corrupted run: no forward needed.
-        live = [c for c, (_, t) in enumerate(cells) if t >= s0] if skip_unaffected else list(range(len(cells)))
+        live = (
+            [c for c, (_, t) in enumerate(cells) if t >= s0] if skip_unaffected else list(range(len(cells)))
+        )
         flat = torch.full((len(cells),), corrupted)
         cache = corrupted_cache if prefix_cache else None
         flat[live] = _batched_scores(run, [cells[c] for c in live], noises, batch_size, cache)

@@ -9,9 +9,13 @@ HELP = "causal tracing: corrupt the subject, restore one (layer, token) state at
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--prompt", required=True, help="text whose next token is the answer")
-    p.add_argument("--subject", required=True, help="the subject's text inside the prompt (its tokens are corrupted)")
+    p.add_argument(
+        "--subject", required=True, help="the subject's text inside the prompt (its tokens are corrupted)"
+    )
     p.add_argument("--answer", help="answer text (first token scored; default: the model's top token)")
     p.add_argument("--kind", default="resid", choices=["resid", "mlp", "attn"])
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp / attn")

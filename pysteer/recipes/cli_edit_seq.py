@@ -11,15 +11,31 @@ HELP = "sequential model editing (DAFNet): meta-train or load an editor, apply N
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--editor", required=True, help="editor checkpoint (safetensors): read, or written by --train-steps")
-    p.add_argument("--train-steps", type=int, help="meta-train a new editor for this many steps and save it to --editor")
-    p.add_argument("--layers", type=int, nargs="+", help="layers whose --linear is edited (default: the last 3)")
-    p.add_argument("--linear", default="mlp.down_proj", help="mlp.gate_proj, mlp.up_proj, mlp.down_proj or attn.o_proj")
-    p.add_argument("--no-inter-attention", action="store_true", help="the ablation without inter-editing attention")
+    p.add_argument(
+        "--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--editor", required=True, help="editor checkpoint (safetensors): read, or written by --train-steps"
+    )
+    p.add_argument(
+        "--train-steps", type=int, help="meta-train a new editor for this many steps and save it to --editor"
+    )
+    p.add_argument(
+        "--layers", type=int, nargs="+", help="layers whose --linear is edited (default: the last 3)"
+    )
+    p.add_argument(
+        "--linear", default="mlp.down_proj", help="mlp.gate_proj, mlp.up_proj, mlp.down_proj or attn.o_proj"
+    )
+    p.add_argument(
+        "--no-inter-attention", action="store_true", help="the ablation without inter-editing attention"
+    )
     p.add_argument("--max-sequence", type=int, default=100, help="longest training edit sequence")
-    p.add_argument("--edits", help="edit records (JSON lines, the shipped set's fields); default: the shipped set")
-    p.add_argument("--split", default="eval", choices=("train", "eval"), help="which split of the records to apply")
+    p.add_argument(
+        "--edits", help="edit records (JSON lines, the shipped set's fields); default: the shipped set"
+    )
+    p.add_argument(
+        "--split", default="eval", choices=("train", "eval"), help="which split of the records to apply"
+    )
     p.add_argument("-n", "--num-edits", type=int, default=100, help="apply the first N records")
     p.add_argument("--rank", type=int, help="compress each linear's delta to this rank")
     p.add_argument("--out", help="steering file of the accumulated weight deltas")
@@ -56,7 +72,9 @@ def run(args) -> int:
     if args.train_steps:
         n_layers = len(pysteer.models.layer_modules(model))
         layers = args.layers or list(range(n_layers - 3, n_layers))
-        cfg = DAFNetConfig([f"layers.{i}.{args.linear}" for i in layers], inter_attention=not args.no_inter_attention)
+        cfg = DAFNetConfig(
+            [f"layers.{i}.{args.linear}" for i in layers], inter_attention=not args.no_inter_attention
+        )
         train = TrainConfig(steps=args.train_steps, max_sequence=args.max_sequence, seed=args.seed)
         editor, _ = dafnet_train(model, tok, train_records, cfg, train, checkpoint=args.editor)
     else:
@@ -70,5 +88,7 @@ def run(args) -> int:
     handle.remove()
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"scores": scores, "editor": args.editor, "edited": editor.cfg.module_sites}, f, indent=1)
+            json.dump(
+                {"scores": scores, "editor": args.editor, "edited": editor.cfg.module_sites}, f, indent=1
+            )
     return 0

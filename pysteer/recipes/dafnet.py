@@ -87,12 +87,22 @@ class DAFNetConfig:
             raise ValueError("DAFNetConfig: module_sites is empty; name the linears to edit")
         for s in self.module_sites:
             parse_module_site(s)
-        for name in ("layers", "intra_dim", "inter_dim", "inter_heads", "score_dim", "score_heads", "ffn_dim"):
+        for name in (
+            "layers",
+            "intra_dim",
+            "inter_dim",
+            "inter_heads",
+            "score_dim",
+            "score_heads",
+            "ffn_dim",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DAFNetConfig: {name} must be a positive int, got {value!r}")
         if not (self.init_edit_lr > 0 and math.isfinite(self.init_edit_lr)):
-            raise ValueError(f"DAFNetConfig: init_edit_lr must be a positive number, got {self.init_edit_lr!r}")
+            raise ValueError(
+                f"DAFNetConfig: init_edit_lr must be a positive number, got {self.init_edit_lr!r}"
+            )
 
 
 @dataclass
@@ -142,7 +152,9 @@ class EditSignal:
         return int(self.u[0].shape[0])
 
 
-def capture_signals(model: nn.Module, tok, records: Sequence[EditRecord], module_sites: Sequence[str]) -> list[EditSignal]:
+def capture_signals(
+    model: nn.Module, tok, records: Sequence[EditRecord], module_sites: Sequence[str]
+) -> list[EditSignal]:
     """The gradient signals of ``records`` (see the module docstring); the model is left as it was."""
     from ..models.sites import install_site_hook, resolve_site
     from ..weight_delta import parse_module_site
@@ -162,7 +174,9 @@ def capture_signals(model: nn.Module, tok, records: Sequence[EditRecord], module
 
         return keep
 
-    batch = teacher_forced(tok, [r.prompt for r in records], [r.target_new for r in records], model_device(model))
+    batch = teacher_forced(
+        tok, [r.prompt for r in records], [r.target_new for r in records], model_device(model)
+    )
     weights = [r.module.weight for r in resolved]
     flags = [w.requires_grad for w in weights]
     hooks = [install_site_hook(r, keeper(i), with_input=True) for i, r in enumerate(resolved)]
@@ -186,10 +200,12 @@ def capture_signals(model: nn.Module, tok, records: Sequence[EditRecord], module
     sel = batch.predict_at
     out = []
     for b in range(len(records)):
-        out.append(EditSignal(
-            u=[inputs[i][b][sel[b]].float() for i in range(len(resolved))],
-            delta=[grads[i][b][sel[b]].float() for i in range(len(resolved))],
-        ))
+        out.append(
+            EditSignal(
+                u=[inputs[i][b][sel[b]].float() for i in range(len(resolved))],
+                delta=[grads[i][b][sel[b]].float() for i in range(len(resolved))],
+            )
+        )
     return out
 
 
@@ -246,7 +262,9 @@ class IntraEditAttention(nn.Module):
         total = torch.zeros(n_edits, device=x.device).index_add(0, owner, w)
         w = w / total[owner]
         weighted = v * w[:, None]
-        pooled = torch.zeros(n_edits, x.shape[1], device=x.device, dtype=x.dtype).index_add(0, owner, weighted)
+        pooled = torch.zeros(n_edits, x.shape[1], device=x.device, dtype=x.dtype).index_add(
+            0, owner, weighted
+        )
         return weighted, pooled
 
 
@@ -283,7 +301,11 @@ class EditorLayer(nn.Module):
         super().__init__()
         self.intra = IntraEditAttention(dim, cfg.intra_dim)
         self.inter = CausalEditAttention(dim, cfg.inter_heads, cfg.inter_dim) if cfg.inter_attention else None
-        self.score = CausalEditAttention(dim, cfg.score_heads, cfg.score_dim, scores=True) if cfg.inter_attention else None
+        self.score = (
+            CausalEditAttention(dim, cfg.score_heads, cfg.score_dim, scores=True)
+            if cfg.inter_attention
+            else None
+        )
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.ReLU(), nn.Linear(cfg.ffn_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
         self.mode_scale = nn.Embedding(n_modes, dim)
@@ -291,7 +313,9 @@ class EditorLayer(nn.Module):
         nn.init.ones_(self.mode_scale.weight)
         nn.init.zeros_(self.mode_shift.weight)
 
-    def forward(self, x: Tensor, owner: Tensor, n_edits: int, cache: Tensor, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, owner: Tensor, n_edits: int, cache: Tensor, mode: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``x [tokens, d]`` -> (new x, update scale per new edit ``[n_edits]``, new cache)."""
         mixed, pooled = self.intra(x, owner, n_edits)
         x = self.norms[0](x + mixed)
@@ -324,7 +348,9 @@ class AuxNet(nn.Module):
         ``(x1 [tokens, in], x2 [tokens, out] scaled by each token's edit weight, decay of the
         earlier delta, new caches)``."""
         n = len(lengths)
-        owner = torch.arange(n, device=u.device).repeat_interleave(torch.tensor(list(lengths), device=u.device))
+        owner = torch.arange(n, device=u.device).repeat_interleave(
+            torch.tensor(list(lengths), device=u.device)
+        )
         x = self.norm(torch.cat([u, delta], -1))
         scales, new_caches = [], []
         for layer, cache in zip(self.layers, caches, strict=True):
@@ -366,7 +392,9 @@ class DAFNetEditor(nn.Module):
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         keys = [_shape_key(s) for s in self.shapes]
         self.modes = [keys[:i].count(k) for i, k in enumerate(keys)]
-        self.nets = nn.ModuleDict({k: AuxNet(*s, cfg, keys.count(k)) for k, s in zip(keys, self.shapes, strict=True)})
+        self.nets = nn.ModuleDict(
+            {k: AuxNet(*s, cfg, keys.count(k)) for k, s in zip(keys, self.shapes, strict=True)}
+        )
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(cfg.init_edit_lr)))
         self.reset()
 
@@ -430,7 +458,9 @@ class DAFNetEditor(nn.Module):
         editor = cls(DAFNetConfig(**doc["config"]), [tuple(s) for s in doc["shapes"]])
         missing, unexpected = editor.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return editor.to(device) if device is not None else editor
 
 
@@ -503,10 +533,12 @@ def dafnet_train(
     signals = []
     for i in range(0, len(records), 8):
         signals += capture_signals(model, tok, records[i : i + 8], cfg.module_sites)
-    opt = torch.optim.Adam([
-        {"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": train.lr},
-        {"params": [editor.edit_lrs], "lr": train.edit_lr_lr},
-    ])
+    opt = torch.optim.Adam(
+        [
+            {"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": train.lr},
+            {"params": [editor.edit_lrs], "lr": train.edit_lr_lr},
+        ]
+    )
     log = []
     editor.train()
     dev = model_device(model)
@@ -525,14 +557,24 @@ def dafnet_train(
             with torch.no_grad():
                 reference = model(input_ids=loc.input_ids, attention_mask=loc.attention_mask).logits
             with _steer_deltas(model, editor.weight_deltas(), trainable=True):
-                losses = {"reliability": target_nll(model, rel), "generality": target_nll(model, gen),
-                          "locality": _locality_kl(model, loc, reference)}
+                losses = {
+                    "reliability": target_nll(model, rel),
+                    "generality": target_nll(model, gen),
+                    "locality": _locality_kl(model, loc, reference),
+                }
             total = sum(getattr(train, k) * v for k, v in losses.items())
             opt.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(editor.parameters(), 100.0)
             opt.step()
-            log.append({"step": step, "sequence": n, "loss": total.item(), **{k: v.item() for k, v in losses.items()}})
+            log.append(
+                {
+                    "step": step,
+                    "sequence": n,
+                    "loss": total.item(),
+                    **{k: v.item() for k, v in losses.items()},
+                }
+            )
         if checkpoint:
             editor.save(checkpoint)
     finally:

@@ -95,7 +95,9 @@ class TeacherForced:
 def teacher_forced(tok, prompts: Sequence[str], targets: Sequence[str], device=None) -> TeacherForced:
     """Tokenise ``prompt + target`` pairs (the target's tokens as they follow the prompt)."""
     if len(prompts) != len(targets) or not prompts:
-        raise ValueError(f"teacher_forced: {len(prompts)} prompts for {len(targets)} targets (need one each, at least one)")
+        raise ValueError(
+            f"teacher_forced: {len(prompts)} prompts for {len(targets)} targets (need one each, at least one)"
+        )
     rows, spans = [], []
     for p, t in zip(prompts, targets, strict=True):
         p_ids = tok(p).input_ids
@@ -134,7 +136,9 @@ def _per_sample_mean(hits: Tensor, predict_at: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_accuracy(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> Tensor:
+def token_accuracy(
+    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16
+) -> Tensor:
     """``[n]`` teacher-forced accuracy of each target after its prompt (share of its tokens that are the argmax)."""
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -145,7 +149,9 @@ def token_accuracy(model: nn.Module, tok, prompts: Sequence[str], targets: Seque
 
 
 @torch.no_grad()
-def answer_argmax(model: nn.Module, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16) -> list[Tensor]:
+def answer_argmax(
+    model: nn.Module, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+) -> list[Tensor]:
     """The argmax token at each answer position of ``prompt + answer`` (the locality reference)."""
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -165,7 +171,12 @@ class EditScores:
     locality: float
 
     def as_dict(self) -> dict:
-        return {"n_edits": self.n_edits, "reliability": self.reliability, "generality": self.generality, "locality": self.locality}
+        return {
+            "n_edits": self.n_edits,
+            "reliability": self.reliability,
+            "generality": self.generality,
+            "locality": self.locality,
+        }
 
 
 class EditEvaluator:
@@ -187,12 +198,16 @@ class EditEvaluator:
         if not 1 <= n_edits <= len(self.records):
             raise ValueError(f"score: n_edits must be in [1, {len(self.records)}], got {n_edits}")
         recs = self.records[:n_edits]
-        rel = token_accuracy(model, self.tok, [r.prompt for r in recs], [r.target_new for r in recs], self.batch_size)
+        rel = token_accuracy(
+            model, self.tok, [r.prompt for r in recs], [r.target_new for r in recs], self.batch_size
+        )
         para = [(p, r.target_new) for r in recs for p in r.paraphrases]
         gen = token_accuracy(model, self.tok, [p for p, _ in para], [t for _, t in para], self.batch_size)
         k = sum(1 for owner in self._loc_owner if owner < n_edits)
         now = answer_argmax(model, self.tok, self._loc_prompts[:k], self._loc_answers[:k], self.batch_size)
-        loc = torch.stack([(a == b).float().mean() for a, b in zip(now, self._loc_reference[:k], strict=True)])
+        loc = torch.stack(
+            [(a == b).float().mean() for a, b in zip(now, self._loc_reference[:k], strict=True)]
+        )
         return EditScores(n_edits, rel.mean().item(), gen.mean().item(), loc.mean().item())
 
 
@@ -215,7 +230,9 @@ class FTL:
     the argmax or ``max_steps`` is reached. ``restore()`` copies the original weights back (bit-exact).
     """
 
-    def __init__(self, model: nn.Module, tok, module_sites: Sequence[str], lr: float = 1e-3, max_steps: int = 20):
+    def __init__(
+        self, model: nn.Module, tok, module_sites: Sequence[str], lr: float = 1e-3, max_steps: int = 20
+    ):
         if lr <= 0 or max_steps < 1:
             raise ValueError(f"FTL: lr must be > 0 and max_steps >= 1, got lr={lr}, max_steps={max_steps}")
         self.model, self.tok, self.lr, self.max_steps = model, tok, lr, max_steps

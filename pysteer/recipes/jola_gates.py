@@ -246,9 +246,16 @@ class JolaGate:
         what = f"JolaGate(layer={self.layer})"
         _check_layer(self.layer, geo, what)
         H, D = geo.n_heads, geo.head_dim
-        for name, shape in (("log_alpha_add", (H,)), ("log_alpha_mul", (H,)), ("add", (H, D)), ("mul", (H, D))):
+        for name, shape in (
+            ("log_alpha_add", (H,)),
+            ("log_alpha_mul", (H,)),
+            ("add", (H, D)),
+            ("mul", (H, D)),
+        ):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"{what}: {name} must be {list(shape)}, got {tuple(getattr(self, name).shape)}")
+                raise ValueError(
+                    f"{what}: {name} must be {list(shape)}, got {tuple(getattr(self, name).shape)}"
+                )
         gate = (lambda la: hard_concrete_sample(la, self.generator)) if self.sample else hard_concrete_eval
         g1, g2 = gate(self.log_alpha_add), gate(self.log_alpha_mul)
         return AffineTerms(self.site, (1 + g2[:, None] * self.mul).float(), (g1[:, None] * self.add).float())
@@ -262,23 +269,43 @@ class JolaGate:
         names = {"layer", "log_alpha_add", "log_alpha_mul", "add", "mul"}
         if set(fields) != names:
             raise ValueError(f"JolaGate needs exactly the fields {sorted(names)}, got {sorted(fields)}")
-        return cls(int(fields["layer"]), *(get(fields[n], n) for n in ("log_alpha_add", "log_alpha_mul", "add", "mul")))
+        return cls(
+            int(fields["layer"]),
+            *(get(fields[n], n) for n in ("log_alpha_add", "log_alpha_mul", "add", "mul")),
+        )
 
 
-def gate_interventions(params: JolaResult, *, sample: bool = False, generator: torch.Generator | None = None) -> list[JolaGate]:
+def gate_interventions(
+    params: JolaResult, *, sample: bool = False, generator: torch.Generator | None = None
+) -> list[JolaGate]:
     """One ``JolaGate`` per edited layer over views of ``params`` (gradients reach its tensors)."""
     return [
-        JolaGate(layer, params.log_alpha_add[i], params.log_alpha_mul[i], params.add[i], params.mul[i], sample, generator)
+        JolaGate(
+            layer,
+            params.log_alpha_add[i],
+            params.log_alpha_mul[i],
+            params.add[i],
+            params.mul[i],
+            sample,
+            generator,
+        )
         for i, layer in enumerate(params.layers)
     ]
 
 
 def steer_gates(
-    model: nn.Module, params: JolaResult, *, training: bool, backend: str | None = None, generator: torch.Generator | None = None
+    model: nn.Module,
+    params: JolaResult,
+    *,
+    training: bool,
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
 ) -> SteeringHandle:
     """Steer ``model`` with the JoLA edit: sampled gates and a trainable handle when ``training``."""
     ivs = gate_interventions(params, sample=training, generator=generator)
-    return steer(model, ivs, mode="dynamic", trainable=training, backend=training_backend(backend, model_device(model)))
+    return steer(
+        model, ivs, mode="dynamic", trainable=training, backend=training_backend(backend, model_device(model))
+    )
 
 
 def init_params(

@@ -190,7 +190,9 @@ def _config(beta: int) -> str:
     return f"beta{beta:+d}"
 
 
-def _steered_last_logits(handle: SteeringHandle, model: nn.Module, batch: _Batch, betas: Sequence[int]) -> Tensor:
+def _steered_last_logits(
+    handle: SteeringHandle, model: nn.Module, batch: _Batch, betas: Sequence[int]
+) -> Tensor:
     """Last-token logits of the batch once per beta (rows ``beta`` major), each under its config."""
     B = batch.input_ids.shape[0]
     handle.rows([_config(b) for b in betas for _ in range(B)])
@@ -287,11 +289,15 @@ def scaling_objective(
     if window is not None and method != "dynamic":
         key = "alpha" if method == "scalar" else "vector"
         if int(params[key][0].shape[0]) != window:
-            raise ValueError(f"window={window} but the parameters hold {int(params[key][0].shape[0])} positions")
+            raise ValueError(
+                f"window={window} but the parameters hold {int(params[key][0].shape[0])} positions"
+            )
     bt = torch.tensor(list(betas), dtype=torch.float32, device=device)
     own = handle is None
     if own:
-        handle = steer(model, _configs(method, sites, params), trainable=True, backend=training_backend(backend, device))
+        handle = steer(
+            model, _configs(method, sites, params), trainable=True, backend=training_backend(backend, device)
+        )
     try:
         logits = _steered_last_logits(handle, model, batch, betas)
     finally:
@@ -362,14 +368,23 @@ class ScalingResult:
         if beta not in (1, -1):
             raise ValueError(f"beta must be +1 or -1, got {beta}")
         ivs = interventions_of(self.method, self.sites, self.params, beta)
-        keep = [i for i in range(len(self.sites)) if any(bool((p[i] != 0).any()) for p in self.params.values())]
+        keep = [
+            i for i in range(len(self.sites)) if any(bool((p[i] != 0).any()) for p in self.params.values())
+        ]
         return [ivs[i] for i in keep]
 
     def spec(self) -> SteeringSpec:
         """Configs ``"beta+1"`` (the default) and ``"beta-1"``; positions ``"all"`` (the interventions
         select their own window)."""
-        meta = {"recipe": "activation_scaling", "method": self.method, "window": self.window, "config": self.config}
-        return SteeringSpec({_config(1): self.interventions(1), _config(-1): self.interventions(-1)}, "all", meta)
+        meta = {
+            "recipe": "activation_scaling",
+            "method": self.method,
+            "window": self.window,
+            "config": self.config,
+        }
+        return SteeringSpec(
+            {_config(1): self.interventions(1), _config(-1): self.interventions(-1)}, "all", meta
+        )
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write the result into ``directory``: ``steering.safetensors`` (``pysteer.steer`` /
@@ -574,7 +589,9 @@ def activation_scaling(
     g = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"psi": [], "E": [], "F": [], "M": []}
     saved = freeze(model)
-    handle = steer(model, _configs(method, sites, leaves), trainable=True, backend=training_backend(backend, device))
+    handle = steer(
+        model, _configs(method, sites, leaves), trainable=True, backend=training_backend(backend, device)
+    )
     opt = torch.optim.Adam(handle.parameters(), lr=lr)
     try:
         for step in range(steps):

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="delete the trace files already in --out (another run's trace) and start afresh",
     )
 
@@ -64,7 +65,9 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str | list[
             try:
                 line = f.readline()
             except UnicodeDecodeError as err:
-                raise ValueError(f"--data {path}: line {lineno + 1} is not UTF-8 text ({err.reason})") from None
+                raise ValueError(
+                    f"--data {path}: line {lineno + 1} is not UTF-8 text ({err.reason})"
+                ) from None
             if not line:
                 return
             lineno += 1
@@ -77,7 +80,9 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str | list[
             try:
                 obj: Any = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--data {path}:{lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+                raise ValueError(
+                    f"--data {path}:{lineno}: not valid JSON ({err.msg}, column {err.colno})"
+                ) from None
             if isinstance(obj, str):
                 yield obj
             elif isinstance(obj, dict) and isinstance(obj.get(text_field), str):

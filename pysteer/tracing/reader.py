@@ -119,10 +119,17 @@ class TraceReader:
             for s in _field(state, "shards", list, rpath):
                 try:
                     info = ShardInfo(
-                        str(s["file"]), rank, int(s["rows"]), int(s["bytes"]), str(s["sha256"]), tuple(s["doc_ids"])
+                        str(s["file"]),
+                        rank,
+                        int(s["rows"]),
+                        int(s["bytes"]),
+                        str(s["sha256"]),
+                        tuple(s["doc_ids"]),
                     )
                 except (KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{rpath}: a shard entry lacks or mistypes field {err}: {s!r:.120}") from None
+                    raise ValueError(
+                        f"{rpath}: a shard entry lacks or mistypes field {err}: {s!r:.120}"
+                    ) from None
                 if Path(info.file).name != info.file:
                     raise ValueError(f"{rpath}: shard file {info.file!r} is not a plain file name")
                 shards.append(info)

@@ -23,11 +23,23 @@ HUB_CONFIGS = {  # hub name -> (config class, fields): the checkpoints' publishe
     "openai-community/gpt2": ("GPT2Config", {}),
     "Mxode/TinyStories-LLaMA2-25M-256h-4l-GQA": (
         "LlamaConfig",  # from the name: d 256, 4 layers, grouped-query attention, Llama-2 vocabulary
-        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             intermediate_size=688, vocab_size=32000, max_position_embeddings=512),
+        dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=688,
+            vocab_size=32000,
+            max_position_embeddings=512,
+        ),
     ),
 }
-TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2", "lmsys/vicuna-7b-v1.5", "Mxode/TinyStories-LLaMA2-25M-256h-4l-GQA")
+TOKENIZER_NAMES = (
+    "gpt2",
+    "openai-community/gpt2",
+    "lmsys/vicuna-7b-v1.5",
+    "Mxode/TinyStories-LLaMA2-25M-256h-4l-GQA",
+)
 
 
 def _standin_model(name: str, cls):
@@ -97,5 +109,7 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_report_header(config) -> str:
-    state = "accelerated by pysteer" if os.environ.get("PYSTEER_ACCELERATE") == "1" else "the libraries' own path"
+    state = (
+        "accelerated by pysteer" if os.environ.get("PYSTEER_ACCELERATE") == "1" else "the libraries' own path"
+    )
     return f"suite_standins: hub models -> random stand-ins; {state}"

@@ -13,8 +13,12 @@ import warnings
 import pytest
 import torch
 
-repeng = pytest.importorskip("repeng", reason="repeng is installed only in the peer virtualenv (bench/peers/run_compat_suites.sh)")
-steering_vectors = pytest.importorskip("steering_vectors", reason="steering-vectors is installed only in the peer virtualenv")
+repeng = pytest.importorskip(
+    "repeng", reason="repeng is installed only in the peer virtualenv (bench/peers/run_compat_suites.sh)"
+)
+steering_vectors = pytest.importorskip(
+    "steering_vectors", reason="steering-vectors is installed only in the peer virtualenv"
+)
 
 from repeng.control import ControlModule, model_layer_list  # noqa: E402
 from steering_vectors import SteeringVector, ablation_operator  # noqa: E402
@@ -60,8 +64,13 @@ def _outputs(model, tok):
     logits = model(**one).logits
     batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
     gen = model.generate(
-        **batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id,
-        output_logits=True, return_dict_in_generate=True,
+        **batch,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return logits, gen.sequences, torch.stack(gen.logits)
 
