@@ -99,6 +99,10 @@ def test_exact_match_clusters_and_caches_every_pair():
 
 def test_normalise_answer_drops_case_punctuation_and_articles():
     assert normalise_answer("  The Eiffel  Tower! ") == "eiffel tower"
+    # numbers keep their value: a zero fraction goes, a decimal point between digits stays
+    assert normalise_answer("approximately 100.0 degrees.") == "approximately 100 degrees"
+    assert normalise_answer("Pi is 3.14.") == "pi is 3.14"
+    assert normalise_answer("U.S. 1,000") == "us 1000"
 
 
 def test_judge_reply_parsing_follows_the_reference():
@@ -225,6 +229,8 @@ def test_correctness_is_whole_word_containment_and_unanswerable_is_never_correct
     assert is_correct("The capital of France is Paris.", ["Paris"])
     assert is_correct("Vincent van Gogh", ["Monet", "van Gogh"])
     assert not is_correct("Parisian", ["Paris"])
+    assert is_correct("The boiling point of water at sea level is approximately 100.0", ["100"])
+    assert not is_correct("about 100.5 degrees", ["100"]) and not is_correct("3.14", ["14"])
     assert not is_correct("Nobody knows.", [])
 
 

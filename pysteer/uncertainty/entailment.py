@@ -70,10 +70,17 @@ class Entailment:
         return semantic_clusters(len(answers), implications, strict=strict)
 
 
+_DECIMAL = "\u2396"  # stands in for a decimal point while punctuation is stripped (not in string.punctuation)
+
+
 def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the SQuAD answer normalisation)."""
+    """Lower case, no punctuation, no articles, single spaces (the SQuAD answer normalisation),
+    except that numbers keep their value: a decimal point between digits stays and a zero fraction
+    goes ("100.0" is "100", "3.14" stays "3.14"; plain SQuAD would make them "1000" and "314")."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"(?<=\d)\.0+(?!\d)", "", text)
+    text = re.sub(r"(?<=\d)\.(?=\d)", _DECIMAL, text)
+    text = "".join(ch for ch in text if ch not in set(string.punctuation)).replace(_DECIMAL, ".")
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -23,7 +23,7 @@ def is_correct(answer: str, references: Sequence[str]) -> bool:
     """
     text = f" {normalise_answer(answer)} "
     return any(
-        (ref := normalise_answer(r)) and re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", text)
+        (ref := normalise_answer(r)) and re.search(rf"(?<![\w.]){re.escape(ref)}(?![\w.])", text)
         for r in references
     )
 
