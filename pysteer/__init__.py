@@ -9,10 +9,9 @@ extension; heavier submodules load on first use.
 
 from __future__ import annotations
 
-import importlib
-
 from . import ops  # registers the torch.library ops (cheap; no CUDA, no Triton)
 from ._backend import BackendUnavailable, backend_status, resolve_backend
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -51,18 +50,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'pysteer' has no attribute {name!r}")
-    module = importlib.import_module(target)
-    value = module if target.endswith("." + name) else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports("pysteer", globals(), _LAZY)
 
 
 __all__ = ["BackendUnavailable", "backend_status", "resolve_backend", "ops", *_LAZY]

@@ -15,7 +15,7 @@ In place, ``pysteer.compat.accelerate("repeng" | "steering_vectors")`` (``pystee
 makes those libraries' own calls steer through pysteer; the library is imported only then.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {  # public name -> submodule (loaded on first use: it imports torch)
     "accelerate": "pysteer.compat.inplace",
@@ -25,8 +25,4 @@ _LAZY = {  # public name -> submodule (loaded on first use: it imports torch)
 }
 
 
-def __getattr__(name: str):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'pysteer.compat' has no attribute {name!r}")
-    return getattr(importlib.import_module(target), name)
+__getattr__, __dir__ = lazy_exports("pysteer.compat", globals(), _LAZY)

@@ -24,7 +24,7 @@ module is ``jola_gates`` (and LF-Steering's ``lf_features``) so that a submodule
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
     # locate heads + consistency edit
@@ -84,17 +84,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'pysteer.recipes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(target), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports("pysteer.recipes", globals(), _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -9,7 +9,7 @@ entailment models; ``sampling`` the answers with their log-probabilities and hid
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
     "semantic_clusters": "pysteer.uncertainty.entropy",
@@ -35,17 +35,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'pysteer.uncertainty' has no attribute {name!r}")
-    value = getattr(importlib.import_module(target), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports("pysteer.uncertainty", globals(), _LAZY)
 
 
 __all__ = list(_LAZY)
