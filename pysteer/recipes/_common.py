@@ -163,6 +163,13 @@ def heatmap_png(
         ax.set_yticks(range(rows))
         ax.set_yticklabels(list(yticklabels), fontsize=7)
     fig.colorbar(im, ax=ax)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents made) at 110 dpi, close it; the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +194,4 @@ def curves_png(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

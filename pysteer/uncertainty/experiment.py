@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..recipes._common import save_png
 from . import entropy as E
 from .baselines import p_true
 from .entailment import Entailment
@@ -264,12 +265,7 @@ def lines_png(
     ax.set_ylabel(ylabel)
     ax.grid(True, linestyle="--", linewidth=0.5)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def run_experiment(
