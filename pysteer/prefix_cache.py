@@ -43,24 +43,23 @@ _SCALARS = (bool, int, float, str, type(None))
 @dataclass
 class _Entry:
     output: Tensor  # the last prefix layer's hidden-state output
-    extras: list[tuple]  # per prefix layer: the non-hidden elements of its output, () for a tensor
+    extras: list[tuple | None]  # per prefix layer: the non-hidden elements of its output, None for a tensor
     nbytes: int
 
 
-def _fingerprint(h: hashlib.blake2b, value) -> bool:
-    """Feed ``value`` into ``h``; False when it holds something the key cannot name exactly."""
+def _fingerprint(h: hashlib.blake2b, value) -> None:
+    """Feed ``value`` into ``h``: tensors by shape, dtype, device and bytes, sequences item by item,
+    scalars by ``repr``; any other object (a KV cache) does not change what the prefix computes."""
     if isinstance(value, Tensor):
         t = value.detach()
         h.update(f"T{tuple(t.shape)}{t.dtype}{t.device.type}".encode())
         h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return True
-    if isinstance(value, (tuple, list)):
+    elif isinstance(value, (tuple, list)):
         h.update(f"S{len(value)}".encode())
-        return all(_fingerprint(h, v) for v in value)
-    if isinstance(value, _SCALARS):
+        for v in value:
+            _fingerprint(h, v)
+    elif isinstance(value, _SCALARS):
         h.update(repr(value).encode())
-        return True
-    return True  # a KV cache or other object: it does not change what the prefix computes
 
 
 def _transformers_collecting() -> bool:
@@ -118,27 +117,25 @@ class FrozenPrefix:
         self._key: bytes | None = None
         self._extras: list[tuple] = []
         self._entry: _Entry | None = None
-        self._installed = False
-        self._forwards: list = []
+        self._forwards: list = []  # the installed layer forwards (empty when not installed)
         self.install()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def install(self) -> FrozenPrefix:
-        if not self._installed:
+        if not self._forwards:
             self._forwards = [
                 self._layer_forward(i, layer.forward) for i, layer in enumerate(self.layers[: self.upto])
             ]
             for layer, fn in zip(self.layers, self._forwards):
                 layer.forward = fn  # an instance attribute: nothing class-level
-            self._installed = True
         return self
 
     def remove(self) -> None:
         """Restore the layers' own forward and drop every stored output."""
-        if self._installed:
+        if self._forwards:
             for layer in self.layers[: self.upto]:
                 del layer.forward
-            self._installed = False
+            self._forwards = []
         self.clear()
 
     def clear(self) -> None:
