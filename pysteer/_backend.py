@@ -92,6 +92,12 @@ def resolve_backend(requested: str | None = None, device: torch.device | str | N
     requested = requested.strip().lower()
     if requested not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join((*BACKENDS, 'auto'))}")
+    if requested == "torch":
+        return "torch"  # always available; nothing to discover (and nothing to break a compiled graph)
+    if requested != "auto" and torch.compiler.is_compiling():
+        # A named backend inside a compiled graph was checked when its handle or op was bound,
+        # outside the graph; discovery imports modules, which would break the graph here.
+        return requested
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if requested == "auto" and dev.type != "cuda":
         return "torch"  # decided without importing Triton or the extension

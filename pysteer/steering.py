@@ -276,6 +276,68 @@ def _state(model: nn.Module) -> _ModelState:
 _handle_ids = itertools.count(1)
 
 
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _adopt(old, new) -> bool:
+    """Write ``new`` into ``old`` in place when they have the same layout: containers of the same
+    keys and lengths, tensors of the same shape, dtype and device, objects of the same type with the
+    same attributes, and everything else either plain values (taken from ``new``) or the very same
+    object. Checks everything before writing anything; False (nothing written) when the layouts
+    differ. Keeping ``old``'s tensors is what lets a compiled graph that captured them run on."""
+    if not _same_layout(old, new):
+        return False
+    _copy_into(old, new)
+    return True
+
+
+def _same_layout(a, b) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+            and not a.requires_grad
+        )
+    if isinstance(a, _PLAIN) and isinstance(b, _PLAIN):
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_layout(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        frozen = isinstance(a, tuple)  # plain items of a tuple cannot be written: they must be equal
+        return len(a) == len(b) and all(
+            x == y if frozen and isinstance(x, _PLAIN) else _same_layout(x, y)
+            for x, y in zip(a, b, strict=True)
+        )
+    if a is b:
+        return True
+    if isinstance(a, nn.Module) or not hasattr(a, "__dict__"):
+        return False  # a user's module or an opaque object: only the very same one is the same layout
+    return _same_layout(vars(a), vars(b))
+
+
+def _copy_into(a, b) -> None:
+    if isinstance(a, dict):
+        for k in a:
+            if isinstance(a[k], (Tensor, dict, list, tuple)) or hasattr(a[k], "__dict__"):
+                _copy_into(a[k], b[k])
+            else:
+                a[k] = b[k]
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if isinstance(x, _PLAIN):
+                if isinstance(a, list):
+                    a[i] = y
+            else:
+                _copy_into(x, y)
+    elif isinstance(a, Tensor):
+        a.copy_(b)
+    elif a is not b and hasattr(a, "__dict__"):
+        _copy_into(vars(a), vars(b))
+
+
 class SteeringHandle:
     """Steering attached to one model; use as a context manager or call ``remove()``.
 
@@ -575,8 +637,10 @@ class SteeringHandle:
         return self
 
     def _rebuild_with(self, name: str, ivs: list, terms) -> SteeringHandle:
-        """Replace a config that holds non-affine interventions: every table and applier is rebuilt
-        (new tensors: a compiled model recompiles once). The steered sites may not grow."""
+        """Replace a config that holds non-affine interventions: every table and applier is rebuilt,
+        then written into the old tensors when the layout is unchanged (same kinds, sites and
+        shapes), so a compiled model keeps its graphs; otherwise the new tensors replace them and a
+        compiled model recompiles once. The steered sites may not grow."""
         self._require_dynamic("update")
         old_sites = set(self.tables) | set(self.appliers)
         new_sites = set(terms) | {iv.site for iv in ivs if not is_affine(iv)}
@@ -586,7 +650,10 @@ class SteeringHandle:
             )
         self.configs[name] = ivs
         self._terms[name] = terms
+        tables, appliers = self.tables, self.appliers
         self._build_tables(self.model_ref())
+        if not self.trainable and _adopt((tables, appliers), (self.tables, self.appliers)):
+            self.tables, self.appliers = tables, appliers
         return self
 
     def set_alpha(self, alpha: float, config: str | None = None) -> SteeringHandle:

@@ -229,3 +229,45 @@ def test_fast_generate_with_per_request_deltas_matches_hugging_face_generate(mod
     ]  # up to EOS
     assert fast.tokens == hf
     assert hf[0] != hf[1] or hf[2] != hf[1]  # the deltas change what is generated
+
+
+def test_compiled_fast_generate_with_deltas_equals_hf_and_changing_them_never_recompiles(model, ids):
+    """The delta hook inside the compiled decode step: the tokens equal Hugging Face generate with
+    the same deltas, and swapping a request's deltas (new factors, same rank) or its rows is a table
+    write, not a recompile."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from pysteer.fast import FastGenerator
+
+    a = _delta("mlp.down_proj", 96, 64, seed=1, scale=3.0)
+    b = _delta("attn.o_proj", 64, 64, seed=2, scale=3.0)
+    a2 = _delta("mlp.down_proj", 96, 64, seed=5, scale=-3.0)
+    prompts = ids[:1].expand(3, -1)
+
+    def hf():  # Hugging Face generate under the same handle and rows
+        out = model.generate(input_ids=prompts, max_new_tokens=4, do_sample=False)
+        return [
+            r[: r.index(2) + 1] if 2 in r else r for r in out[:, prompts.shape[1] :].tolist()
+        ]  # up to EOS
+
+    handle = pysteer.steer(model, {"a": [a], "b": [b]}, mode="dynamic")
+    try:
+        gen = FastGenerator(model, compile="default", compile_backend="aot_eager", progress=False)
+        dynamo.reset()
+        counters.clear()
+        handle.rows(["a", None, "b"])
+        first = gen.generate(prompts, steering=handle, max_new_tokens=4).tokens
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        assert first == hf()
+        assert first[0] != first[1] or first[2] != first[1]  # the deltas change what is generated
+
+        handle.update([a2], "a")
+        handle.rows(["b", "a", None])
+        second = gen.generate(prompts, steering=handle, max_new_tokens=4).tokens
+        assert counters["stats"]["unique_graphs"] == graphs, "changing the deltas recompiled"
+        assert second == hf()
+        assert second != first
+    finally:
+        handle.remove()
