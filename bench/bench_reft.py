@@ -17,6 +17,11 @@ model's weights frozen.
   and an Adam step (lr 1e-3) over the intervention's parameters. pysteer: ``pysteer.steer(model,
   [LoReFT], trainable=True)`` and ``handle.parameters()``; pyreft: the same loop through ``ReftModel``
   with ``unit_locations`` (no ``ReftTrainer``).
+- ``--loss answer`` (written to ``reft-cpu-answer.json``): the same steps with the ABSC recipe's
+  classification-style loss instead, cross entropy of one answer token per row at the last
+  position, both sides computing only that position's logits (``logits_to_keep=1``; pyreft passes
+  ``num_logits_to_keep=1`` through pyvene's ``base``). The output layer's 49k-word projection and its
+  gradient then leave both sides' steps, so the ratio shows the work the two libraries differ in.
 - training, pysteer's two ways: the plain trainable handle, and the same handle with
   ``handle.frozen_prefix()``, which replays layers 0..15 (the frozen layers under the edit) on a batch
   seen before instead of recomputing them. The per-step figure repeats one batch (so every step after
@@ -31,6 +36,7 @@ model's weights frozen.
   (order rotated) and the steered/unsteered ratio is the median of per-round ratios.
 
     python bench/bench_reft.py --peer-python /work/peers-reft-venv/bin/python
+    python bench/bench_reft.py --peer-python /work/peers-reft-venv/bin/python --loss answer
     python bench/bench_reft.py --steps 3 --rounds 2          # pysteer's side only, a quick look
 """
 
@@ -62,7 +68,23 @@ def batch_ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
-def _train_steps(model, batches: list[torch.Tensor], steps: int, prefix: bool, warmup: int = 0) -> dict:
+def loss_of(model, ids: torch.Tensor, loss: str) -> torch.Tensor:
+    """``lm``: next-token cross entropy over every position; ``answer``: cross entropy of one
+    answer token per row (the row's first token, a stand-in label) at the last position, the
+    classification-style loss of the ABSC recipe, with only that position's logits computed
+    (``logits_to_keep=1``)."""
+    if loss == "answer":
+        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        return torch.nn.functional.cross_entropy(logits, ids[:, 0])
+    logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+
+
+def _train_steps(
+    model, batches: list[torch.Tensor], steps: int, prefix: bool, warmup: int = 0, loss_kind: str = "lm"
+) -> dict:
     """``warmup + steps`` training steps cycling over ``batches``, through ``handle.frozen_prefix()``
     when ``prefix``; the timed steps' wall and CPU seconds and every loss."""
     iv = LoReFT.init(f"layers.{LAYER}.resid", model.config.hidden_size, RANK, POSITIONS, seed=0)
@@ -76,10 +98,7 @@ def _train_steps(model, batches: list[torch.Tensor], steps: int, prefix: bool, w
                 ids = batches[i % len(batches)]
                 c0, t0 = time.process_time(), time.perf_counter()
                 opt.zero_grad()
-                logits = model(input_ids=ids).logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-                )
+                loss = loss_of(model, ids, loss_kind)
                 loss.backward()
                 opt.step()
                 t1, c1 = time.perf_counter(), time.process_time()
@@ -100,14 +119,18 @@ def _train_steps(model, batches: list[torch.Tensor], steps: int, prefix: bool, w
     }
 
 
-def bench_training(model, ids: torch.Tensor, steps: int, warmup: int, rounds: int = 2) -> dict:
+def bench_training(
+    model, ids: torch.Tensor, steps: int, warmup: int, rounds: int = 2, loss: str = "lm"
+) -> dict:
     """Steps on one fixed batch (every step after the first replays the prefix), the plain handle
     and the frozen-prefix handle alternating in blocks of ``steps // rounds`` timed steps."""
     per_round = max(1, steps // rounds)
     runs = {"plain": [], "frozen_prefix": []}
     for r in range(rounds):
         for name in ["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]:
-            runs[name].append(_train_steps(model, [ids], per_round, name == "frozen_prefix", warmup=warmup))
+            runs[name].append(
+                _train_steps(model, [ids], per_round, name == "frozen_prefix", warmup=warmup, loss_kind=loss)
+            )
     out = {}
     for name, rs in runs.items():
         wall = [w for r in rs for w in r["wall"]]
@@ -138,13 +161,15 @@ def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor
     ]
 
 
-def bench_epochs(model, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
+def bench_epochs(model, batches: list[torch.Tensor], epochs: int, rounds: int, loss: str = "lm") -> dict:
     """Whole training runs, ``epochs`` passes over ``batches`` (the first pass stores the prefix
     outputs, later ones replay them), the two variants alternating run by run."""
     runs = {"plain": [], "frozen_prefix": []}
     for r in range(rounds):
         for name in ["plain", "frozen_prefix"] if r % 2 == 0 else ["frozen_prefix", "plain"]:
-            runs[name].append(_train_steps(model, batches, epochs * len(batches), name == "frozen_prefix"))
+            runs[name].append(
+                _train_steps(model, batches, epochs * len(batches), name == "frozen_prefix", loss_kind=loss)
+            )
     out = {
         name: {
             "run_s": {"wall": [sum(r["wall"]) for r in rs], "cpu": [sum(r["cpu"]) for r in rs]},
@@ -252,6 +277,8 @@ def run_peer(python: str, args) -> dict:
         str(args.epochs),
         "--epoch-rounds",
         str(args.epoch_rounds),
+        "--loss",
+        args.loss,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -272,10 +299,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--epoch-rounds", type=int, default=2)
     ap.add_argument(
+        "--loss",
+        choices=["lm", "answer"],
+        default="lm",
+        help="lm: next-token loss over every position; answer: one answer token at the last position",
+    )
+    ap.add_argument(
         "--peer-python", default=None, help="the pyreft virtualenv's python (runs its side first)"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reft-cpu.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: bench/results/reft-cpu.json (reft-cpu-answer.json for --loss answer)",
+    )
     args = ap.parse_args()
+    if args.out is None:
+        args.out = (
+            ROOT / "bench" / "results" / ("reft-cpu.json" if args.loss == "lm" else "reft-cpu-answer.json")
+        )
     torch.set_num_threads(args.threads)
 
     peer = None
@@ -313,19 +355,22 @@ def main() -> None:
             "attn": model.config._attn_implementation,
             "epoch_batches": args.epoch_batches,
             "epochs": args.epochs,
+            "loss": args.loss,
         },
         "load_before": os.getloadavg(),
-        "training": bench_training(model, ids, args.steps, args.warmup),
+        "training": bench_training(model, ids, args.steps, args.warmup, loss=args.loss),
         "epochs": bench_epochs(
             model,
             epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
             args.epochs,
             args.epoch_rounds,
+            loss=args.loss,
         ),
         "generate": bench_generate(model, prompt, args.new_tokens, args.rounds),
     }
     result = {
-        "what": "LoReFT (rank 4, layer 15 resid / block_output, f1+l1) on SmolLM2-135M-Instruct, fp32 CPU",
+        "what": "LoReFT (rank 4, layer 15 resid / block_output, f1+l1) on SmolLM2-135M-Instruct, fp32 CPU, "
+        f"{args.loss} loss",
         "script": "bench/bench_reft.py (pysteer) + bench/peers/bench_peer_reft.py (pyreft)",
         "machine": platform.machine(),
         "threads": args.threads,
@@ -351,6 +396,7 @@ def main() -> None:
             "attn",
             "epoch_batches",
             "epochs",
+            "loss",
         ):
             if peer["workload"][key] != ours["workload"][key]:
                 raise RuntimeError(

@@ -78,7 +78,22 @@ def build_reft(model: LlamaForCausalLM) -> pyreft.ReftModel:
     return pyreft.get_reft_model(model, config, set_device=False)
 
 
-def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int, warmup: int = 0) -> dict:
+def loss_of(reft: pyreft.ReftModel, ids: torch.Tensor, locations, loss: str) -> torch.Tensor:
+    """As ``bench/bench_reft.py: loss_of``: ``answer`` computes only the last position's logits
+    (``num_logits_to_keep=1``, this transformers line's name, passed through pyvene's ``base``)."""
+    if loss == "answer":
+        _, out = reft({"input_ids": ids, "num_logits_to_keep": 1}, unit_locations=locations)
+        return torch.nn.functional.cross_entropy(out.logits[:, -1], ids[:, 0])
+    _, out = reft({"input_ids": ids}, unit_locations=locations)
+    logits = out.logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+
+
+def _train_steps(
+    reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int, warmup: int = 0, loss_kind: str = "lm"
+) -> dict:
     params = reft.get_trainable_parameters()
     assert all(p.requires_grad for p in params) and not any(p.requires_grad for p in reft.model.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -91,11 +106,7 @@ def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int
         locations = {"sources->base": (None, [[[0, S - 1]] * B])}
         c0, t0 = time.process_time(), time.perf_counter()
         opt.zero_grad()
-        _, out = reft({"input_ids": ids}, unit_locations=locations)
-        logits = out.logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-        )
+        loss = loss_of(reft, ids, locations, loss_kind)
         loss.backward()
         opt.step()
         t1, c1 = time.perf_counter(), time.process_time()
@@ -107,8 +118,10 @@ def _train_steps(reft: pyreft.ReftModel, batches: list[torch.Tensor], steps: int
     return {"wall": wall, "cpu": cpu, "losses": losses, "params": sum(p.numel() for p in params)}
 
 
-def bench_training(reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup: int) -> dict:
-    r = _train_steps(reft, [ids], steps, warmup)
+def bench_training(
+    reft: pyreft.ReftModel, ids: torch.Tensor, steps: int, warmup: int, loss: str = "lm"
+) -> dict:
+    r = _train_steps(reft, [ids], steps, warmup, loss)
     return {
         "step_s": {
             "wall_median": statistics.median(r["wall"]),
@@ -128,9 +141,13 @@ def epoch_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor
     ]
 
 
-def bench_epochs(model: LlamaForCausalLM, batches: list[torch.Tensor], epochs: int, rounds: int) -> dict:
+def bench_epochs(
+    model: LlamaForCausalLM, batches: list[torch.Tensor], epochs: int, rounds: int, loss: str = "lm"
+) -> dict:
     """Whole training runs of ``epochs`` passes over ``batches``, a fresh intervention each run."""
-    runs = [_train_steps(build_reft(model), batches, epochs * len(batches)) for _ in range(rounds)]
+    runs = [
+        _train_steps(build_reft(model), batches, epochs * len(batches), loss_kind=loss) for _ in range(rounds)
+    ]
     return {
         "run_s": {"wall": [sum(r["wall"]) for r in runs], "cpu": [sum(r["cpu"]) for r in runs]},
         "wall_median_s": statistics.median(sum(r["wall"]) for r in runs),
@@ -198,6 +215,7 @@ def main() -> None:
     ap.add_argument("--epoch-batches", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--epoch-rounds", type=int, default=2)
+    ap.add_argument("--loss", choices=["lm", "answer"], default="lm")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,13 +245,15 @@ def main() -> None:
             "attn": "sdpa",
             "epoch_batches": args.epoch_batches,
             "epochs": args.epochs,
+            "loss": args.loss,
         },
-        "training": bench_training(reft, ids, args.steps, args.warmup),
+        "training": bench_training(reft, ids, args.steps, args.warmup, args.loss),
         "epochs": bench_epochs(
             model,
             epoch_batches(args.epoch_batches, args.batch, args.seq, model.config.vocab_size),
             args.epochs,
             args.epoch_rounds,
+            args.loss,
         ),
         "generate": bench_generate(reft, model, args.new_tokens, args.rounds),
     }
