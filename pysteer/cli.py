@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "lf-steer": "pysteer.recipes.cli_lf_steer",
     "edit-seq": "pysteer.recipes.cli_edit_seq",
     "uncertainty": "pysteer.uncertainty.cli",
+    "abstain": "pysteer.uncertainty.cli_abstain",
 }
 
 

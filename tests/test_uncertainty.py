@@ -329,3 +329,52 @@ def test_p_true_is_the_log_probability_of_A(tiny_llama):
     ref = lp.gather(-1, ids[0, -n_a:, None]).sum().item()
     assert got[0] == pytest.approx(ref, abs=1e-4)
     assert continuation_logprobs(model, tok, [prompt], " A")[0] == pytest.approx(ref, abs=1e-4)
+
+
+def test_fast_path_samples_match_the_hugging_face_path_and_a_teacher_forced_forward(tiny_llama, monkeypatch):
+    """``sample_answers`` samples through ``pysteer.generate``: greedy answers are Hugging Face's, and
+    every sampled answer's log-probabilities and TBG / SLT states are those of one teacher-forced
+    forward of prompt + answer (temperature 1: the model's own distribution)."""
+    from pysteer.uncertainty import sampling
+
+    model, tok = tiny_llama
+    questions = ["Name a colour.", "Who wrote Hamlet?", "What is two plus two?"]
+    stops = sampling.stop_token_ids(tok)
+    prompts = [sampling.answer_prompt(tok, q) for q in questions]
+    greedy = sampling.sample_answers(model, tok, questions, n=1, temperature=0, max_new_tokens=6)
+    _, hf_generated, _ = sampling._generate(model, tok, prompts, 1, 0.0, 6, stops)
+    assert [t[0] for t in greedy.texts] == [sampling._answer_text(tok, g, stops) for g in hf_generated]
+
+    n, seen = 4, []
+    real = sampling._generate_fast
+
+    def recording(*args):
+        out = real(*args)
+        seen.extend(out[0])
+        return out
+
+    monkeypatch.setattr(sampling, "_generate_fast", recording)
+    got = sampling.sample_answers(model, tok, questions, n=n, temperature=1.0, max_new_tokens=5, hidden=True)
+    generated = list(seen)
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ref_lp, ref_tbg, ref_slt = sampling._teacher_forced(
+        model, [p for p in prompt_ids for _ in range(n)], generated, got.sites
+    )
+    for r, g in enumerate(generated):
+        q, s = divmod(r, n)
+        assert got.texts[q][s] == sampling._answer_text(tok, g, stops)
+        expected = sampling._answer_logprobs(ref_lp[r], g, stops)
+        torch.testing.assert_close(got.token_logprobs[q][s], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.hidden_tbg[q, s], ref_tbg[r], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.hidden_slt[q, s], ref_slt[r], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_answers_reproduce_under_torch_manual_seed(tiny_llama):
+    from pysteer.uncertainty import sampling
+
+    model, tok = tiny_llama
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(sampling.sample_answers(model, tok, ["Name a colour."], n=3, max_new_tokens=4).texts)
+    assert runs[0] == runs[1]

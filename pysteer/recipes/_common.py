@@ -195,3 +195,80 @@ def curves_png(
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     return save_png(fig, path)
+
+
+class TrainableEdit:
+    """A trainable edit of a frozen model, as the recipes train and compare them: ``parameters()``,
+    ``select(batch)`` before every forward, ``snapshot()`` / ``restore()``, ``close()``. The base
+    class edits nothing (the zero-shot / base model)."""
+
+    name = "zero_shot"
+
+    def parameters(self) -> list[Tensor]:
+        return []
+
+    def select(self, batch: Sequence) -> None:
+        pass
+
+    def snapshot(self) -> list[Tensor]:
+        return [p.detach().clone() for p in self.parameters()]
+
+    def restore(self, snap: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.parameters(), snap):
+                p.copy_(s)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def frozen_prefix(self):
+        """A ``FrozenPrefix`` for the frozen layers below the edit, or None (LoRA edits every layer)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class LoraEdit(TrainableEdit):
+    """LoRA (peft) on ``target_modules`` (default ``o_proj``; every layer unless ``layers`` is given),
+    injected into the model in place and removed by ``close``.
+
+    Raises:
+        ImportError: peft is not installed (``pip install 'pysteer[lora]'``).
+    """
+
+    name = "lora"
+
+    def __init__(
+        self,
+        model,
+        r: int,
+        alpha: float,
+        layers: Sequence[int] | None,
+        seed: int,
+        target_modules: Sequence[str] = ("o_proj",),
+    ):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise ImportError("LoRA needs peft: pip install 'pysteer[lora]' (or pip install peft)") from err
+
+        torch.manual_seed(seed)
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            target_modules=list(target_modules),
+            layers_to_transform=list(layers) if layers is not None else None,
+            bias="none",
+        )
+        self.peft = get_peft_model(model, cfg)  # injects into ``model`` in place
+        self.params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def parameters(self) -> list[Tensor]:
+        return self.params
+
+    def close(self) -> None:
+        self.peft.unload()  # puts the original modules back, unmerged

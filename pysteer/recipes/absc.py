@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from ..models.specs import geometry
 from ..reft import LoReFT
 from ..steering import steer
+from ._common import LoraEdit as _LoraEdit
+from ._common import TrainableEdit as _Edit
 from ._common import (
     chat_text,
     curves_png,
@@ -231,37 +233,6 @@ def absc_metrics(gold: Sequence[int], pred: Sequence[int]) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Edit:
-    """A trainable edit of the model: ``parameters()``, ``select(batch)`` before every forward,
-    ``snapshot()`` / ``restore()``, ``close()``."""
-
-    name = "zero_shot"
-
-    def parameters(self) -> list[Tensor]:
-        return []
-
-    def select(self, encs: Sequence[_Encoded]) -> None:
-        pass
-
-    def snapshot(self) -> list[Tensor]:
-        return [p.detach().clone() for p in self.parameters()]
-
-    def restore(self, snap: Sequence[Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.parameters(), snap):
-                p.copy_(s)
-
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def frozen_prefix(self):
-        """A ``FrozenPrefix`` for the frozen layers below the edit, or None (LoRA edits every layer)."""
-        return None
-
-    def close(self) -> None:
-        pass
-
-
 class _ReftEdit(_Edit):
     """LoReFT (one per layer, ``layers.L.resid``) at the aspect's last token (``where="aspect"``, an
     explicit negative position per distinct offset) or the last prompt token (``where="last"``)."""
@@ -317,35 +288,6 @@ class _ReftEdit(_Edit):
 
     def close(self) -> None:
         self.handle.remove()
-
-
-class _LoraEdit(_Edit):
-    """LoRA on ``o_proj`` (peft; every layer unless ``layers`` is given), removed by ``close``."""
-
-    name = "lora"
-
-    def __init__(self, model, r: int, alpha: float, layers: Sequence[int] | None, seed: int):
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(seed)
-        cfg = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=0.0,
-            target_modules=["o_proj"],
-            layers_to_transform=list(layers) if layers is not None else None,
-            bias="none",
-        )
-        self.peft = get_peft_model(model, cfg)  # injects into ``model`` in place
-        self.params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
-        for p in self.params:
-            p.requires_grad_(True)
-
-    def parameters(self) -> list[Tensor]:
-        return self.params
-
-    def close(self) -> None:
-        self.peft.unload()  # puts the original modules back, unmerged
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,12 +1,11 @@
 """Answers sampled from a causal LM, with their token log-probabilities and hidden states.
 
-Sampling goes through Hugging Face ``generate`` for now. The token log-probabilities are those of
-the distribution each token was sampled from (``generate``'s scores, as in the reference); the
-hidden states come from one teacher-forced forward of prompt + answer per batch (traced with
-:func:`pysteer.trace` at ``layers.{i}.resid``), run only when they are asked for: on a loaded CPU a
-second forward over every sample roughly doubled the sampling time. When ``pysteer.generate`` gains
-``num_return_sequences`` and ``taps=``, :func:`sample_answers` switches to it (one shared prefill
-per question) and the teacher-forced forward goes away; its outputs stay the same.
+:func:`sample_answers` samples through ``pysteer.generate`` (eager): each question is prefilled once
+and its KV cache shared by its ``n`` samples, the token log-probabilities are those of the
+distribution each token was sampled from (what the reference reads from Hugging Face ``generate``'s
+scores), and the hidden states are taps recorded in the same forwards (no second pass). The Hugging
+Face path (:func:`_generate`, and :func:`_teacher_forced` for states) stays for the judge's short
+greedy replies and as the tests' oracle; both give the same answers, log-probabilities and states.
 
 Positions follow the semantic-entropy-probes paper: the *token before generation* (TBG) is the last
 prompt token; the *second-last token* (SLT) is the second-last generated token, i.e. the last answer
@@ -145,6 +144,55 @@ def _generate(
     return prompt_ids, generated, logprobs
 
 
+MAX_ROWS = 128
+
+
+@torch.no_grad()
+def _generate_fast(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    stops: list[int],
+    sites: list[str],
+) -> tuple[list[list[int]], list[Tensor], Tensor | None, Tensor | None]:
+    """``n`` answers per prompt through ``pysteer.generate`` (one prefill per prompt, eager): generated
+    ids (cut after the first stop token, which is kept), their log-probabilities under the sampling
+    distribution, and, for ``sites``, the tapped states ``[rows, L, d]`` at the last prompt token and
+    the second-last generated token."""
+    from ..fast import generate
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    res = generate(
+        model,
+        ids,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=0,
+        top_p=1.0,
+        stop=stops,
+        compile=False,
+        progress=False,
+        num_return_sequences=n,
+        taps=sites or None,
+        # drawn from torch's global generator, so torch.manual_seed makes the samples reproducible
+        # (as it does Hugging Face sampling)
+        seed=int(torch.randint(0, 2**31 - 1, ())) if temperature > 0 else None,
+    )
+    logprobs = [torch.tensor(lp, dtype=torch.float32) for lp in res.logprobs]
+    if not sites:
+        return [list(t) for t in res.tokens], logprobs, None, None
+    states = [
+        torch.stack([res.taps[pos][s].float() for s in sites], dim=1)
+        for pos in ("last_prompt", "second_last_generated")
+    ]
+    return [list(t) for t in res.tokens], logprobs, states[0], states[1]
+
+
 def greedy_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded, one ``generate`` call), special tokens dropped."""
     eos = tokenizer.eos_token_id
@@ -249,15 +297,14 @@ def sample_answers(
     stops = stop_token_ids(tokenizer)
     sites = residual_sites(model) if hidden else []
     texts, logprobs, tbg, slt = [], [], [], []
+    # the fast path's largest batch is 128 rows (prompts x samples)
+    batch_size = max(1, min(batch_size, MAX_ROWS // n))
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         prompts = [answer_prompt(tokenizer, q, chat) for q in chunk]
-        prompt_ids, generated, lps = _generate(
-            model, tokenizer, prompts, n, temperature, max_new_tokens, stops
+        generated, lps, h_tbg, h_slt = _generate_fast(
+            model, tokenizer, prompts, n, temperature, max_new_tokens, stops, sites
         )
-        if sites:
-            repeated = [p for p in prompt_ids for _ in range(n)]
-            _, h_tbg, h_slt = _teacher_forced(model, repeated, generated, sites)
         for q in range(len(chunk)):
             rows = range(q * n, (q + 1) * n)
             texts.append([_answer_text(tokenizer, generated[r], stops) for r in rows])
