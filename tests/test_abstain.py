@@ -14,6 +14,7 @@ from pysteer.uncertainty.abstain import (
     abstention_targets,
     accuracy_engagement,
     check_threshold,
+    choose_gate,
     fit_targets,
     is_abstention,
     target_examples,
@@ -75,6 +76,28 @@ def test_metrics_when_no_question_is_abstained():
     mixed = accuracy_engagement([True, False, False, True], [False, False, True, True])
     assert (mixed["correct"], mixed["incorrect"], mixed["answered"]) == (1, 1, 2)
     assert mixed["aed"] == pytest.approx(math.sqrt((1 + 9) / 32))
+
+
+def _graded(answers_right: list[bool]):
+    from pysteer.uncertainty.questions import Question
+
+    qs = [Question(f"q{i}", f"question {i}?", ("paris",), "validation") for i in range(len(answers_right))]
+    return qs, ["Paris" if r else "Rome" for r in answers_right]
+
+
+def test_a_gate_that_only_hurts_chooses_to_answer_everything():
+    # the uncertain-looking questions are the ones answered right: every grid point gates a right answer
+    qs, answers = _graded([True, True, True, False])
+    best, rows = choose_gate("sep_gated", [0.9, 0.8, 0.7, 0.1], (0.25, 0.5, 0.75), 1.0, qs, answers)
+    assert best["threshold"] == 1.0 and [r["threshold"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    assert best["validation"]["abstention_rate"] == 0.0
+    assert best["validation"]["aed"] < min(r["validation"]["aed"] for r in rows[:-1])
+
+
+def test_a_gate_that_helps_chooses_the_grid_threshold_that_gates_the_wrong_answers():
+    qs, answers = _graded([True, True, False, False])
+    best, _ = choose_gate("se_gated", [0.1, 0.2, 1.9, 2.1], (0.25, 1.0, 2.0), math.log(10), qs, answers)
+    assert best["threshold"] == 0.25 and best["validation"]["abstention_rate"] == 0.5
 
 
 def test_abstention_is_recognised_in_an_answer_or_an_empty_one():

@@ -511,6 +511,25 @@ def _best(rows: list[dict], key: str = "aed") -> dict:
     return min(rows, key=lambda r: r["validation"][key])
 
 
+def choose_gate(
+    method: str,
+    scores: Sequence[float],
+    grid: Sequence[float],
+    ceiling: float,
+    questions: Sequence[Question],
+    answers: Sequence[str],
+) -> tuple[dict, list[dict]]:
+    """The gate threshold with the lowest validation AED (a question is gated when its score exceeds
+    the threshold). ``ceiling`` is the largest score possible (``log N`` for SE, 1 for a probe), tried
+    after the grid: there the gate abstains on nothing, so a gate that only hurts can choose to answer
+    everything rather than the least harmful grid point. Returns the chosen row and every row."""
+    rows = [
+        {"method": method, "threshold": t, "validation": grade(questions, answers, [s > t for s in scores])}
+        for t in (*grid, ceiling)
+    ]
+    return _best(rows), rows
+
+
 def _fit_sep(labels: dict[str, SelfLabels], sites: list[str], min_layers: int) -> tuple[LinearProbe, dict]:
     """The SE probe on train's last-prompt states (SE binarised at the best split of the training SEs,
     as the reference notebook), layer range by validation AUROC."""
@@ -589,11 +608,14 @@ def abstain_study(
         out["chosen"]["base"] = {}
 
     if "se_gated" in methods:
-        rows = []
-        for t in thresholds:
-            gate = [e > t for e in labels["validation"].entropies]
-            rows.append({"method": "se_gated", "threshold": t, "validation": grade(val_q, base_val, gate)})
-        best = _best(rows)
+        best, rows = choose_gate(
+            "se_gated",
+            labels["validation"].entropies,
+            thresholds,
+            math.log(config.n_samples),
+            val_q,
+            base_val,
+        )
         out["selection"] += rows
         te = labels["test"]
         gate = [e > best["threshold"] for e in te.entropies]
@@ -612,11 +634,7 @@ def abstain_study(
         probe, info = _fit_sep(labels, sites, config.min_layers)
         va = labels["validation"].greedy.tbg
         scores = probe([va[:, sites.index(s)] for s in probe.sites]).tolist()
-        rows = []
-        for t in config.gate_thresholds:
-            gate = [p > t for p in scores]
-            rows.append({"method": "sep_gated", "threshold": t, "validation": grade(val_q, base_val, gate)})
-        best = _best(rows)
+        best, rows = choose_gate("sep_gated", scores, config.gate_thresholds, 1.0, val_q, base_val)
         out["selection"] += rows
         gen = generate_answers(
             model, tokenizer, prompts["test"], config, abstain=probe, threshold=best["threshold"]
