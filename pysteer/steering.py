@@ -60,9 +60,9 @@ class SteeringSpec:
 
     Attributes:
         configs: ``{name: [intervention, ...]}``; the first config is the default for every batch row.
-        positions: ``"all" | "prompt" | "generated" | "last_prompt"``, a list of positions (negative
-            ones count back from the end of the prompt: ``-1`` is the last prompt token), or one such
-            list per batch row.
+        positions: ``"all" | "prompt" | "generated" | "last_prompt" | "last_prompt+generated"``, a list
+            of positions (negative ones count back from the end of the prompt: ``-1`` is the last
+            prompt token), or one such list per batch row.
         metadata: free-form JSON-able information (e.g. how a recipe produced the steering).
     """
 
@@ -769,7 +769,8 @@ def steer(
         model: the model to patch.
         interventions: one intervention, a list (one config), ``{name: list}`` (per-request configs,
             selected per batch row with ``handle.rows``), or a ``SteeringSpec`` (``pysteer.load``).
-        positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``, a list of
+        positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``,
+            ``"last_prompt+generated"`` (the last prompt token and every generated one: ITI), a list of
             positions counted from each sequence's first real token (negative: from the prompt's end),
             or one such list per batch row.
         mode: ``"fold"`` folds into projection weights (static, all positions, one config, affine
