@@ -397,6 +397,7 @@ def _bad_inputs(model):
         ({key: [(0, np.ones(geo.head_dim), 0.0, 1.0)]}, "(head, direction, proj_val_std)"),
         ({key: [(0, np.ones(geo.head_dim), float("nan"))]}, "proj_val_std"),
         ({key: [(0, np.ones(geo.head_dim), 1.0), (0, np.ones(geo.head_dim), 2.0)]}, "head listed twice"),
+        ({key: []}, "got an empty list"),
         (
             {"model.layers[0].self_attn.o_proj.input": torch.ones(geo.n_heads * geo.head_dim + 2)},
             "displacement",
@@ -415,6 +416,12 @@ def test_bad_input_is_named_before_the_model_is_touched(model):
 def test_start_edit_location_pysteer_cannot_run_exactly_is_refused(model):
     with pytest.raises(ValueError, match="start_edit_location 5"):
         iti.to_spec(honest_interventions(model), start_edit_location=5)
+
+
+def test_fold_of_the_lt_rule_is_refused_naming_the_baked_form(model):
+    with pytest.raises(ValueError, match="start_edit_location=0"):
+        iti.steer(model, honest_interventions(model), mode="fold")
+    assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_a_file_that_needs_code_to_unpickle_is_refused(tmp_path):

@@ -151,9 +151,10 @@ def read(source) -> dict[int, list[HeadEntry] | Tensor]:
         elif isinstance(value, (list, tuple)) and value:
             out[layer] = _head_entries(layer, value)
         else:
+            got = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
             raise ValueError(
                 f"iti: {key!r}: expected a list of (head, direction, proj_val_std) or a displacement "
-                f"vector, got {type(value).__name__}"
+                f"vector, got {got}"
             )
     return dict(sorted(out.items()))
 
@@ -261,4 +262,9 @@ def steer(
 ) -> SteeringHandle:
     """``pysteer.steer(model, to_spec(source, alpha, start_edit_location, model=model), **steer_kwargs)``:
     ITI on ``model``, checked against it before anything is patched."""
+    if steer_kwargs.get("mode") == "fold" and start_edit_location != 0:
+        raise ValueError(
+            f"iti.steer(mode='fold'): start_edit_location={start_edit_location!r} edits only some tokens; "
+            "edit_weight.py's baked bias is start_edit_location=0 (every token)"
+        )
     return pysteer_steer(model, to_spec(source, alpha, start_edit_location, model=model), **steer_kwargs)
