@@ -23,8 +23,8 @@ where ``z [B, S, H*D]`` (head-major) is the input of the attention output projec
 - Baked (``validation/edit_weight.py`` up to 2024-08-20): ``o_proj.bias = W_o (alpha sigma theta)``,
   every position: ``start_edit_location=0`` with ``pysteer.steer(..., mode="fold")`` writes exactly
   that bias. edit_weight.py since 2024-08-24 (commit a1be08a) stores ``alpha sigma theta`` itself as
-  the bias (the projection ``F.linear`` is removed, later left commented out), a different edit, which this module does
-  not produce.
+  the bias (the projection ``F.linear`` removed, later left commented out): a different edit, which
+  this module does not produce.
 
 Forms read (``to_spec`` takes the object or a file ``torch.save`` wrote; files are read with
 ``torch.load(weights_only=True)``, numpy arrays and scalars allowed, nothing else):
