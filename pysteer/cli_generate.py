@@ -14,7 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steer", metavar="FILE", help="steering file written by pysteer.save (safetensors)")
     p.add_argument("--config", help="which config of the file to use (default: its first)")
     p.add_argument("--alpha", type=float, help="override the strength of every intervention that has one")
-    p.add_argument("--positions", help="all | prompt | generated | last_prompt (default: the file's)")
+    p.add_argument(
+        "--positions",
+        help="all | prompt | generated | last_prompt | last_prompt+generated (default: the file's)",
+    )
     p.add_argument("--mode", default="auto", choices=["auto", "fold", "dynamic"])
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one batch row each)")
     p.add_argument("--max-new-tokens", type=int, default=48)

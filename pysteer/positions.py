@@ -21,7 +21,10 @@ from torch import Tensor, nn
 
 from .models import forward_args
 
-POSITION_RULES = ("all", "prompt", "generated", "last_prompt")
+# "last_prompt+generated" is ITI's rule (honest_llama edits the last position of every forward: with a
+# KV cache, the last prompt token at the prefill and each generated token after it).
+POSITION_RULES = ("all", "prompt", "generated", "last_prompt", "last_prompt+generated")
+_EXPLICIT = len(POSITION_RULES)  # the code of a row given explicit positions
 POSITION_SLOTS = 8  # explicit positions preallocated per row, so most changes are in place
 _NO_POSITION = -(2**40)  # sentinel that matches no position, even after adding a prompt length
 
@@ -73,8 +76,9 @@ def check_position_range(positions: Positions, limit: int | None) -> None:
 
 
 class PositionTable:
-    """A position rule as tensors: ``code [R]`` holds a rule per batch row (R = 1 when shared): 0 all,
-    1 prompt, 2 generated, 3 last prompt token, 4 explicit positions listed in ``explicit [R, P]``
+    """A position rule as tensors: ``code [R]`` holds a rule per batch row (R = 1 when shared): its
+    index in ``POSITION_RULES`` (0 all, 1 prompt, 2 generated, 3 last prompt token, 4 last prompt token
+    and every generated one), or ``_EXPLICIT`` for explicit positions listed in ``explicit [R, P]``
     (unused slots hold a sentinel that matches nothing; negative entries count back from the end of
     the prompt). ``set`` rewrites the tensors in place when the encoding keeps its shape."""
 
@@ -94,7 +98,7 @@ class PositionTable:
                 if all(isinstance(q, int) for q in positions)
                 else [list(q) for q in positions]
             )
-            codes = [4] * len(lists)
+            codes = [_EXPLICIT] * len(lists)
         width = max(POSITION_SLOTS, max(len(q) for q in lists))
         table = torch.full((len(lists), width), _NO_POSITION, dtype=torch.long)
         for i, q in enumerate(lists):
@@ -125,7 +129,11 @@ class PositionTable:
             torch.where(
                 code == 1,
                 pos < pl,
-                torch.where(code == 2, pos >= pl, torch.where(code == 3, pos == pl - 1, explicit)),
+                torch.where(
+                    code == 2,
+                    pos >= pl,
+                    torch.where(code == 3, pos == pl - 1, torch.where(code == 4, pos >= pl - 1, explicit)),
+                ),
             ),
         )
 

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from . import folding
 from ._backend import resolve_backend
 from .interventions import check_intervention, compose_affine, finite_number, is_affine, trainable_tensors
+from .models import forward_args
 from .models.sites import SITE_TABLE, Site, install_site_hook, resolve_site, site_shape
 from .models.specs import ArchSpec, ModelGeometry, geometry, get_spec, get_submodule, unwrap_model
 from .ops.affine import affine_steer
@@ -60,9 +61,9 @@ class SteeringSpec:
 
     Attributes:
         configs: ``{name: [intervention, ...]}``; the first config is the default for every batch row.
-        positions: ``"all" | "prompt" | "generated" | "last_prompt"``, a list of positions (negative
-            ones count back from the end of the prompt: ``-1`` is the last prompt token), or one such
-            list per batch row.
+        positions: ``"all" | "prompt" | "generated" | "last_prompt" | "last_prompt+generated"``, a list
+            of positions (negative ones count back from the end of the prompt: ``-1`` is the last
+            prompt token), or one such list per batch row.
         metadata: free-form JSON-able information (e.g. how a recipe produced the steering).
     """
 
@@ -111,6 +112,10 @@ class _ModelState:
         stack_path = self.arch.layers.rsplit(".", 1)[0]
         self.stack = get_submodule(model, stack_path)
         self.root_hook: RemovableHandle | None = None
+        # transformers 4.57 records output_hidden_states inside each layer's forward, before its
+        # forward hooks: the stack's post-hook swaps the steered layer outputs in (held only then).
+        self.hidden_states_hook: RemovableHandle | None = None
+        self.steered_resid: list[tuple[Tensor, Tensor]] | None = None  # (unsteered, steered) per layer
         self.prompt_lengths = PromptLengths()
         # Positions supplied by a generation loop that owns them (SteeringRuntime): (pos, valid, prompt_len)
         self.supplied_positions: tuple[Tensor, Tensor, Tensor] | None = None
@@ -123,6 +128,23 @@ class _ModelState:
             prompt_len = self.prompt_lengths.update(valid, past_len)
         for h in self.handles:
             h._begin_forward(pos, valid, prompt_len)
+        if not torch.compiler.is_compiling():  # compiled steps never report hidden states
+            wanted = self.hidden_states_hook is not None and forward_args.reports_hidden_states(
+                module, kwargs
+            )
+            self.steered_resid = [] if wanted else None
+        return None
+
+    def _report_steered_hidden_states(self, module, args, output):
+        """Where the stack's ``hidden_states`` holds a steered layer's unsteered output (transformers
+        4.57 records it inside the layer's forward, before the forward hooks), put the steered one.
+        Matched by identity: on releases that record after the hooks nothing matches."""
+        pairs, self.steered_resid = self.steered_resid, None
+        reported = getattr(output, "hidden_states", None)
+        if not pairs or not isinstance(reported, tuple):
+            return None
+        steered = {id(x): y for x, y in pairs}
+        output.hidden_states = tuple(steered.get(id(h), h) for h in reported)
         return None
 
     def attach(self, handle: SteeringHandle, sites: Sequence[Site]) -> None:
@@ -154,6 +176,8 @@ class _ModelState:
             proj.forward = _fused_forward(proj, handle, site)  # an instance attribute: nothing class-level
             self.fused[site] = proj
             return
+        if site.kind == "resid" and self.hidden_states_hook is None:
+            self.hidden_states_hook = self.stack.register_forward_hook(self._report_steered_hidden_states)
         if site not in self.site_hooks:
             resolved = resolve_site(model, site, self.arch)
             with_input = SITE_TABLE[site.kind].with_input
@@ -163,11 +187,15 @@ class _ModelState:
 
     def _make_site_fn(self, site: Site):
         handles = self.site_handles[site]
+        layer_output = site.kind == "resid"
 
         def site_fn(x: Tensor, site_input: Tensor | None = None) -> Tensor:
+            y = x
             for h in handles:
-                x = h._apply(site, x, site_input)
-            return x
+                y = h._apply(site, y, site_input)
+            if layer_output and not torch.compiler.is_compiling() and self.steered_resid is not None:
+                self.steered_resid.append((x, y))
+            return y
 
         return site_fn
 
@@ -186,6 +214,13 @@ class _ModelState:
                 if proj is not None:
                     del proj.forward  # the class's forward again
                 del self.site_handles[site]
+        if (
+            not any(site.kind == "resid" for site in self.site_handles)
+            and self.hidden_states_hook is not None
+        ):
+            self.hidden_states_hook.remove()
+            self.hidden_states_hook = None
+            self.steered_resid = None
         if not self.handles and self.root_hook is not None:
             self.root_hook.remove()
             self.root_hook = None
@@ -836,7 +871,8 @@ def steer(
         model: the model to patch.
         interventions: one intervention, a list (one config), ``{name: list}`` (per-request configs,
             selected per batch row with ``handle.rows``), or a ``SteeringSpec`` (``pysteer.load``).
-        positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``, a list of
+        positions: ``"all"`` (default), ``"prompt"``, ``"generated"``, ``"last_prompt"``,
+            ``"last_prompt+generated"`` (the last prompt token and every generated one: ITI), a list of
             positions counted from each sequence's first real token (negative: from the prompt's end),
             or one such list per batch row.
         mode: ``"fold"`` folds into projection weights (static, all positions, one config, affine

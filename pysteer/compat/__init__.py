@@ -7,6 +7,8 @@
   token indices) as a ``SteeringSpec``.
 - ``pysteer.compat.pyreft``: LoReFT interventions saved by pyreft (``ReftModel.save``) as
   ``pysteer.LoReFT``.
+- ``pysteer.compat.iti``: ITI head directions as honest_llama stores them (its interventions dict,
+  the pyvene version's per-layer displacement) as ``HeadBias`` at ``attn.heads`` with ITI's positions.
 
 The libraries themselves are not imported (several pin ``transformers<5``): their objects are read
 by the attributes they document, their files by their documented layout, never by untrusted pickle.

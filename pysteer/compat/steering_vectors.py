@@ -113,12 +113,12 @@ class Accelerator:
     too and pysteer leaves them alone: only the padding positions' own outputs differ, which no real
     token attends to.
 
-    One difference the logits do not show: the library adds to the layer's output tensor in place,
-    pysteer returns a new tensor. transformers 4.57's Llama, Mistral, Gemma and Qwen2 record
-    ``output_hidden_states`` by wrapping each layer's ``forward``, before forward hooks run, so
-    there the hidden state reported for a steered layer is the unsteered one under pysteer (the
-    library's own suite checks it: ``test_SteeringVector_apply_gemma`` / ``_mistral``); logits,
-    generation and the next layers' inputs are the same.
+    The library adds to the layer's output tensor in place, pysteer returns a new tensor.
+    transformers 4.57's Llama, Mistral, Gemma and Qwen2 record ``output_hidden_states`` by wrapping
+    each layer's ``forward``, before forward hooks run; pysteer swaps its steered layer outputs into
+    the reported hidden states (``pysteer.steering``: ``_report_steered_hidden_states``), so they
+    show the steering as the library's in-place add does (its suite checks it:
+    ``test_SteeringVector_apply_gemma`` / ``_mistral``).
     """
 
     def __init__(self, module, version: str):

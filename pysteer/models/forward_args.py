@@ -158,6 +158,15 @@ def past_length(module: nn.Module, args: tuple, kwargs: dict, seq_len: int) -> i
     return 0
 
 
+def reports_hidden_states(module: nn.Module, kwargs: dict) -> bool:
+    """Whether a decoder-stack forward call will return ``hidden_states`` (the keyword, else the
+    model's config)."""
+    flag = kwargs.get("output_hidden_states")
+    if flag is None:
+        flag = getattr(getattr(module, "config", None), "output_hidden_states", False)
+    return bool(flag)
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model.forward`` takes its KV cache under (``cache`` since transformers 5.24).
 
