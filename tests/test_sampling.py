@@ -259,8 +259,8 @@ def test_a_single_generated_token_taps_the_last_prompt_token():
 
 
 def test_taps_see_steering_and_leave_tokens_unchanged():
-    # The tap sits downstream of the steered sites: transformers 4.57 records output_hidden_states
-    # before a layer's forward hooks run, so a steered resid would differ there by the steering itself.
+    # The tap sits downstream of the steered sites, so the taps and the reference hidden states both
+    # carry the steering whatever the transformers line records for a steered layer itself.
     model = _model(layers=4)
     geo = geometry(model)
     prompts = _prompts([5, 4], seed=9)
