@@ -163,7 +163,7 @@ def test_constant_interventions_generate_matches_pyvene(tiny, arch, how, monkeyp
     _assert_same_generation(own, accelerated)
 
 
-def test_fixed_source_interchange_and_block_input_match_pyvene(tiny):
+def test_fixed_source_interchange_block_input_and_query_output_match_pyvene(tiny):
     model = tiny["llama"]
     d = model.config.hidden_size
     source = _vector(d, 4)
@@ -177,11 +177,12 @@ def test_fixed_source_interchange_and_block_input_match_pyvene(tiny):
                 "intervention": pv.AdditionIntervention(source_representation=source, embed_dim=d),
             },
             {"layer": 0, "component": "attention_value_output", "intervention": vanilla},
+            {"layer": 1, "component": "query_output", "intervention": pv.ZeroIntervention(embed_dim=d)},
         ],  # fmt: skip
         model,
     )
     base = _base()
-    locations = {"sources->base": (None, [[[4], [5]], [[6], [6]]])}
+    locations = {"sources->base": (None, [[[4], [5]], [[6], [6]], [[2], [3]]])}
     with torch.no_grad():
         own = intervenable(base, unit_locations=locations)[1].logits
         accelerated = _accelerated("pyvene", lambda: intervenable(base, unit_locations=locations)[1].logits)
