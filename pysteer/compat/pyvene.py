@@ -35,7 +35,7 @@ own outputs differ, which no real token attends to.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -372,7 +372,7 @@ def _uncovered_call(intervenable, base, call: dict, generation: dict | None) -> 
         return "linked interventions (intervention_link_key)"
     if not intervenable.interventions:
         return "no interventions"
-    if not isinstance(base, dict):
+    if not isinstance(base, Mapping):
         return f"base of type {type(base).__name__}"
     own = [k for k in BASE_KEYS_WITH_OWN_POSITIONS if base.get(k) is not None]
     if own:

@@ -35,11 +35,14 @@ def tiny():
     return {arch: tiny_model(arch, vocab_size=VOCAB).eval() for arch in ARCHS}
 
 
-def _base(seq: int = 7, pad: int = 2) -> dict:
+def _base(seq: int = 7, pad: int = 2):
+    """A tokenizer's output (``BatchEncoding``, not a dict) of two rows, row 1 left-padded."""
+    from transformers import BatchEncoding
+
     ids = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[1, :pad] = 0  # row 1 left-padded
-    return {"input_ids": ids, "attention_mask": mask}
+    mask[1, :pad] = 0
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask})
 
 
 def _vector(d: int, seed: int) -> torch.Tensor:
@@ -279,7 +282,7 @@ def _smollm2_base():
 
     model, tok = load_default_model(progress=False)
     tok.padding_side = "left"
-    base = dict(tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True))
+    base = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
     return model, base, {"base": base["input_ids"].shape[1] - 1}
 
 
