@@ -257,6 +257,10 @@ class Accelerator:
             return (
                 f"model_type {getattr(model.config, 'model_type', None)!r} has no pysteer architecture spec"
             )
+        try:
+            get_submodule(model, spec.layers)
+        except AttributeError:  # a bare base model (GPT2Model, LlamaModel): pysteer steers *ForCausalLM
+            return f"{type(model).__name__} has no {spec.layers} (pysteer's sites are on the causal LM)"
         dtype = next(model.parameters()).dtype
         if dtype != torch.float32:
             return (

@@ -256,6 +256,23 @@ def test_a_padding_location_and_an_unmapped_component_fall_back(tiny):
     assert torch.equal(own, accelerated) and torch.equal(own_padded, accelerated_padded)
 
 
+def test_a_bare_base_model_falls_back():
+    import transformers
+
+    model = transformers.GPT2Model(tiny_model("gpt2", vocab_size=VOCAB).config).eval()
+    d = model.config.hidden_size
+    add = pv.AdditionIntervention(source_representation=_vector(d, 7), embed_dim=d)
+    intervenable = pv.IntervenableModel(
+        [{"layer": 0, "component": "block_output", "intervention": add}], model
+    )
+    base = _base()
+    with torch.no_grad():
+        own = intervenable(base, unit_locations={"base": 6})[1].last_hidden_state
+        with accelerate("pyvene"), pytest.warns(AccelerationFallback, match="GPT2Model has no"):
+            accelerated = intervenable(base, unit_locations={"base": 6})[1].last_hidden_state
+    assert torch.equal(own, accelerated)
+
+
 def test_training_forward_runs_pyvene_and_keeps_gradients(tiny):
     reft = _reft_model(tiny["qwen2"])
     base = _base()
