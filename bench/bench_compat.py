@@ -21,6 +21,9 @@ second round on its ``compiled-b8`` samples include that recompile (round 1's sa
 
 Each figure is a median over the rounds; ``ratio_own_over_accelerated`` > 1 means the accelerated path
 is faster. The two paths' greedy tokens are compared at every strength. -> ``bench/results/compat-cpu.json``
+
+pyvene and pyreft live in a virtualenv of their own: ``bench/peers/bench_compat_pyvene.py`` adds their
+figures to the same file; each script keeps the other's entries.
 """
 
 from __future__ import annotations
@@ -231,6 +234,9 @@ def main() -> int:
         "layers": list(LAYERS),
         "results": results,
     }
+    if args.out.exists():  # keep the libraries this script does not run (bench_compat_pyvene.py's)
+        previous = json.loads(args.out.read_text()).get("results", {})
+        report["results"] = {**{k: v for k, v in previous.items() if k not in results}, **results}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -4,6 +4,7 @@ the peer virtualenv by ``bench/peers/run_compat_suites.sh``)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import subprocess
 import sys
@@ -74,9 +75,42 @@ def test_a_new_patch_activations_parameter_is_refused_before_anything_is_replace
     assert module.SteeringVector.patch_activations is original
 
 
+def _fake_pyvene(version: str, extra_field: str | None = None) -> types.ModuleType:
+    """A module named ``pyvene`` whose ``RepresentationConfig`` has pyvene 0.1.8's fields, plus one."""
+    from pysteer.compat.pyvene import KNOWN_REPRESENTATION_FIELDS
+
+    module = types.ModuleType("pyvene")
+    module.__version__ = version
+    fields = [*KNOWN_REPRESENTATION_FIELDS, *([extra_field] if extra_field else [])]
+    module.RepresentationConfig = collections.namedtuple("RepresentationConfig", fields)
+
+    class IntervenableModel:
+        def forward(self, base, sources=None, unit_locations=None, source_representations=None,
+                    subspaces=None, labels=None, output_original_output=False, return_dict=None,
+                    use_cache=None, intervention_additional_kwargs=None): ...  # fmt: skip
+
+        def generate(self, base, sources=None, unit_locations=None, source_representations=None,
+                     intervene_on_prompt=False, subspaces=None, output_original_output=False,
+                     intervention_additional_kwargs=None, **kwargs): ...  # fmt: skip
+
+    module.IntervenableModel = IntervenableModel
+    return module
+
+
+def test_a_newer_pyvene_representation_field_is_refused_by_name_and_version():
+    module = _fake_pyvene("0.2.0", "steering_scale")
+    original = module.IntervenableModel.forward
+    with pytest.raises(
+        UnknownLibraryVersion,
+        match=r"pyvene 0\.2\.0: RepresentationConfig field 'steering_scale' is unknown",
+    ):
+        accelerate(module)
+    assert module.IntervenableModel.forward is original
+
+
 def test_unknown_library_names_the_supported_ones():
-    with pytest.raises(ValueError, match="repeng, steering_vectors"):
-        accelerate("pyvene")
+    with pytest.raises(ValueError, match="repeng, steering_vectors, pyvene, pyreft"):
+        accelerate("transformer_lens")
     with pytest.raises(TypeError, match="library module or its name"):
         accelerate(np.zeros(2))
 
@@ -84,8 +118,9 @@ def test_unknown_library_names_the_supported_ones():
 def test_pysteer_compat_imports_no_peer_library():
     code = (
         "import sys, pysteer, pysteer.compat, pysteer.compat.repeng, pysteer.compat.steering_vectors\n"
+        "import pysteer.compat.pyvene\n"
         "from pysteer.compat import accelerate\n"
-        "print(sorted(m for m in ('repeng', 'steering_vectors') if m in sys.modules))"
+        "print(sorted(m for m in ('repeng', 'steering_vectors', 'pyvene', 'pyreft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
 """Per-test outcomes of the libraries' own suites, plain and accelerated (``run_compat_suites.sh``'s
-JUnit files) -> one JSON: counts per run, and every test whose outcome differs between the two.
+JUnit files) -> one JSON: counts per run, and every test whose outcome differs between the two. Each
+virtualenv's run adds its suites; the others already in the JSON are kept.
 
     python bench/peers/compat_suite_report.py SCRATCH_DIR OUT.json
 """
@@ -40,15 +41,29 @@ def first_line(path: Path, test: str) -> str:
     return ""
 
 
+SUITES = ("repeng", "steering-vectors", "pyvene")  # each from its own virtualenv's run
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the suites' libraries installed in this interpreter, with transformers and torch."""
+    out = {}
+    for name in (*SUITES, "pyreft", "transformers", "torch"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def main(scratch: str, out: str) -> int:
+    """Add the suites whose two JUnit files are in ``scratch`` to ``out`` (other suites kept)."""
     root = Path(scratch)
-    report = {
-        "versions": {
-            n: importlib.metadata.version(n) for n in ("repeng", "steering-vectors", "transformers", "torch")
-        },
-        "suites": {},
-    }
-    for name in ("repeng", "steering-vectors"):
+    path = Path(out)
+    report = json.loads(path.read_text()) if path.exists() else {"versions": {}, "suites": {}}
+    report["versions"] = {**report.get("versions", {}), **installed_versions()}
+    for name in SUITES:
+        if not (root / f"{name}-0.xml").exists() or not (root / f"{name}-1.xml").exists():
+            continue
         plain, accel = outcomes(root / f"{name}-0.xml"), outcomes(root / f"{name}-1.xml")
         count = lambda d: {
             k: sum(v == k for v in d.values()) for k in ("passed", "failed", "error", "skipped")
@@ -71,7 +86,7 @@ def main(scratch: str, out: str) -> int:
             ),
             "printed_output": {t: text for t, text in printed(root / f"{name}-1.xml").items() if text},
         }
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
             {k: {r: v[r] for r in ("plain", "accelerated")} for k, v in report["suites"].items()}, indent=1

@@ -14,7 +14,14 @@
 #      their steered generations before asserting the trained checkpoints' text) ->
 #      bench/results/compat-suites.json.
 #
+#   3. the same for pyvene / pyreft in their own virtualenv (PYVENE_PY: pyvene 0.1.8, pyreft 0.1.0,
+#      transformers 4.57.6): tests/compat/test_accelerate_pyvene.py, then, given PYVENE_TESTS (the
+#      tests/ folder of a pyvene v0.1.8 checkout: its sdist has none), pyvene's unit and integration
+#      tests plain and with pyvene accelerated (hub GPT-2 / tokenizers -> the same stand-ins).
+#      Unset PYVENE_PY=skip to leave this part out.
+#
 #   PEER_PY=/work/peers-steer-venv/bin/python SV_TESTS=/path/to/steering-vectors/tests \
+#       PYVENE_PY=/work/peers-pyvene-venv/bin/python PYVENE_TESTS=/path/to/pyvene/tests \
 #       bash bench/peers/run_compat_suites.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -24,8 +31,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFF
 export PYTHONPATH="$ROOT:$ROOT/tests/compat${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
 
+PYVENE_PY="${PYVENE_PY:-/work/peers-pyvene-venv/bin/python}"
+
 echo "==> tests/compat with $PEER_PY"
-"$PEER_PY" -m pytest -q -p no:cacheprovider tests/compat
+"$PEER_PY" -m pytest -q -p no:cacheprovider tests/compat --ignore=tests/compat/test_accelerate_pyvene.py
 
 echo "==> the libraries' own suites (scratch: $SCRATCH)"
 "$PEER_PY" -m pip download -q --no-deps --no-binary :all: repeng==0.4.0 steering-vectors==0.12.2 -d "$SCRATCH/sdists"
@@ -42,14 +51,29 @@ mkdir -p "$SCRATCH/sv-suite"
 cp -r "${SV_TESTS:-$SCRATCH/sdists/steering_vectors-0.12.2/tests}" "$SCRATCH/sv-suite/tests"
 touch "$SCRATCH/sv-suite/tests/__init__.py"
 
-run_suite() {  # run_suite NAME DIR ACCELERATE
-    local name=$1 dir=$2 accel=$3
+run_suite() {  # run_suite NAME DIR ACCELERATE [PYTHON [PYTEST ARGS...]]
+    local name=$1 dir=$2 accel=$3 py=${4:-$PEER_PY}
+    shift $(($# < 4 ? $# : 4))
     echo "==> $name, PYSTEER_ACCELERATE=$accel"
-    (cd "$dir" && PYSTEER_ACCELERATE=$accel "$PEER_PY" -m pytest -q -p no:cacheprovider -p suite_standins \
-        -o junit_logging=system-out --junitxml="$SCRATCH/$name-$accel.xml" . | tail -n 15) || true
+    (cd "$dir" && PYSTEER_ACCELERATE=$accel "$py" -m pytest -q -p no:cacheprovider -p suite_standins \
+        -o junit_logging=system-out --junitxml="$SCRATCH/$name-$accel.xml" "${@:-.}" | tail -n 15) || true
 }
 for accel in 0 1; do
     run_suite repeng "$SCRATCH/repeng-suite" "$accel"
     run_suite steering-vectors "$SCRATCH/sv-suite" "$accel"
 done
 "$PEER_PY" "$ROOT/bench/peers/compat_suite_report.py" "$SCRATCH" "$ROOT/bench/results/compat-suites.json"
+
+if [ "$PYVENE_PY" != skip ]; then
+    echo "==> tests/compat/test_accelerate_pyvene.py with $PYVENE_PY"
+    "$PYVENE_PY" -m pytest -q -p no:cacheprovider tests/compat/test_accelerate_pyvene.py
+    if [ -n "${PYVENE_TESTS:-}" ]; then
+        mkdir -p "$SCRATCH/pyvene-suite"
+        cp -r "$PYVENE_TESTS" "$SCRATCH/pyvene-suite/tests"
+        for accel in 0 1; do  # its test files are *TestCase.py, importing ..utils (tests/ is a package)
+            run_suite pyvene "$SCRATCH/pyvene-suite" "$accel" "$PYVENE_PY" \
+                -o 'python_files=*TestCase.py' tests/unit_tests tests/integration_tests
+        done
+        "$PYVENE_PY" "$ROOT/bench/peers/compat_suite_report.py" "$SCRATCH" "$ROOT/bench/results/compat-suites.json"
+    fi
+fi

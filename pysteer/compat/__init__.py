@@ -15,6 +15,8 @@ by the attributes they document, their files by their documented layout, never b
 
 In place, ``pysteer.compat.accelerate("repeng" | "steering_vectors")`` (``pysteer.compat.inplace``)
 makes those libraries' own calls steer through pysteer; the library is imported only then.
+``accelerate("pyvene" | "pyreft")`` does the same for ``IntervenableModel.forward`` / ``generate``
+(``pysteer.compat.pyvene``).
 """
 
 from .._lazy import lazy_exports

@@ -42,7 +42,10 @@ import torch
 ADAPTERS = {  # library import name -> the pysteer module that accelerates it (its ``Accelerator``)
     "repeng": "pysteer.compat.repeng",
     "steering_vectors": "pysteer.compat.steering_vectors",
+    "pyvene": "pysteer.compat.pyvene",
+    "pyreft": "pysteer.compat.pyvene",
 }
+ALIASES = {"pyreft": "pyvene"}  # pyreft's ReftModel is pyvene's IntervenableModel: accelerating one is both
 
 _WARNED: set[str] = set()
 _ACTIVE: dict[str, Acceleration] = {}
@@ -199,7 +202,7 @@ def accelerate(lib) -> Acceleration:
 
     Args:
         lib: the library module (``import repeng; accelerate(repeng)``) or its name
-            (``"repeng"``, ``"steering_vectors"`` / ``"steering-vectors"``).
+            (``"repeng"``, ``"steering_vectors"`` / ``"steering-vectors"``, ``"pyvene"``, ``"pyreft"``).
 
     Returns:
         An ``Acceleration``; use it as a context manager or call ``remove()``.
@@ -211,6 +214,9 @@ def accelerate(lib) -> Acceleration:
     """
     module = _library_module(lib)
     name = module.__name__.split(".")[0]
+    if name in ALIASES:
+        name = ALIASES[name]
+        module = importlib.import_module(name)
     if name not in ADAPTERS:
         raise ValueError(
             f"pysteer.compat.accelerate: no in-place accelerator for {name!r}; known: {', '.join(ADAPTERS)}"
