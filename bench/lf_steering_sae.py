@@ -1,10 +1,11 @@
-"""Trace the development prompts (plus shipped generic text) at layers.0.resid of SmolLM2 and train
-a TopK SAE there for ``pysteer lf-steer`` (issue 18 section 2's comparison with the head edit).
+"""Trace the development prompts (plus shipped generic text) at ``layers.L.resid`` of SmolLM2 and train
+a TopK SAE there for ``pysteer lf-steer`` (issue 18 section 2's comparison with the head edit). L is
+the layer ``pysteer lf-steer --probe-only`` reports (default 0).
 
 Only development facts are traced: the test facts are set aside by the same ``split_test_facts``
 call (fraction 0.3, seed 0) that ``pysteer locate --test-split 0.3`` and ``pysteer lf-steer`` make.
 
-    python bench/lf_steering_sae.py OUT_DIR [--k 16 --expansion 4 --epochs 8]
+    python bench/lf_steering_sae.py OUT_DIR [--layer 0 --k 16 --expansion 4 --epochs 8]
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import pysteer
 from pysteer.default_model import load_model
 from pysteer.recipes import load_paraphrases, split_test_facts
 from pysteer.recipes.locate import fact_texts
-
-SITE = "layers.0.resid"
 
 
 def generic_text() -> list[str]:
@@ -44,11 +43,13 @@ def generic_text() -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
+    p.add_argument("--layer", type=int, default=0, help="the layer lf-steer --probe-only chose")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--expansion", type=int, default=4)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-tokens", type=int, default=1024)
     a = p.parse_args()
+    site = f"layers.{a.layer}.resid"
     torch.set_num_threads(1)
     out = Path(a.out)
     t0 = time.time()
@@ -62,7 +63,7 @@ def main() -> None:
     generic = generic_text()
     docs = prompts + generic
     summary = pysteer.trace_dataset(
-        model, docs, SITE, out / "traces", tokenizer=tok, dtype=torch.float32, batch_size=16, overwrite=True
+        model, docs, site, out / "traces", tokenizer=tok, dtype=torch.float32, batch_size=16, overwrite=True
     )
     reader = pysteer.TraceReader(out / "traces")
     print("traced", summary, flush=True)
@@ -70,7 +71,7 @@ def main() -> None:
     log = []
     sae = pysteer.train_sae(
         reader,
-        site=SITE,
+        site=site,
         kind="topk",
         k=a.k,
         expansion=a.expansion,
@@ -84,13 +85,13 @@ def main() -> None:
     t2 = time.time()
     sae.save(out / "sae")
     # FVE / L0 of the final SAE on every traced row (the training data: there is no held-out trace)
-    x = reader.load(SITE).float()
+    x = reader.load(site).float()
     with torch.no_grad():
         recon = sae.decode(sae.encode(x))
         fve = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         l0 = (sae.encode(x) > 0).float().sum(1).mean()
     info = {
-        "site": SITE,
+        "site": site,
         "k": a.k,
         "expansion": a.expansion,
         "d_sae": sae.d_sae,

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "bench/results/recipes-smollm2.json"
 EDIT_FILE = ROOT / "bench/results/recipes/consistency-edit.safetensors"
 LOCATED_FILE = ROOT / "bench/results/recipes/located-smollm2.safetensors"
+LF_JSON = ROOT / "bench/results/lf-steering-smollm2.json"
 
 
 def _fact(rel: str, subject: str, answer: str, n: int = 3) -> locate_mod.ParaphraseFact:
@@ -145,3 +146,34 @@ def test_committed_results_json_and_steering_file_agree():
     seen = {(f["relation"], f["subject"]) for f in located.metadata["facts"]}
     assert test and not test & seen  # locate never saw a test fact
     assert section["test"]["n_facts"] == len(test)
+
+
+def _fact_keys(rows) -> list[tuple[str, str]]:
+    return [(f["relation"], f["subject"]) for f in rows]
+
+
+def test_committed_results_cover_the_shipped_paraphrase_set():
+    """The committed locate result was computed on the shipped facts as they are now: its development
+    and test facts together are exactly the shipped set, split as ``split_test_facts`` splits it."""
+    located = locate_mod.LocateResult.load(LOCATED_FILE)
+    facts = locate_mod.load_paraphrases()
+    dev, test = selection.split_test_facts(facts, 0.3, seed=0)
+    assert _fact_keys(located.metadata["facts"]) == [(f.relation, f.subject) for f in dev]
+    assert _fact_keys(located.metadata["test_facts"]) == [(f.relation, f.subject) for f in test]
+
+
+def test_committed_lf_steering_comparison_agrees_with_the_head_edit_results():
+    """LF-Steering is reported on the locate result's test facts, next to the head edit's chosen K and
+    alpha and the same unsteered test figures."""
+    lf = json.loads(LF_JSON.read_text())
+    comparison, output = lf["comparison_test"], lf["lf_steer_output"]
+    edit = json.loads(RESULTS_JSON.read_text())["locate_and_edit"]["edit"]
+    located = locate_mod.LocateResult.load(LOCATED_FILE)
+    assert _fact_keys(output["test_facts"]) == _fact_keys(located.metadata["test_facts"])
+    assert comparison["n_facts"] == edit["test"]["n_facts"] == len(output["test_facts"])
+    config = comparison["head_edit"]["config"]
+    assert (config["k"], config["alpha"]) == (edit["chosen"]["k"], edit["chosen"]["alpha"])
+    before = edit["test"]["bootstrap"]["before"]["consistency"]["value"]
+    assert comparison["before"]["consistency"]["value"] == pytest.approx(before, abs=1e-4)
+    assert output["test"]["before"]["consistency"] == pytest.approx(before)
+    assert comparison["lf_steering"]["config"]["alpha"] == output["chosen"]["alpha"]
