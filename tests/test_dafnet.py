@@ -106,6 +106,19 @@ def test_without_inter_attention_edits_simply_add_up(model, real_tokenizer, reco
         torch.testing.assert_close(total, parts[0][i] + parts[1][i], rtol=1e-4, atol=1e-7)
 
 
+def test_update_scales_carry_no_gradient_but_the_inter_attention_does(model, real_tokenizer, records):
+    """As in the paper's code: the score attention only weighs the edits; the loss trains the rest."""
+    signals = capture_signals(model, real_tokenizer, records[:3], SITES)
+    editor = _editor(model).train()
+    editor.absorb(signals)
+    sum(d.dense().square().sum() for d in editor.weight_deltas()).backward()
+    layer = editor.nets["96x64"].layers[0]
+    score_grads = [p.grad for p in layer.score.parameters()]
+    assert all(g is None or not g.any() for g in score_grads)
+    assert layer.inter.v.weight.grad.abs().sum() > 0
+    assert layer.inter.q.weight.grad.abs().sum() > 0
+
+
 def test_one_network_per_weight_shape_with_a_mode_per_linear(model):
     editor = _editor(model)
     assert sorted(editor.nets) == ["64x64", "96x64"]

@@ -27,8 +27,12 @@ Pieces, in the order an edit flows through them:
   earlier ones; the accumulated deltas are applied with ``pysteer.steer`` (folded into the weights
   by default) and the handle is returned: ``handle.remove()`` restores the model bit-exactly.
 
-Differences from the paper's code, on purpose: the update scales keep their gradient (the reference
-detaches them, which leaves the score attention untrained); the curriculum is a schedule.
+The update scales carry no gradient, as in the paper's code, so the score attention stays at its
+initialisation. Keeping their gradient was measured worse (SmolLM2, down_proj of layers 27-29, 40
+meta-training steps, sequences up to 10, same seed: mean reliability loss of the last 20 steps 2.44
+vs 1.42, reliability after 10 edits 0.1 vs 0.3): from an empty cache the edit weights of a sequence
+sum to one, so that gradient can only move weight from one edit of the sequence to another.
+Difference from the paper's code, on purpose: the curriculum is a schedule.
 ``inter_attention=False`` gives the ablation without inter-editing attention (MEND-like: every edit
 adds with scale 1, nothing decays).
 """
@@ -322,7 +326,7 @@ class EditorLayer(nn.Module):
         keys = torch.cat([cache, pooled], 0)
         if self.inter is not None:
             x = self.norms[1](x + self.inter(pooled, keys)[owner])
-            scale = self.score(pooled, keys).diagonal(cache.shape[0])
+            scale = self.score(pooled, keys).diagonal(cache.shape[0]).detach()
         else:
             scale = torch.ones(n_edits, device=x.device)
         x = self.norms[2](x + self.ffn(x))
