@@ -13,6 +13,7 @@ from pysteer.recipes.dafnet import (
     RunningNorm,
     TrainConfig,
     capture_signals,
+    clip_network_grads,
     dafnet_train,
     sequence_length,
     sequential_edit,
@@ -117,6 +118,18 @@ def test_update_scales_carry_no_gradient_but_the_inter_attention_does(model, rea
     assert all(g is None or not g.any() for g in score_grads)
     assert layer.inter.v.weight.grad.abs().sum() > 0
     assert layer.inter.q.weight.grad.abs().sum() > 0
+
+
+def test_gradient_clipping_leaves_the_step_sizes_out(model):
+    editor = _editor(model)
+    for p in editor.nets.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    editor.edit_lrs.grad = torch.full_like(editor.edit_lrs, 1e4)
+    before = [p.grad.clone() for p in editor.nets.parameters()]
+    clip_network_grads(editor, max_norm=100.0)
+    for p, g in zip(editor.nets.parameters(), before, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    torch.testing.assert_close(editor.edit_lrs.grad, torch.full_like(editor.edit_lrs, 1e4))
 
 
 def test_one_network_per_weight_shape_with_a_mode_per_linear(model):
