@@ -13,6 +13,7 @@ from pysteer.recipes.dafnet import (
     RunningNorm,
     TrainConfig,
     capture_signals,
+    clip_network_grads,
     dafnet_train,
     sequence_length,
     sequential_edit,
@@ -104,6 +105,31 @@ def test_without_inter_attention_edits_simply_add_up(model, real_tokenizer, reco
         both = [d.dense() for d in editor.weight_deltas()]
     for i, total in enumerate(both):
         torch.testing.assert_close(total, parts[0][i] + parts[1][i], rtol=1e-4, atol=1e-7)
+
+
+def test_update_scales_carry_no_gradient_but_the_inter_attention_does(model, real_tokenizer, records):
+    """As in the paper's code: the score attention only weighs the edits; the loss trains the rest."""
+    signals = capture_signals(model, real_tokenizer, records[:3], SITES)
+    editor = _editor(model).train()
+    editor.absorb(signals)
+    sum(d.dense().square().sum() for d in editor.weight_deltas()).backward()
+    layer = editor.nets["96x64"].layers[0]
+    score_grads = [p.grad for p in layer.score.parameters()]
+    assert all(g is None or not g.any() for g in score_grads)
+    assert layer.inter.v.weight.grad.abs().sum() > 0
+    assert layer.inter.q.weight.grad.abs().sum() > 0
+
+
+def test_gradient_clipping_leaves_the_step_sizes_out(model):
+    editor = _editor(model)
+    for p in editor.nets.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    editor.edit_lrs.grad = torch.full_like(editor.edit_lrs, 1e4)
+    before = [p.grad.clone() for p in editor.nets.parameters()]
+    clip_network_grads(editor, max_norm=100.0)
+    for p, g in zip(editor.nets.parameters(), before, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    torch.testing.assert_close(editor.edit_lrs.grad, torch.full_like(editor.edit_lrs, 1e4))
 
 
 def test_one_network_per_weight_shape_with_a_mode_per_linear(model):
