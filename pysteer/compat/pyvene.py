@@ -45,25 +45,10 @@ from ..interventions import VectorAdd, VectorScale
 from ..models.sites import resolve_site
 from ..models.specs import UnsupportedArchitecture, get_spec, get_submodule
 from ..reft import LoReFT
-from .pyreft import COMPONENT_SITES
+from .pyreft import COMPONENT_SITES, REPRESENTATION_FIELDS
 
 LIBRARY = "pyvene"
-KNOWN_REPRESENTATION_FIELDS = (  # pyvene 0.1.8's RepresentationConfig
-    "layer",
-    "component",
-    "unit",
-    "max_number_of_units",
-    "low_rank_dimension",
-    "intervention_type",
-    "intervention",
-    "subspace_partition",
-    "group_key",
-    "intervention_link_key",
-    "moe_key",
-    "source_representation",
-    "hidden_source_representation",
-    "latent_dim",
-)
+KNOWN_REPRESENTATION_FIELDS = REPRESENTATION_FIELDS  # pyvene 0.1.8's RepresentationConfig
 FORWARD_PARAMETERS = (
     "self",
     "base",

@@ -10,7 +10,8 @@ from pathlib import Path
 HELP = "semantic entropy, baselines (naive entropy, log-likelihood, p(true)) and SE probes on a question set"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_question_arguments(p: argparse.ArgumentParser, samples_help: str) -> None:
+    """The model, the question set and its sampling: shared by ``uncertainty`` and ``abstain``."""
     p.add_argument(
         "--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)"
     )
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar=("TRAIN", "VAL", "TEST"),
         help="use only the first N questions of each split (a subset that fits the time you have)",
     )
-    p.add_argument("--samples", type=int, default=10, help="sampled answers per question")
+    p.add_argument("--samples", type=int, default=10, help=samples_help)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument(
@@ -32,16 +33,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(e.g. nli:microsoft/deberta-v2-xlarge-mnli, the paper's model)",
     )
     p.add_argument("--strict", action="store_true", help="strict bidirectional entailment")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Threads, seed, dtype and device: the tail of both commands' arguments."""
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_question_arguments(p, "sampled answers per question")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-layers", type=int, default=5, help="narrowest concatenated probe layer range")
     p.add_argument(
         "--no-chat", action="store_true", help="plain prompt even when the tokenizer has a chat template"
     )
     p.add_argument("--out-dir", required=True, help="where the JSON, PNGs and probe files go")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    add_run_arguments(p)
 
 
 def _subset(questions, per_split):

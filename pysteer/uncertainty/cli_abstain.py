@@ -18,27 +18,9 @@ QUICK = {"per_split": [6, 4, 4], "samples": 3, "steps": 2, "max_new_tokens": 4, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .abstain import METHODS, PAPER_THRESHOLDS
+    from .cli import add_question_arguments, add_run_arguments
 
-    p.add_argument(
-        "--model", default="default", help="local HF model directory, or 'default' (SmolLM2-135M-Instruct)"
-    )
-    p.add_argument("--questions", help="JSON-lines question file (default: the shipped set)")
-    p.add_argument(
-        "--per-split",
-        type=int,
-        nargs=3,
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="use only the first N questions of each split",
-    )
-    p.add_argument("--samples", type=int, default=10, help="sampled answers per question for SE")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument(
-        "--entailment",
-        default="exact",
-        help="exact (normalised exact match), judge (the model itself), judge:PATH or nli:PATH",
-    )
-    p.add_argument("--strict", action="store_true", help="strict bidirectional entailment")
+    add_question_arguments(p, "sampled answers per question for SE")
     p.add_argument(
         "--thresholds",
         type=float,
@@ -57,10 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="plain prompt even with a chat template")
     p.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     p.add_argument("--out", required=True, help="JSON path; the PNG goes beside it")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    add_run_arguments(p)
 
 
 def run(args) -> int:
