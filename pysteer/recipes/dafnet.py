@@ -37,7 +37,13 @@ first edit's scale is 1 (it attends only to itself), and with the near-uniform s
 of n edits keeps about 1/n of its update, where the ablation keeps all of it. The two train alike
 on single edits and part as sequences grow (same run, scales detached: reliability loss 0.43 vs
 0.41 on single edits, 0.54 vs 0.24 on 2-3, 2.09 vs 0.43 on 4-10 edits).
-Difference from the paper's code, on purpose: the curriculum is a schedule.
+Differences from the paper's code: the curriculum is a schedule (on purpose); training sequences
+draw edits with replacement, and there is no gradient accumulation; the update is ``-lr dW_new``
+(an untrained editor takes a normalised gradient step; the paper's code adds ``+lr``); with more
+than one editor layer the scales are averaged over layers before the decay is applied (the paper's
+code decays per layer, then averages; the same with the default single layer); the running
+normalisation maps the very first single row to zero (the paper's code passes it through); and
+linears are edited without a bias delta.
 ``inter_attention=False`` gives the ablation without inter-editing attention (MEND-like: every edit
 adds with scale 1, nothing decays).
 """
