@@ -5,6 +5,7 @@ set here, before pysteer (or its kernels) can be imported. On a CUDA machine set
 ``PYSTEER_TEST_TRITON_INTERPRET=0`` to test the compiled kernels instead.
 """
 
+import json
 import os
 
 import torch
@@ -66,4 +67,23 @@ def tiny_dir(tmp_path_factory, real_tokenizer):
     model = tiny_model("llama", vocab_size=len(real_tokenizer))
     model.save_pretrained(path)
     real_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_questions(path, per_split=(8, 4, 4)):
+    """A question file for the uncertainty and abstain commands: per split, ``n`` questions whose
+    last one is unanswerable."""
+    rows = []
+    for split, n in zip(("train", "validation", "test"), per_split):
+        for k in range(n):
+            answers = [] if k == n - 1 else [f"answer {k}"]
+            rows.append(
+                {
+                    "id": f"{split}-{k}",
+                    "question": f"Question {k} of {split}?",
+                    "answers": answers,
+                    "split": split,
+                }
+            )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import write_questions
 
 from pysteer.uncertainty.abstain import (
     ABSTENTION,
@@ -224,23 +225,6 @@ def test_steering_fine_tune_acts_only_through_its_handle(tiny, real_tokenizer):
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_questions(path, per_split=(6, 4, 4)):
-    rows = []
-    for split, n in zip(("train", "validation", "test"), per_split):
-        for k in range(n):
-            answers = [] if k == n - 1 else [f"answer {k}"]
-            rows.append(
-                {
-                    "id": f"{split}-{k}",
-                    "question": f"Question {k} of {split}?",
-                    "answers": answers,
-                    "split": split,
-                }
-            )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_cli_quick_runs_every_method_and_writes_json(tiny_dir, tmp_path, monkeypatch):
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
@@ -253,7 +237,7 @@ def test_cli_quick_runs_every_method_and_writes_json(tiny_dir, tmp_path, monkeyp
     monkeypatch.setattr(abstain, "discrete_semantic_entropy", lambda ids: [0.2, 1.0][next(calls) % 2])
     out = tmp_path / "abstain.json"
     rc = main(
-        ["abstain", "--model", str(tiny_dir), "--questions", str(_write_questions(tmp_path / "q.jsonl")),
+        ["abstain", "--model", str(tiny_dir), "--questions", str(write_questions(tmp_path / "q.jsonl", (6, 4, 4))),
          "--quick", "--min-layers", "1", "--out", str(out)]
     )  # fmt: skip
     assert rc == 0

@@ -3,26 +3,10 @@
 import json
 
 import pytest
+from conftest import write_questions
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
-
-
-def write_questions(path, per_split=(8, 4, 4)):
-    rows = []
-    for split, n in zip(("train", "validation", "test"), per_split):
-        for k in range(n):
-            answers = [] if k == n - 1 else [f"answer {k}"]
-            rows.append(
-                {
-                    "id": f"{split}-{k}",
-                    "question": f"Question {k} of {split}?",
-                    "answers": answers,
-                    "split": split,
-                }
-            )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_cli_writes_json_pngs_and_loadable_probes(tiny_dir, tmp_path, monkeypatch, capsys):
