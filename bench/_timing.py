@@ -76,3 +76,18 @@ def interleaved_ratio(first: Callable[[], float], second: Callable[[], float], p
         "quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
         "pairs": pairs,
     }
+
+
+def hf_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Exactly ``new`` greedy tokens per row from Hugging Face ``generate`` (EOS ignored, no
+    padding), the eager path the compat benches time."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]

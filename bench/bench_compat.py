@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import hf_greedy
 from repeng import ControlModel, ControlVector
 from steering_vectors import SteeringVector
 
@@ -115,19 +116,6 @@ class SteeringVectorsPaths:
         self.handles.pop("accelerated").remove()
 
 
-def _eager(model, ids: torch.Tensor, new: int) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1] :]
-
-
 def _compiled(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     out = pysteer.generate(model, ids, max_new_tokens=new, progress=False, ignore_eos=True)
     return torch.as_tensor(out.tokens)
@@ -154,7 +142,7 @@ def bench_library(paths, models: dict, prompts: dict, rounds: int) -> dict:
         _compiled(model, prompts[1], CHANGE_NEW)
     for r in range(rounds):
         for b, ids in prompts.items():
-            for kind, run, new in (("eager", _eager, NEW), ("compiled", _compiled, NEW)):
+            for kind, run, new in (("eager", hf_greedy, NEW), ("compiled", _compiled, NEW)):
                 for path, model in models.items():
                     record(f"{path}/{kind}-b{b}", _timed(lambda m=model: run(m, ids, new))[0] / new)
         for path, model in models.items():
@@ -170,7 +158,7 @@ def bench_library(paths, models: dict, prompts: dict, rounds: int) -> dict:
         agree.append(
             bool(
                 torch.equal(
-                    _eager(models["own"], prompts[8], 4), _eager(models["accelerated"], prompts[8], 4)
+                    hf_greedy(models["own"], prompts[8], 4), hf_greedy(models["accelerated"], prompts[8], 4)
                 )
             )
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import hf_greedy
 
 import pysteer
 from pysteer.compat import iti
@@ -85,19 +86,6 @@ def honest_hooks(model, interventions: dict, alpha: float) -> list:
     return handles
 
 
-def _eager(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1] :]
-
-
 def _compiled(model, ids: torch.Tensor, steering) -> torch.Tensor:
     out = pysteer.generate(model, ids, steering=steering, max_new_tokens=NEW, progress=False, ignore_eos=True)
     return torch.as_tensor(out.tokens)
@@ -127,7 +115,7 @@ def run(rounds: int) -> dict:
         for b, ids in prompts.items():
             tokens = {}
             for name, model in models.items():
-                seconds, tokens[name] = _timed(lambda m=model: _eager(m, ids))
+                seconds, tokens[name] = _timed(lambda m=model: hf_greedy(m, ids, NEW))
                 samples.setdefault(f"{name}/eager-b{b}", []).append(seconds / NEW)
             agree.append(bool(torch.equal(tokens["honest"], tokens["pysteer"])))
             for name, steering in compiled_paths.items():
