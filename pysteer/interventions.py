@@ -13,7 +13,11 @@ An intervention kind is one class (a dataclass, registered with ``@intervention_
       share one applier, which holds one row per config (``write_row(row, iv)``, row 0 the
       identity) and edits a site's ``[T, H, D]`` tensor given the forward's ``TokenContext``
       (``apply(y, ctx)``: token rows, positions, prompt lengths, backend). Appliers run after the
-      site's affine row, in config order (``SAEEdit``, ``ActivScalar``, ``DynScalar``, ...);
+      site's affine row, in config order (``SAEEdit``, ``ActivScalar``, ``DynScalar``, ...). The
+      tensors an applier holds as attributes must be its own (allocated in ``make_applier``, rows
+      copied in by ``write_row``), never an intervention's: ``handle.update`` writes new rows into
+      them in place (``steering._adopt``) so compiled graphs keep running; a module it holds
+      (an SAE) is only ever shared, never written;
 - ``trainable``: the names of the tensor fields ``handle.parameters()`` trains
   (``steer(..., trainable=True)``);
 - saving: dataclass fields that are JSON values or tensors save as they are; a kind with other
