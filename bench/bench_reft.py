@@ -253,6 +253,40 @@ def bench_generate(model, ids: torch.Tensor, new_tokens: int, rounds: int) -> di
     return res
 
 
+def matmul_work(config, batch: int, seq: int, epoch_batches: int, epochs: int, loss: str) -> dict:
+    """The multiply-adds each side must do, from the model's shapes: the bound on any speed ratio.
+
+    Per token, a decoder layer's linears cost ``F`` multiply-adds (q, k, v, o and the three MLP
+    projections), the output layer ``H``; with the weights frozen, a linear's backward computes only the
+    input's gradient, ``F`` again. pyreft's step runs every layer forward, and the layers above the edit
+    and the output layer backward; ``frozen_prefix`` replays the layers up to the edit, so its step
+    skips them. ``loss="answer"`` keeps one position's logits per row. The attention scores
+    (``seq`` x ``seq`` per head, a few percent at these lengths) and the elementwise work are left out.
+    The whole run adds, for pysteer, one pass over the frozen layers per distinct batch.
+    """
+    h, m = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    layers, above = config.num_hidden_layers, config.num_hidden_layers - LAYER - 1
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * m
+    head = h * config.vocab_size
+    tokens = batch * seq
+    logit_rows = batch * (seq if loss == "lm" else 1)
+    output_layer = 2 * head * logit_rows  # forward and the hidden state's gradient
+    pyreft_step = layers * per_layer * tokens + above * per_layer * tokens + output_layer
+    replay_step = 2 * above * per_layer * tokens + output_layer
+    prefix = (LAYER + 1) * per_layer * tokens
+    steps = epochs * epoch_batches
+    return {
+        "what": "matmul multiply-adds per step and per whole run (model shapes; attention scores and "
+        "elementwise work left out): the ratios any implementation of the same math can reach",
+        "pyreft_step": pyreft_step,
+        "frozen_prefix_step": replay_step,
+        "step_ratio_bound": pyreft_step / replay_step,
+        "whole_run_ratio_bound": steps * pyreft_step / (epoch_batches * prefix + steps * replay_step),
+    }
+
+
 def run_peer(python: str, args) -> dict:
     cmd = [
         python,
@@ -367,6 +401,9 @@ def main() -> None:
             loss=args.loss,
         ),
         "generate": bench_generate(model, prompt, args.new_tokens, args.rounds),
+        "matmul_work": matmul_work(
+            model.config, args.batch, args.seq, args.epoch_batches, args.epochs, args.loss
+        ),
     }
     result = {
         "what": "LoReFT (rank 4, layer 15 resid / block_output, f1+l1) on SmolLM2-135M-Instruct, fp32 CPU, "
@@ -436,6 +473,13 @@ def main() -> None:
             },
             "unsteered_tokens_per_s_pysteer_hf_over_pyreft_hf": gen["hf_unsteered"]["tokens_per_s"]
             / pg["unsteered"]["tokens_per_s"],
+        }
+        work = ours["matmul_work"]
+        result["ratios"]["measured_over_matmul_bound"] = {
+            "step, cpu": result["ratios"]["training_cpu_step_pyreft_over_pysteer"]["frozen_prefix"]
+            / work["step_ratio_bound"],
+            "whole run, cpu": result["ratios"]["whole_run_pyreft_over_pysteer"]["frozen_prefix_cpu"]
+            / work["whole_run_ratio_bound"],
         }
         result["targets"] = {
             "training_at_least_1.5x_pyreft": {
