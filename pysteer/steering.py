@@ -623,7 +623,9 @@ class SteeringHandle:
     def padded_rows(self, batch: int, source_rows: Tensor | None = None) -> Iterator[SteeringHandle]:
         """Inside the block, batch rows past those ``rows()`` named are padding and stay unsteered.
 
-        For a generation loop that pads a batch of requests up to a fixed size (the fast path's
+        A handle whose ``rows()`` was never called steers every row with its one config, padding
+        included: it keeps the broadcast form (no per-row gather), and the caller discards the
+        padding rows' outputs anyway. For a generation loop that pads a batch of requests up to a fixed size (the fast path's
         batch buckets); the assignment the user made is back in place afterwards. With
         ``source_rows`` (``[k]`` int, k <= batch), batch row j takes the config of the request row
         ``source_rows[j]``: the samples of one prompt share its config, and prompts left out
